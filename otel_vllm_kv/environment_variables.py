@@ -1,0 +1,18 @@
+"""Settings read from the environment when instrumentation starts."""
+
+OTEL_PYTHON_VLLM_KV_RELAY_DIR = "OTEL_PYTHON_VLLM_KV_RELAY_DIR"
+"""
+.. envvar:: OTEL_PYTHON_VLLM_KV_RELAY_DIR
+
+Existing, writable directory in which the instrumented process creates its private
+relay directory (mode 0700) for the engine cores' snapshot files. Default: ``/dev/shm``
+where it exists (memory-backed), else the system temporary directory.
+"""
+
+OTEL_PYTHON_VLLM_KV_OWNER = "OTEL_PYTHON_VLLM_KV_OWNER"
+"""
+.. envvar:: OTEL_PYTHON_VLLM_KV_OWNER
+
+Internal, set by the instrumented process as ``<pid>:<relay directory>`` and inherited
+by the engine processes it starts, which therefore act as probes. Do not set it.
+"""

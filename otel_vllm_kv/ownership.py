@@ -1,0 +1,80 @@
+"""Which process exports: the first to instrument owns the relay; its engine processes probe.
+
+vLLM starts engine cores (and workers) as child processes, by ``spawn`` on CPU. A
+spawned child re-imports the user's main module and, under ``opentelemetry-instrument``,
+is auto-instrumented again, so ``instrument()`` runs there too. The owner therefore
+records itself in an environment variable before any engine starts; a process that
+inherits the variable from a live owner only probes and never exports.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+from otel_vllm_kv.relay import is_alive
+from otel_vllm_kv.environment_variables import (
+    OTEL_PYTHON_VLLM_KV_OWNER,
+    OTEL_PYTHON_VLLM_KV_RELAY_DIR,
+)
+
+_SHARED_MEMORY = "/dev/shm"
+
+
+@dataclass(frozen=True)
+class Role:
+    owner_pid: int
+    relay_directory: str
+
+    @property
+    def is_owner(self) -> bool:
+        return self.owner_pid == os.getpid()
+
+
+def inherited_role() -> Role | None:
+    """The role named by the environment, if it names a live owner and an existing relay."""
+    value = os.environ.get(OTEL_PYTHON_VLLM_KV_OWNER, "")
+    pid_text, _, directory = value.partition(":")
+    if not pid_text.isdigit() or not os.path.isdir(directory):
+        return None
+    pid = int(pid_text)
+    if pid != os.getpid() and not is_alive(pid):
+        return None
+    return Role(pid, directory)
+
+
+def relay_parent_directory() -> str:
+    """Where relay directories go; a bad ``OTEL_PYTHON_VLLM_KV_RELAY_DIR`` raises ValueError."""
+    configured = os.environ.get(OTEL_PYTHON_VLLM_KV_RELAY_DIR, "").strip()
+    if not configured:
+        if os.path.isdir(_SHARED_MEMORY) and os.access(_SHARED_MEMORY, os.W_OK | os.X_OK):
+            return _SHARED_MEMORY
+        return tempfile.gettempdir()
+    if not os.path.isdir(configured):
+        raise ValueError(
+            f"{OTEL_PYTHON_VLLM_KV_RELAY_DIR}={configured!r} is not an existing directory"
+        )
+    if not os.access(configured, os.W_OK | os.X_OK):
+        raise ValueError(f"{OTEL_PYTHON_VLLM_KV_RELAY_DIR}={configured!r} is not writable")
+    return configured
+
+
+def resolve_role() -> Role:
+    """Join a live owner inherited from the parent process, or become the owner."""
+    role = inherited_role()
+    if role is not None:
+        return role
+    directory = tempfile.mkdtemp(prefix=f"otel-vllm-kv-{os.getpid()}-", dir=relay_parent_directory())
+    owner_pid = os.getpid()
+    atexit.register(_remove_relay, directory, owner_pid)
+    os.environ[OTEL_PYTHON_VLLM_KV_OWNER] = f"{owner_pid}:{directory}"
+    return Role(owner_pid, directory)
+
+
+def _remove_relay(directory: str, owner_pid: int) -> None:
+    # A forked child inherits atexit handlers; only the owner removes the relay.
+    if os.getpid() == owner_pid:
+        shutil.rmtree(directory, ignore_errors=True)
