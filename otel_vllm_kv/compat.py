@@ -6,7 +6,8 @@ import logging
 
 _logger = logging.getLogger(__name__)
 
-#: (module, class, attribute) the probe wraps or calls.
+#: (module, class, attribute) the probe wraps or calls; each must be the class's own
+#: (an abstract declaration inherited from ``SchedulerInterface`` does not count).
 REQUIRED = (
     ("vllm.v1.core.sched.scheduler", "Scheduler", "make_stats"),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "finish_requests"),
@@ -33,7 +34,7 @@ def unsupported_reason() -> str | None:
         except (ImportError, AttributeError):
             missing.append(f"{module_name}.{class_name}")
             continue
-        if not callable(getattr(owner, attribute, None)):
+        if not callable(vars(owner).get(attribute)):
             missing.append(f"{module_name}.{class_name}.{attribute}")
     if not missing:
         return None

@@ -1,5 +1,6 @@
 """Engine-core side: wrap the V1 scheduler so every engine publishes its pool after each change.
 
+``Scheduler.__init__`` publishes the empty pool as soon as the engine exists.
 ``Scheduler.make_stats`` is called at the end of every engine step (also when stats
 are disabled, then returning None), after the step's finished requests were freed;
 ``Scheduler.finish_requests`` frees aborted requests between steps, when an idle
@@ -22,7 +23,7 @@ from otel_vllm_kv.relay import SnapshotWriter
 _logger = logging.getLogger(__name__)
 
 SCHEDULER_MODULE = "vllm.v1.core.sched.scheduler"
-PATCHED_METHODS = ("make_stats", "finish_requests")
+PATCHED_METHODS = ("__init__", "make_stats", "finish_requests")
 
 
 class EngineProbe:

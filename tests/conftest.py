@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+# Keep every engine's CPU KV cache at 1 GiB; engines inherit this.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from otel_vllm_kv.demo.tiny_model import build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))

@@ -1,0 +1,94 @@
+"""Real vLLM V1 schedulers for unit tests: everything but the model forward pass is vLLM's own."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from vllm.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, VllmConfig
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request
+from vllm.v1.structured_output import StructuredOutputManager
+
+_request_ids = itertools.count()
+
+
+def build_scheduler(
+    model_dir: str,
+    num_blocks: int = 11,
+    block_size: int = 16,
+    data_parallel_index: int = 0,
+    served_model_name: str | None = None,
+    log_stats: bool = True,
+    enable_prefix_caching: bool = True,
+) -> Scheduler:
+    """A real Scheduler over a real KVCacheManager with ``num_blocks`` blocks (one is vLLM's null block)."""
+    model_config = ModelConfig(
+        model=model_dir, max_model_len=2048, dtype="float32", seed=0, served_model_name=served_model_name
+    )
+    cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
+    cache_config.num_gpu_blocks = num_blocks
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=16, max_num_batched_tokens=2048, max_model_len=2048, is_encoder_decoder=False
+    )
+    vllm_config = VllmConfig(
+        model_config=model_config, cache_config=cache_config,
+        scheduler_config=scheduler_config, parallel_config=ParallelConfig(),
+    )
+    vllm_config.parallel_config.data_parallel_index = data_parallel_index
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32)
+    kv_cache_config = KVCacheConfig(
+        num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)]
+    )
+    return Scheduler(
+        vllm_config=vllm_config, kv_cache_config=kv_cache_config,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=block_size, log_stats=log_stats,
+    )
+
+
+def make_request(scheduler: Scheduler, num_prompt_tokens: int, max_tokens: int = 8, first_token: int = 0) -> Request:
+    init_none_hash(sha256)
+    return Request(
+        f"req-{next(_request_ids)}",
+        list(range(first_token, first_token + num_prompt_tokens)),
+        SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        None,
+        block_hasher=get_request_block_hasher(scheduler.block_size, sha256),
+    )
+
+
+@dataclass
+class Stepper:
+    """Drives ``schedule()`` and ``update_from_output()`` as EngineCore.step does, sampling token 7."""
+
+    scheduler: Scheduler
+    stats: list = field(default_factory=list)
+
+    def step(self) -> None:
+        output = self.scheduler.schedule()
+        request_ids = list(output.num_scheduled_tokens)
+        runner_output = ModelRunnerOutput(
+            req_ids=request_ids,
+            req_id_to_index={request_id: i for i, request_id in enumerate(request_ids)},
+            sampled_token_ids=[[7] for _ in request_ids],
+            logprobs=None,
+            prompt_logprobs_dict={},
+            pooler_output=[],
+        )
+        for engine_outputs in self.scheduler.update_from_output(output, runner_output).values():
+            if engine_outputs.scheduler_stats is not None:
+                self.stats.append(engine_outputs.scheduler_stats)
+
+    def run_until_idle(self, max_steps: int = 1000) -> None:
+        for _ in range(max_steps):
+            if not self.scheduler.has_requests():
+                return
+            self.step()
+        raise AssertionError("scheduler did not drain")

@@ -1,0 +1,209 @@
+"""The instrumentor on real vLLM schedulers built in the test process (the in-process engine path)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
+
+from otel_vllm_kv import VLLMKVCacheInstrumentor, probe
+from otel_vllm_kv.instruments import KV_CACHE_LIMIT, KV_CACHE_USAGE, KV_CACHE_UTILIZATION
+from schedulers import Stepper, build_scheduler, make_request
+from telemetry import metric_units, read_gauges
+
+ORIGINALS = {name: Scheduler.__dict__[name] for name in probe.PATCHED_METHODS}
+
+
+def new_reader() -> tuple[InMemoryMetricReader, MeterProvider]:
+    reader = InMemoryMetricReader()
+    return reader, MeterProvider(metric_readers=[reader])
+
+
+@pytest.fixture
+def reader():
+    reader, provider = new_reader()
+    VLLMKVCacheInstrumentor().instrument(meter_provider=provider)
+    yield reader
+    VLLMKVCacheInstrumentor().uninstrument()
+
+
+def assert_unpatched() -> None:
+    for name, original in ORIGINALS.items():
+        assert Scheduler.__dict__[name] is original, name
+
+
+def test_gauges_follow_the_pool(reader, tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16, served_model_name="tiny")
+    (engine,) = read_gauges(reader).values()
+    assert (engine.model_name, engine.limit, engine.used, engine.free) == ("tiny", 160, 0, 160)
+
+    scheduler.add_request(make_request(scheduler, num_prompt_tokens=40, max_tokens=100))
+    stepper = Stepper(scheduler)
+    stepper.step()
+    engine = read_gauges(reader)[0]
+    assert (engine.used, engine.free, engine.limit) == (48, 112, 160)
+    assert engine.utilization == stepper.stats[-1].kv_cache_usage == 1.0 - 7 / 10
+    assert metric_units(reader) == {KV_CACHE_USAGE: "{token}", KV_CACHE_LIMIT: "{token}", KV_CACHE_UTILIZATION: "1"}
+
+
+def test_values_hold_while_idle_and_reach_zero_after_the_last_request(reader, tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
+    stepper = Stepper(scheduler)
+    scheduler.add_request(make_request(scheduler, num_prompt_tokens=70, max_tokens=3))
+    stepper.step()
+    assert read_gauges(reader)[0].used == 80
+    assert read_gauges(reader)[0].used == 80, "no step in between: the last value stays"
+    stepper.run_until_idle()
+    engine = read_gauges(reader)[0]
+    assert (engine.used, engine.free, engine.utilization) == (0, 160, 0.0)
+
+
+def test_abort_between_steps_is_reported_without_another_step(reader, tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
+    request = make_request(scheduler, num_prompt_tokens=33, max_tokens=100)
+    scheduler.add_request(request)
+    Stepper(scheduler).step()
+    assert read_gauges(reader)[0].used == 48
+    scheduler.finish_requests(request.request_id, RequestStatus.FINISHED_ABORTED)
+    assert not scheduler.running and not scheduler.waiting
+    assert read_gauges(reader)[0].used == 0
+
+
+def test_stats_disabled_changes_nothing(reader, tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir, log_stats=False)
+    scheduler.add_request(make_request(scheduler, num_prompt_tokens=20))
+    stepper = Stepper(scheduler)
+    stepper.step()
+    assert stepper.stats == [] and scheduler.make_stats() is None
+    assert read_gauges(reader)[0].used == 32
+
+
+def test_one_series_per_engine_index(reader, tiny_model_dir):
+    engines = [build_scheduler(tiny_model_dir, data_parallel_index=index) for index in (0, 1)]
+    engines[1].add_request(make_request(engines[1], num_prompt_tokens=20))
+    Stepper(engines[1]).step()
+    gauges = read_gauges(reader)
+    assert sorted(gauges) == [0, 1]
+    assert (gauges[0].used, gauges[1].used) == (0, 32)
+
+
+def test_a_discarded_engine_stops_reporting(reader, tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir)
+    assert read_gauges(reader)
+    del scheduler
+    gc.collect()
+    assert read_gauges(reader) == {}
+
+
+def test_uninstrument_restores_every_function_and_stops_the_gauges(tiny_model_dir):
+    reader, provider = new_reader()
+    instrumentor = VLLMKVCacheInstrumentor()
+    instrumentor.instrument(meter_provider=provider)
+    for name in probe.PATCHED_METHODS:
+        assert Scheduler.__dict__[name].__wrapped__ is ORIGINALS[name]
+    scheduler = build_scheduler(tiny_model_dir)
+    assert read_gauges(reader)
+    instrumentor.uninstrument()
+    assert_unpatched()
+    assert read_gauges(reader) == {}
+    Stepper(scheduler).step()  # the engine keeps working unpatched
+
+
+def test_reinstrument_on_the_same_meter_provider(tiny_model_dir):
+    reader, provider = new_reader()
+    instrumentor = VLLMKVCacheInstrumentor()
+    instrumentor.instrument(meter_provider=provider)
+    instrumentor.uninstrument()
+    instrumentor.instrument(meter_provider=provider)
+    try:
+        scheduler = build_scheduler(tiny_model_dir, num_blocks=5, block_size=16)
+        assert scheduler and read_gauges(reader)[0].limit == 64
+    finally:
+        instrumentor.uninstrument()
+
+
+def test_instrumenting_twice_patches_once(tiny_model_dir):
+    instrumentor = VLLMKVCacheInstrumentor()
+    instrumentor.instrument(meter_provider=new_reader()[1])
+    instrumentor.instrument(meter_provider=new_reader()[1])
+    try:
+        for name in probe.PATCHED_METHODS:
+            assert Scheduler.__dict__[name].__wrapped__ is ORIGINALS[name]
+    finally:
+        instrumentor.uninstrument()
+    assert_unpatched()
+
+
+def test_probe_failure_never_reaches_the_engine(reader, tiny_model_dir, monkeypatch, caplog):
+    def broken_layout(scheduler):
+        raise AttributeError("kv_cache_manager moved")
+
+    monkeypatch.setattr(probe, "read_layout", broken_layout)
+    with caplog.at_level(logging.WARNING, logger="otel_vllm_kv"):
+        scheduler = build_scheduler(tiny_model_dir)
+        scheduler.add_request(make_request(scheduler, num_prompt_tokens=20, max_tokens=5))
+        stepper = Stepper(scheduler)
+        stepper.run_until_idle()
+    warnings = [r for r in caplog.records if r.name.startswith("otel_vllm_kv")]
+    assert len(warnings) == 1 and "could not read the KV cache" in warnings[0].getMessage()
+    assert stepper.stats[-1].kv_cache_usage == 0.0
+    assert read_gauges(reader) == {}
+
+
+def test_unrecognised_vllm_gets_one_warning_and_no_patch(monkeypatch, caplog):
+    monkeypatch.delattr(Scheduler, "finish_requests")
+    with caplog.at_level(logging.WARNING, logger="otel_vllm_kv"):
+        VLLMKVCacheInstrumentor().instrument(meter_provider=new_reader()[1])
+    try:
+        (warning,) = [r.getMessage() for r in caplog.records if r.name.startswith("otel_vllm_kv")]
+        assert "vLLM 0." in warning and "Scheduler.finish_requests" in warning
+        assert Scheduler.__dict__["make_stats"] is ORIGINALS["make_stats"]
+    finally:
+        VLLMKVCacheInstrumentor().uninstrument()
+
+
+def run_python(code: str, **environment: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_PYTHON_VLLM_KV")}
+    env.update(environment)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_installed_but_not_instrumented_changes_nothing():
+    result = run_python(
+        """
+        import os
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()  # what every vLLM process does; our entry point is in the group
+        from importlib.metadata import entry_points
+        assert "otel_vllm_kv" in entry_points(group="vllm.general_plugins").names
+        from vllm.v1.core.sched.scheduler import Scheduler
+        for name in ("__init__", "make_stats", "finish_requests"):
+            assert not hasattr(Scheduler.__dict__[name], "__wrapped__"), name
+        assert not any(k.startswith("OTEL_PYTHON_VLLM_KV") for k in os.environ)
+        print("unchanged")
+        """
+    )
+    assert result.stdout.strip() == "unchanged", result.stderr[-3000:]
+
+
+def test_bad_relay_directory_names_the_setting(tmp_path):
+    result = run_python(
+        """
+        from otel_vllm_kv import VLLMKVCacheInstrumentor
+        VLLMKVCacheInstrumentor().instrument()
+        """,
+        OTEL_PYTHON_VLLM_KV_RELAY_DIR=str(tmp_path / "missing"),
+    )
+    assert result.returncode != 0
+    assert "OTEL_PYTHON_VLLM_KV_RELAY_DIR=" in result.stderr and "not an existing directory" in result.stderr

@@ -1,0 +1,68 @@
+"""Owner and probe roles across real child processes: spawn (vLLM on CPU) and fork (vLLM's default on GPU)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from otel_vllm_kv import VLLMKVCacheInstrumentor
+from schedulers import Stepper, build_scheduler, make_request
+from telemetry import read_gauges
+
+
+@pytest.fixture
+def reader():
+    reader = InMemoryMetricReader()
+    VLLMKVCacheInstrumentor().instrument(meter_provider=MeterProvider(metric_readers=[reader]))
+    yield reader
+    VLLMKVCacheInstrumentor().uninstrument()
+
+
+def _engine_child(model_dir: str, to_parent, from_parent) -> None:
+    """A spawned 'engine core': instruments like a re-imported main module would, runs a real scheduler."""
+    from otel_vllm_kv.plugin import load_vllm_plugin
+
+    child_reader = InMemoryMetricReader()
+    VLLMKVCacheInstrumentor().instrument(meter_provider=MeterProvider(metric_readers=[child_reader]))
+    load_vllm_plugin()  # vLLM calls it too: must not instrument twice
+    scheduler = build_scheduler(model_dir, num_blocks=11, block_size=16, data_parallel_index=2)
+    scheduler.add_request(make_request(scheduler, num_prompt_tokens=50, max_tokens=100))
+    Stepper(scheduler).step()
+    to_parent.send(("stepped", read_gauges(child_reader) == {}))
+    from_parent.recv()
+
+
+def test_spawned_engine_probes_and_only_the_owner_exports(reader, tiny_model_dir):
+    context = multiprocessing.get_context("spawn")
+    to_parent, child_end = context.Pipe()
+    parent_end, from_parent = context.Pipe()
+    child = context.Process(target=_engine_child, args=(tiny_model_dir, child_end, from_parent))
+    child.start()
+    try:
+        assert to_parent.recv() == ("stepped", True), "the child must not export"
+        engine = read_gauges(reader)[2]
+        assert (engine.used, engine.free, engine.limit) == (64, 96, 160)
+    finally:
+        parent_end.send("exit")
+        child.join(60)
+    assert child.exitcode == 0
+    assert read_gauges(reader) == {}, "an engine that exited is no longer reported"
+
+
+def test_forked_child_exports_nothing(reader, tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir)
+    assert scheduler and read_gauges(reader), "the owner sees its in-process engine"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child inherits the SDK, the callbacks and the relay
+        try:
+            os.write(write_end, b"empty" if read_gauges(reader) == {} else b"exported")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 16) == b"empty"
+    assert read_gauges(reader), "the owner still exports"

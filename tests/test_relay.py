@@ -1,0 +1,97 @@
+"""The shared-memory relay between engine processes and the exporting process."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+
+from otel_vllm_kv.kv_cache import PoolLayout
+from otel_vllm_kv.relay import SnapshotReader, SnapshotWriter
+
+LAYOUT = PoolLayout(num_blocks=64, block_size=128, num_groups=1)
+
+
+def test_reader_sees_the_latest_record(tmp_path):
+    writer = SnapshotWriter(str(tmp_path), engine_index=0, model_name="tiny", layout=LAYOUT)
+    reader = SnapshotReader(str(tmp_path))
+    assert reader.read() == [], "nothing published yet"
+    writer.write(63)
+    writer.write(40)
+    (snapshot,) = reader.read()
+    assert (snapshot.engine_index, snapshot.model_name, snapshot.pid) == (0, "tiny", os.getpid())
+    assert (snapshot.layout, snapshot.free_blocks) == (LAYOUT, 40)
+
+
+def test_a_record_being_rewritten_is_not_read(tmp_path):
+    writer = SnapshotWriter(str(tmp_path), engine_index=0, model_name="tiny", layout=LAYOUT)
+    writer.write(40)
+    reader = SnapshotReader(str(tmp_path))
+    writer._sequence += 1  # as if the writer were between its two sequence stores
+    from otel_vllm_kv.relay import _SEQUENCE, _SEQUENCE_OFFSET
+
+    _SEQUENCE.pack_into(writer._map, _SEQUENCE_OFFSET, writer._sequence)
+    assert reader.read() == []
+
+
+def test_closed_writer_disappears(tmp_path):
+    writer = SnapshotWriter(str(tmp_path), engine_index=0, model_name="tiny", layout=LAYOUT)
+    writer.write(1)
+    reader = SnapshotReader(str(tmp_path))
+    assert len(reader.read()) == 1
+    writer.close()
+    assert reader.read() == []
+    assert os.listdir(tmp_path) == []
+
+
+def _write_and_exit(directory: str) -> None:
+    SnapshotWriter(directory, engine_index=5, model_name="gone", layout=LAYOUT).write(3)
+
+
+def test_files_of_dead_writers_are_dropped_and_removed(tmp_path):
+    child = multiprocessing.get_context("spawn").Process(target=_write_and_exit, args=(str(tmp_path),))
+    child.start()
+    child.join()
+    assert len(os.listdir(tmp_path)) == 1, "a crashed engine core leaves its file behind"
+    assert SnapshotReader(str(tmp_path)).read() == []
+    assert os.listdir(tmp_path) == []
+
+
+def test_one_series_per_engine_and_newest_file_wins(tmp_path):
+    directory = str(tmp_path)
+    old = SnapshotWriter(directory, engine_index=0, model_name="tiny", layout=LAYOUT)
+    old.write(10)
+    new = SnapshotWriter(directory, engine_index=0, model_name="tiny", layout=LAYOUT)
+    new.write(20)
+    other = SnapshotWriter(directory, engine_index=1, model_name="tiny", layout=LAYOUT)
+    other.write(30)
+    snapshots = {s.engine_index: s.free_blocks for s in SnapshotReader(directory).read()}
+    assert snapshots == {0: 20, 1: 30}
+
+
+def test_files_are_private(tmp_path):
+    writer = SnapshotWriter(str(tmp_path), engine_index=0, model_name="tiny", layout=LAYOUT)
+    (name,) = os.listdir(tmp_path)
+    assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
+    writer.close()
+
+
+def test_missing_directory_reads_as_no_engines(tmp_path):
+    assert SnapshotReader(str(tmp_path / "gone")).read() == []
+
+
+def test_writer_survives_its_reader_and_directory(tmp_path):
+    directory = tmp_path / "relay"
+    directory.mkdir()
+    writer = SnapshotWriter(str(directory), engine_index=0, model_name="tiny", layout=LAYOUT)
+    for name in os.listdir(directory):
+        os.unlink(directory / name)
+    directory.rmdir()
+    writer.write(5)  # the owner is gone: the write lands in memory nobody reads
+    writer.close()
+
+
+def test_long_model_names_are_truncated_not_rejected(tmp_path):
+    SnapshotWriter(str(tmp_path), 0, "m" * 1000, LAYOUT).write(1)
+    (snapshot,) = SnapshotReader(str(tmp_path)).read()
+    assert snapshot.model_name == "m" * 256
