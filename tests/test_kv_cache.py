@@ -72,3 +72,15 @@ def test_hybrid_layout_reports_no_tokens():
 def test_engine_identity(tiny_model_dir):
     scheduler = build_scheduler(tiny_model_dir, data_parallel_index=3, served_model_name="tiny")
     assert read_engine_identity(scheduler) == (3, "tiny")
+
+
+def test_running_request_holds_blocks_for_its_prompt_and_all_but_the_last_sampled_token(tiny_model_dir):
+    """The expectation the engine tests compute: ceil((prompt + outputs - 1) / block_size) blocks."""
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
+    request = make_request(scheduler, num_prompt_tokens=30, max_tokens=100)
+    scheduler.add_request(request)
+    stepper = Stepper(scheduler)
+    for _ in range(40):
+        stepper.step()
+        expected_blocks = -(-(request.num_prompt_tokens + request.num_output_tokens - 1) // 16)
+        assert tokens_of(scheduler).used_tokens == expected_blocks * 16

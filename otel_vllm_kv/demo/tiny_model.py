@@ -81,6 +81,25 @@ def _write_tokenizer(directory: Path) -> None:
     )
 
 
+#: Cache blocks the demo and the tests give the engine: 63 allocatable blocks of 128 tokens on CPU.
+NUM_GPU_BLOCKS = 64
+
+
+def engine_kwargs(directory: str | Path, served_model_name: str = "tiny", **overrides) -> dict:
+    """Arguments for ``LLM`` / ``EngineArgs`` that start the tiny model quickly with a small cache."""
+    kwargs = dict(
+        model=str(directory),
+        served_model_name=served_model_name,
+        load_format="dummy",
+        max_model_len=MAX_MODEL_LEN,
+        num_gpu_blocks_override=NUM_GPU_BLOCKS,
+        enforce_eager=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
 def build_tiny_model(directory: str | Path, max_model_len: int = MAX_MODEL_LEN) -> Path:
     """Write a Llama-style config and a byte-level tokenizer into ``directory``."""
     directory = Path(directory)

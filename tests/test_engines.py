@@ -1,0 +1,132 @@
+"""End to end on real vLLM engines running the tiny model: LLM (spawned engine core), AsyncLLM, in-process LLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from vllm import SamplingParams
+
+from engine_load import LIMIT, GaugePoller, assert_consistent, blocks_for, distinct_prompts, BLOCK_SIZE
+from otel_vllm_kv import VLLMKVCacheInstrumentor
+from otel_vllm_kv.demo.tiny_model import engine_kwargs
+from telemetry import read_gauges
+
+pytestmark = pytest.mark.engine
+HERE = os.path.dirname(__file__)
+
+
+@pytest.fixture(scope="module")
+def reader():
+    reader = InMemoryMetricReader()
+    VLLMKVCacheInstrumentor().instrument(meter_provider=MeterProvider(metric_readers=[reader]))
+    yield reader
+    VLLMKVCacheInstrumentor().uninstrument()
+
+
+def test_llm_with_spawned_engine_core(reader, tiny_model_dir):
+    from vllm import LLM
+
+    llm = LLM(**engine_kwargs(tiny_model_dir))  # default: stats off, engine core in a child process
+    try:
+        (engine,) = read_gauges(reader).values()
+        assert (engine.model_name, engine.limit, engine.used, engine.free) == ("tiny", LIMIT, 0, LIMIT)
+
+        prompts = distinct_prompts(6, 300)
+        params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+        with GaugePoller(reader) as poller:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+        seen = [observation[0] for observation in poller.observations if observation]
+        for gauges in seen:
+            assert_consistent(gauges)
+        most = max(gauges.used for gauges in seen)
+        ceiling = sum(blocks_for(len(o.prompt_token_ids), 300) for o in outputs) * BLOCK_SIZE
+        assert 0 < most <= ceiling
+        assert len({gauges.used for gauges in seen}) > 3, "the gauge should move while requests run"
+
+        engine = read_gauges(reader)[0]
+        assert (engine.used, engine.free, engine.utilization) == (0, LIMIT, 0.0)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    assert read_gauges(reader) == {}, "a stopped engine is no longer reported"
+
+
+class UsageRecorder:
+    """A vLLM stat logger that keeps what vLLM itself reports as kv_cache_usage."""
+
+    usages: list[float] = []
+
+    def __init__(self, vllm_config, engine_index=0):
+        pass
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+        if scheduler_stats is not None:
+            UsageRecorder.usages.append(scheduler_stats.kv_cache_usage)
+
+    def log_engine_initialized(self):
+        pass
+
+
+async def _paused_async_llm_run(reader, model_dir):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    recorder = type("Recorder", (UsageRecorder, StatLoggerBase), {})
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model_dir)), stat_loggers=[recorder])
+    prompts = distinct_prompts(4, 200)
+    produced: dict[int, int] = {}
+    prompt_tokens: dict[int, int] = {}
+
+    async def consume(index: int, prompt: str) -> None:
+        params = SamplingParams(max_tokens=700, temperature=0, ignore_eos=True)
+        async for output in engine.generate(prompt, params, request_id=f"req-{index}"):
+            prompt_tokens[index] = len(output.prompt_token_ids)
+            produced[index] = len(output.outputs[0].token_ids)
+
+    try:
+        tasks = [asyncio.create_task(consume(i, p)) for i, p in enumerate(prompts)]
+        while len(produced) < len(prompts) or min(produced.values()) < 100:
+            await asyncio.sleep(0.01)
+        await engine.pause_generation(mode="keep", clear_cache=False)
+        await asyncio.sleep(1.0)  # outputs of the last step reach the frontend
+        frozen = dict(produced)
+        paused = read_gauges(reader)[0]
+        expected_blocks = sum(blocks_for(prompt_tokens[i], frozen[i]) for i in frozen)
+        vllm_usage = UsageRecorder.usages[-1]
+        await engine.resume_generation()
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(0.5)
+        return paused, expected_blocks, vllm_usage, read_gauges(reader)[0]
+    finally:
+        engine.shutdown()
+
+
+def test_async_llm_exact_while_paused_mid_generation(reader, tiny_model_dir):
+    paused, expected_blocks, vllm_usage, after = asyncio.run(_paused_async_llm_run(reader, tiny_model_dir))
+    assert_consistent(paused)
+    assert paused.used == expected_blocks * BLOCK_SIZE > 0
+    assert paused.utilization == vllm_usage, "the same step as vLLM's own kv_cache_usage, bit for bit"
+    assert (after.used, after.free) == (0, LIMIT)
+
+
+def test_llm_with_in_process_engine_core(tiny_model_dir):
+    """VLLM_ENABLE_V1_MULTIPROCESSING=0 runs the scheduler in the caller; vLLM then freezes its env, so a child runs it."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": HERE}
+    env = {k: v for k, v in env.items() if not k.startswith("OTEL_PYTHON_VLLM_KV")}
+    script = os.path.join(HERE, "scenarios", "in_process_llm.py")
+    result = subprocess.run(
+        [sys.executable, script, tiny_model_dir], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["engine_core"] == "InprocClient"
+    assert report["steps"] > 100 and report["mismatches"] == []
+    assert report["most_used"] == blocks_for(report["prompt_tokens"], 300) * BLOCK_SIZE
+    assert report["after"] == {"used": 0, "free": LIMIT, "limit": LIMIT}
