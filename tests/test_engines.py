@@ -130,3 +130,36 @@ def test_llm_with_in_process_engine_core(tiny_model_dir):
     assert report["steps"] > 100 and report["mismatches"] == []
     assert report["most_used"] == blocks_for(report["prompt_tokens"], 300) * BLOCK_SIZE
     assert report["after"] == {"used": 0, "free": LIMIT, "limit": LIMIT}
+
+
+async def _data_parallel_run(reader, model_dir):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model_dir, data_parallel_size=2)))
+    try:
+        at_start = read_gauges(reader)
+        params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+
+        async def consume(index: int, prompt: str) -> None:
+            async for _ in engine.generate(prompt, params, request_id=f"dp-{index}"):
+                pass
+
+        with GaugePoller(reader) as poller:
+            await asyncio.gather(*(consume(i, p) for i, p in enumerate(distinct_prompts(8, 200))))
+        await asyncio.sleep(0.5)
+        return at_start, poller.observations, read_gauges(reader)
+    finally:
+        engine.shutdown()
+
+
+def test_data_parallel_engines_report_one_series_each(reader, tiny_model_dir):
+    at_start, observations, after = asyncio.run(_data_parallel_run(reader, tiny_model_dir))
+    assert sorted(at_start) == [0, 1]
+    for index in (0, 1):
+        assert (at_start[index].limit, at_start[index].used) == (LIMIT, 0), "each rank has its own pool"
+        seen = [observation[index] for observation in observations if index in observation]
+        for gauges in seen:
+            assert_consistent(gauges)
+        assert max(gauges.used for gauges in seen) > 0, f"engine {index} took requests"
+        assert (after[index].used, after[index].free) == (0, LIMIT)

