@@ -70,6 +70,7 @@ def _read(reader) -> dict[int, dict]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     prompts = [(f"request {i:03d}: " * args.prompt_tokens)[: args.prompt_tokens] for i in range(args.requests)]
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.8, ignore_eos=True, seed=0)
+    # No per-request seed: vLLM 0.32 on CPU fails seeded sampling ("CPU Generator does not use offset").
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.8, ignore_eos=True)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     time.sleep(args.interval * 2)
     done.set()
