@@ -11,6 +11,7 @@ _logger = logging.getLogger(__name__)
 REQUIRED = (
     ("vllm.v1.core.sched.scheduler", "Scheduler", "make_stats"),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "finish_requests"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "shutdown"),
     ("vllm.v1.core.block_pool", "BlockPool", "get_num_free_blocks"),
 )
 

@@ -8,8 +8,10 @@ Definitions (per engine, single KV-cache group; see ``kv_cache`` for the why):
 from __future__ import annotations
 
 import os
+import threading
+import time
 import weakref
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
@@ -27,44 +29,76 @@ ENGINE_INDEX = "vllm.engine.index"
 #: The engine's served model name: what clients send as ``model``.
 MODEL_NAME = "gen_ai.request.model"
 
-_source: tuple[int, SnapshotReader] | None = None
 # The SDK keeps the first registration of a name and ignores (with a warning) later
 # ones, and callbacks cannot be unregistered: create once per meter, read ``_source``.
 _meters_with_instruments: weakref.WeakSet[Meter] = weakref.WeakSet()
+#: A snapshot older than this is read again even within what looks like one collection.
+_MAX_SNAPSHOT_AGE = 0.5
+
+
+class _CollectionSnapshot:
+    """Serves the callbacks of one collection from one relay read, so its points agree.
+
+    A collection calls each callback once; a callback called a second time is the
+    start of the next collection and triggers a fresh read.
+    """
+
+    def __init__(self, reader: SnapshotReader) -> None:
+        self._reader = reader
+        self._owner_pid = os.getpid()
+        self._lock = threading.Lock()
+        self._engines: list[tuple[dict, KVCacheTokens]] = []
+        self._served: set[str] = set()
+        self._read_at = float("-inf")
+
+    def engines(self, instrument: str) -> list[tuple[dict, KVCacheTokens]]:
+        # A forked child inherits the callbacks and a running metric reader: only the owner reports.
+        if os.getpid() != self._owner_pid:
+            return []
+        with self._lock:
+            now = time.monotonic()
+            if instrument in self._served or now - self._read_at > _MAX_SNAPSHOT_AGE:
+                self._engines = [_to_observed(snapshot) for snapshot in self._reader.read()]
+                self._served = set()
+                self._read_at = now
+            self._served.add(instrument)
+            return self._engines
+
+
+def _to_observed(snapshot: EngineSnapshot) -> tuple[dict, KVCacheTokens]:
+    attributes = {ENGINE_INDEX: snapshot.engine_index, MODEL_NAME: snapshot.model_name}
+    return attributes, to_tokens(snapshot.layout, snapshot.free_blocks)
+
+
+_source: _CollectionSnapshot | None = None
 
 
 def set_source(reader: SnapshotReader | None) -> None:
     """Point the callbacks at a relay (owned by this process), or at nothing."""
     global _source
-    _source = None if reader is None else (os.getpid(), reader)
+    _source = None if reader is None else _CollectionSnapshot(reader)
 
 
-def _engines() -> Iterator[tuple[dict, KVCacheTokens]]:
+def _engines(instrument: str) -> list[tuple[dict, KVCacheTokens]]:
     source = _source
-    # A forked child inherits the callbacks and a running metric reader: only the owner reports.
-    if source is None or source[0] != os.getpid():
-        return
-    snapshot: EngineSnapshot
-    for snapshot in source[1].read():
-        attributes = {ENGINE_INDEX: snapshot.engine_index, MODEL_NAME: snapshot.model_name}
-        yield attributes, to_tokens(snapshot.layout, snapshot.free_blocks)
+    return [] if source is None else source.engines(instrument)
 
 
 def _observe_usage(options: CallbackOptions) -> Iterable[Observation]:
-    for attributes, tokens in _engines():
+    for attributes, tokens in _engines(KV_CACHE_USAGE):
         if tokens.used_tokens is not None:
             yield Observation(tokens.used_tokens, {**attributes, KV_CACHE_STATE: KV_CACHE_STATE_USED})
             yield Observation(tokens.free_tokens, {**attributes, KV_CACHE_STATE: KV_CACHE_STATE_FREE})
 
 
 def _observe_limit(options: CallbackOptions) -> Iterable[Observation]:
-    for attributes, tokens in _engines():
+    for attributes, tokens in _engines(KV_CACHE_LIMIT):
         if tokens.limit_tokens is not None:
             yield Observation(tokens.limit_tokens, attributes)
 
 
 def _observe_utilization(options: CallbackOptions) -> Iterable[Observation]:
-    for attributes, tokens in _engines():
+    for attributes, tokens in _engines(KV_CACHE_UTILIZATION):
         yield Observation(tokens.utilization, attributes)
 
 

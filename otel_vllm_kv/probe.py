@@ -1,6 +1,8 @@
 """Engine-core side: wrap the V1 scheduler so every engine publishes its pool after each change.
 
-``Scheduler.__init__`` publishes the empty pool as soon as the engine exists.
+``Scheduler.__init__`` publishes the empty pool as soon as the engine exists, and
+``Scheduler.shutdown`` withdraws it as soon as vLLM stops the engine (its process may
+linger, or be killed, afterwards).
 ``Scheduler.make_stats`` is called at the end of every engine step (also when stats
 are disabled, then returning None), after the step's finished requests were freed;
 ``Scheduler.finish_requests`` frees aborted requests between steps, when an idle
@@ -23,7 +25,8 @@ from otel_vllm_kv.relay import SnapshotWriter
 _logger = logging.getLogger(__name__)
 
 SCHEDULER_MODULE = "vllm.v1.core.sched.scheduler"
-PATCHED_METHODS = ("__init__", "make_stats", "finish_requests")
+PUBLISHING_METHODS = ("__init__", "make_stats", "finish_requests")
+PATCHED_METHODS = (*PUBLISHING_METHODS, "shutdown")
 
 
 class EngineProbe:
@@ -61,6 +64,15 @@ class _ProbeRegistry:
             if probe is not None:
                 probe.publish()
         except Exception:  # noqa: BLE001 - the engine must never see our failure
+            self._give_up(scheduler)
+
+    def withdraw(self, scheduler: Any) -> None:
+        try:
+            probe = self._probes.pop(scheduler, None)
+            if probe is not None:
+                probe.close()
+            self._probes[scheduler] = None  # a stopped engine publishes nothing more
+        except Exception:  # noqa: BLE001
             self._give_up(scheduler)
 
     def clear(self) -> None:
@@ -104,11 +116,18 @@ def _publish_after(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) 
     return result
 
 
+def _withdraw_after(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    result = wrapped(*args, **kwargs)
+    registry.withdraw(instance)
+    return result
+
+
 def install_probe(relay_directory: str) -> None:
     """Wrap the scheduler methods; every engine built in this process publishes into the relay."""
     registry.relay_directory = relay_directory
-    for method in PATCHED_METHODS:
+    for method in PUBLISHING_METHODS:
         wrap_function_wrapper(SCHEDULER_MODULE, f"Scheduler.{method}", _publish_after)
+    wrap_function_wrapper(SCHEDULER_MODULE, "Scheduler.shutdown", _withdraw_after)
 
 
 def remove_probe() -> None:

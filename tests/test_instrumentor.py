@@ -104,6 +104,29 @@ def test_a_discarded_engine_stops_reporting(reader, tiny_model_dir):
     assert read_gauges(reader) == {}
 
 
+def test_scheduler_shutdown_withdraws_the_engine_at_once(reader, tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir)
+    assert read_gauges(reader)
+    scheduler.shutdown()
+    assert read_gauges(reader) == {}
+    Stepper(scheduler).step()  # a late step after shutdown publishes nothing
+    assert read_gauges(reader) == {}
+
+
+def test_one_collection_reads_the_relay_once(reader, tiny_model_dir):
+    """used, free, limit and utilization of one export come from the same engine step."""
+    from otel_vllm_kv import instruments
+
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
+    [used, _] = instruments._observe_usage(None)
+    scheduler.add_request(make_request(scheduler, num_prompt_tokens=40, max_tokens=100))
+    Stepper(scheduler).step()  # the pool changes between two callbacks of one collection
+    [utilization] = instruments._observe_utilization(None)
+    assert (used.value, utilization.value) == (0, 0.0)
+    [used, _] = instruments._observe_usage(None)  # a repeated callback starts the next collection
+    assert used.value == 48
+
+
 def test_uninstrument_restores_every_function_and_stops_the_gauges(tiny_model_dir):
     reader, provider = new_reader()
     instrumentor = VLLMKVCacheInstrumentor()
@@ -188,7 +211,7 @@ def test_installed_but_not_instrumented_changes_nothing():
         from importlib.metadata import entry_points
         assert "otel_vllm_kv" in entry_points(group="vllm.general_plugins").names
         from vllm.v1.core.sched.scheduler import Scheduler
-        for name in ("__init__", "make_stats", "finish_requests"):
+        for name in ("__init__", "make_stats", "finish_requests", "shutdown"):
             assert not hasattr(Scheduler.__dict__[name], "__wrapped__"), name
         assert not any(k.startswith("OTEL_PYTHON_VLLM_KV") for k in os.environ)
         print("unchanged")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import stat
+import time
 
 from otel_vllm_kv.kv_cache import PoolLayout
-from otel_vllm_kv.relay import SnapshotReader, SnapshotWriter
+from otel_vllm_kv.relay import SnapshotReader, SnapshotWriter, is_alive
 
 LAYOUT = PoolLayout(num_blocks=64, block_size=128, num_groups=1)
 
@@ -55,6 +56,22 @@ def test_files_of_dead_writers_are_dropped_and_removed(tmp_path):
     assert len(os.listdir(tmp_path)) == 1, "a crashed engine core leaves its file behind"
     assert SnapshotReader(str(tmp_path)).read() == []
     assert os.listdir(tmp_path) == []
+
+
+def test_an_unreaped_dead_writer_counts_as_dead(tmp_path):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        for _ in range(200):  # until the child is a zombie: exited, not yet waited for
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                if stat.read().rpartition(b")")[2].split()[0] == b"Z":
+                    break
+            time.sleep(0.01)
+        assert not is_alive(pid)
+    finally:
+        os.waitpid(pid, 0)
+    assert is_alive(os.getpid())
 
 
 def test_one_series_per_engine_and_newest_file_wins(tmp_path):
