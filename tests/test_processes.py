@@ -66,3 +66,17 @@ def test_forked_child_exports_nothing(reader, tiny_model_dir):
     os.waitpid(pid, 0)
     assert os.read(read_end, 16) == b"empty"
     assert read_gauges(reader), "the owner still exports"
+
+
+def test_a_dead_owner_named_in_the_environment_is_ignored(tmp_path, monkeypatch):
+    """An engine started after its instrumenting parent died, or with a stale variable, stays unpatched."""
+    from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_OWNER
+    from otel_vllm_kv.ownership import inherited_role
+
+    child = multiprocessing.get_context("spawn").Process(target=os.getpid)
+    child.start()
+    child.join()
+    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_OWNER, f"{child.pid}:{tmp_path}")
+    assert inherited_role() is None
+    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_OWNER, "not-a-pid:/nowhere")
+    assert inherited_role() is None
