@@ -30,7 +30,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.metrics import get_meter
 from packaging.requirements import Requirement
 
-from otel_vllm_kv import compat, instruments, probe
+from otel_vllm_kv import compat, instruments, probe, spans
 from otel_vllm_kv.ownership import resolve_role
 from otel_vllm_kv.package import _instruments_any
 from otel_vllm_kv.relay import SnapshotReader
@@ -64,8 +64,12 @@ class VLLMKVCacheInstrumentor(BaseInstrumentor):
             meter = get_meter(__name__, __version__, kwargs.get("meter_provider"), schema_url=_SCHEMA_URL)
             instruments.create_instruments(meter)
             instruments.set_source(SnapshotReader(role.relay_directory))
+            # Requests are submitted, and their outputs processed, in the owner.
+            probe.apply_patches(spans.PATCHES)
         probe.install_probe(role.relay_directory)
 
     def _uninstrument(self, **kwargs: Any) -> None:
+        probe.remove_patches(spans.PATCHES)
+        spans.annotator.clear()
         probe.remove_probe()
         instruments.set_source(None)

@@ -1,19 +1,21 @@
-"""Check that the installed vLLM has the scheduler internals the probe relies on."""
+"""Check that the installed vLLM has the internals the probe and the span annotation rely on."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 _logger = logging.getLogger(__name__)
 
-#: (module, class, attribute) the probe wraps or calls; each must be the class's own
-#: (an abstract declaration inherited from ``SchedulerInterface`` does not count).
-REQUIRED = (
-    ("vllm.v1.core.sched.scheduler", "Scheduler", "make_stats"),
-    ("vllm.v1.core.sched.scheduler", "Scheduler", "finish_requests"),
-    ("vllm.v1.core.sched.scheduler", "Scheduler", "shutdown"),
-    ("vllm.v1.core.block_pool", "BlockPool", "get_num_free_blocks"),
-)
+#: Called, not wrapped.
+_CALLED = (("vllm.v1.core.block_pool", "BlockPool.get_num_free_blocks"),)
+
+
+def required() -> list[tuple[str, str]]:
+    """(module, "Class.method" or "function") pairs that must exist in this vLLM."""
+    from otel_vllm_kv import probe, spans
+
+    return [(module, name) for module, name, _ in (*probe.PATCHES, *spans.PATCHES)] + list(_CALLED)
 
 
 def vllm_version() -> str:
@@ -24,19 +26,23 @@ def vllm_version() -> str:
     return str(__version__)
 
 
+def _exists(module_name: str, name: str) -> bool:
+    try:
+        owner = importlib.import_module(module_name)
+    except ImportError:
+        return False
+    *classes, attribute = name.split(".")
+    for class_name in classes:
+        owner = getattr(owner, class_name, None)
+        if owner is None:
+            return False
+    # A class's own function: an abstract declaration inherited from an interface does not count.
+    return callable(vars(owner).get(attribute))
+
+
 def unsupported_reason() -> str | None:
     """Why this vLLM cannot be instrumented, or None if every required internal is there."""
-    import importlib
-
-    missing = []
-    for module_name, class_name, attribute in REQUIRED:
-        try:
-            owner = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError):
-            missing.append(f"{module_name}.{class_name}")
-            continue
-        if not callable(vars(owner).get(attribute)):
-            missing.append(f"{module_name}.{class_name}.{attribute}")
+    missing = [f"{module}.{name}" for module, name in required() if not _exists(module, name)]
     if not missing:
         return None
     return f"vLLM {vllm_version()} lacks {', '.join(missing)}"

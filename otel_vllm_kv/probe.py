@@ -2,44 +2,51 @@
 
 ``Scheduler.__init__`` publishes the empty pool as soon as the engine exists, and
 ``Scheduler.shutdown`` withdraws it as soon as vLLM stops the engine (its process may
-linger, or be killed, afterwards).
-``Scheduler.make_stats`` is called at the end of every engine step (also when stats
-are disabled, then returning None), after the step's finished requests were freed;
-``Scheduler.finish_requests`` frees aborted requests between steps, when an idle
-engine would otherwise run no step at all. Publishing after both keeps the
-snapshot equal to the pool's state at the last change, also once the engine is idle.
+linger, or be killed, afterwards). ``Scheduler.make_stats`` is called at the end of
+every engine step (also when stats are disabled, then returning None), after the
+step's finished requests were freed; ``Scheduler.finish_requests`` frees aborted
+requests between steps, when an idle engine would otherwise run no step at all.
+Publishing after both keeps the snapshot equal to the pool's state at the last
+change, also once the engine is idle. The admission path is wrapped too (``admission``).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 from typing import Any, Callable
 
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
-from otel_vllm_kv.kv_cache import free_block_reader, read_engine_identity, read_layout
+from otel_vllm_kv import admission
+from otel_vllm_kv.kv_cache import PoolLayout, free_block_reader, read_engine_identity, read_layout
 from otel_vllm_kv.relay import SnapshotWriter
 
 _logger = logging.getLogger(__name__)
 
 SCHEDULER_MODULE = "vllm.v1.core.sched.scheduler"
-PUBLISHING_METHODS = ("__init__", "make_stats", "finish_requests")
-PATCHED_METHODS = (*PUBLISHING_METHODS, "shutdown")
+KV_CACHE_MANAGER_MODULE = "vllm.v1.core.kv_cache_manager"
 
 
 class EngineProbe:
-    """Publishes one scheduler's free-block count when it changes."""
+    """One scheduler's view: publishes its free-block count when it changes."""
 
-    __slots__ = ("_free_blocks", "_writer", "_last", "close")
+    __slots__ = ("_free_blocks", "_writer", "_last", "close", "layout", "engine_index", "scheduler")
 
-    def __init__(self, scheduler: Any, writer: SnapshotWriter) -> None:
+    def __init__(self, scheduler: Any, writer: SnapshotWriter, layout: PoolLayout, engine_index: int) -> None:
         self._free_blocks = free_block_reader(scheduler)
         self._writer = writer
         self._last = -1
+        self.layout = layout
+        self.engine_index = engine_index
+        self.scheduler = weakref.ref(scheduler)
         #: Withdraws the relay file, at the latest when the scheduler is garbage-collected.
         self.close = weakref.finalize(scheduler, writer.close)
+
+    def free_blocks(self) -> int:
+        return self._free_blocks()
 
     def publish(self) -> None:
         free_blocks = self._free_blocks()
@@ -54,17 +61,26 @@ class _ProbeRegistry:
     def __init__(self) -> None:
         self.relay_directory: str | None = None
         self._probes: weakref.WeakKeyDictionary[Any, EngineProbe | None] = weakref.WeakKeyDictionary()
+        self._by_manager: weakref.WeakKeyDictionary[Any, EngineProbe] = weakref.WeakKeyDictionary()
         self._warned = False
+
+    def probe(self, scheduler: Any) -> EngineProbe | None:
+        probe = self._probes.get(scheduler, False)
+        if probe is False:
+            probe = self._probes[scheduler] = self._attach(scheduler)
+        return probe
+
+    def probe_for_manager(self, manager: Any) -> EngineProbe | None:
+        return self._by_manager.get(manager)
 
     def publish(self, scheduler: Any) -> None:
         try:
-            probe = self._probes.get(scheduler, False)
-            if probe is False:
-                probe = self._probes[scheduler] = self._attach(scheduler)
+            probe = self.probe(scheduler)
             if probe is not None:
                 probe.publish()
+                admission.deliver_pending()
         except Exception:  # noqa: BLE001 - the engine must never see our failure
-            self._give_up(scheduler)
+            self.give_up(scheduler)
 
     def withdraw(self, scheduler: Any) -> None:
         try:
@@ -73,13 +89,14 @@ class _ProbeRegistry:
                 probe.close()
             self._probes[scheduler] = None  # a stopped engine publishes nothing more
         except Exception:  # noqa: BLE001
-            self._give_up(scheduler)
+            self.give_up(scheduler)
 
     def clear(self) -> None:
         for probe in list(self._probes.values()):
             if probe is not None:
                 probe.close()
         self._probes = weakref.WeakKeyDictionary()
+        self._by_manager = weakref.WeakKeyDictionary()
 
     def _attach(self, scheduler: Any) -> EngineProbe | None:
         if self.relay_directory is None:
@@ -92,18 +109,21 @@ class _ProbeRegistry:
             )
         engine_index, model_name = read_engine_identity(scheduler)
         writer = SnapshotWriter(self.relay_directory, engine_index, model_name, layout)
-        return EngineProbe(scheduler, writer)
+        probe = EngineProbe(scheduler, writer, layout, engine_index)
+        self._by_manager[scheduler.kv_cache_manager] = probe
+        return probe
 
-    def _give_up(self, scheduler: Any) -> None:
+    def give_up(self, scheduler: Any) -> None:
         try:
             self._probes[scheduler] = None
-        except TypeError:
+            self._by_manager.pop(scheduler.kv_cache_manager, None)
+        except Exception:  # noqa: BLE001
             pass
         if not self._warned:
             self._warned = True
             _logger.warning(
                 "otel-vllm-kv could not read the KV cache of this vLLM scheduler; "
-                "its gauges stop for this engine (the engine is unaffected)", exc_info=True,
+                "it stops observing this engine (the engine is unaffected)", exc_info=True,
             )
 
 
@@ -122,15 +142,59 @@ def _withdraw_after(wrapped: Callable, instance: Any, args: tuple, kwargs: dict)
     return result
 
 
+def _observe(record: Callable[..., None]) -> Callable:
+    """A wrapper that calls vLLM, then ``record(probe, result, *args)``; a failure stops observing."""
+
+    def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        result = wrapped(*args, **kwargs)
+        probe = None
+        try:
+            manager = getattr(instance, "kv_cache_manager", instance)
+            probe = registry.probe_for_manager(manager)
+            if probe is not None:
+                record(probe, result, *args, **kwargs)
+        except Exception:  # noqa: BLE001 - the engine must never see our failure
+            scheduler = probe.scheduler() if probe is not None else None
+            if scheduler is not None:
+                registry.give_up(scheduler)
+        return result
+
+    return wrapper
+
+
+#: (module, "Class.method", wrapper): every vLLM function the probe wraps.
+PATCHES = (
+    (SCHEDULER_MODULE, "Scheduler.__init__", _publish_after),
+    (SCHEDULER_MODULE, "Scheduler.make_stats", _publish_after),
+    (SCHEDULER_MODULE, "Scheduler.finish_requests", _publish_after),
+    (SCHEDULER_MODULE, "Scheduler.shutdown", _withdraw_after),
+    (SCHEDULER_MODULE, "Scheduler._preempt_request", _observe(admission.record_preemption)),
+    (KV_CACHE_MANAGER_MODULE, "KVCacheManager.record_prefix_cache_stats", _observe(admission.record_prefix_hits)),
+    (KV_CACHE_MANAGER_MODULE, "KVCacheManager.get_blocks", _observe(admission.record_admission)),
+)
+
+
+def apply_patches(patches: tuple) -> None:
+    for module, name, wrapper in patches:
+        wrap_function_wrapper(module, name, wrapper)
+
+
+def remove_patches(patches: tuple) -> None:
+    for module, name, _ in patches:
+        owner, _, attribute = name.rpartition(".")
+        if owner:
+            unwrap(f"{module}.{owner}", attribute)  # no-op if the module was never imported
+        elif module in sys.modules:
+            unwrap(sys.modules[module], attribute)
+
+
 def install_probe(relay_directory: str) -> None:
     """Wrap the scheduler methods; every engine built in this process publishes into the relay."""
     registry.relay_directory = relay_directory
-    for method in PUBLISHING_METHODS:
-        wrap_function_wrapper(SCHEDULER_MODULE, f"Scheduler.{method}", _publish_after)
-    wrap_function_wrapper(SCHEDULER_MODULE, "Scheduler.shutdown", _withdraw_after)
+    apply_patches(PATCHES)
 
 
 def remove_probe() -> None:
-    for method in PATCHED_METHODS:
-        unwrap(f"{SCHEDULER_MODULE}.Scheduler", method)
+    remove_patches(PATCHES)
     registry.clear()
+    admission.clear()

@@ -27,6 +27,7 @@ def build_scheduler(
     served_model_name: str | None = None,
     log_stats: bool = True,
     enable_prefix_caching: bool = True,
+    max_num_seqs: int = 16,
 ) -> Scheduler:
     """A real Scheduler over a real KVCacheManager with ``num_blocks`` blocks (one is vLLM's null block)."""
     model_config = ModelConfig(
@@ -35,7 +36,7 @@ def build_scheduler(
     cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
     cache_config.num_gpu_blocks = num_blocks
     scheduler_config = SchedulerConfig(
-        max_num_seqs=16, max_num_batched_tokens=2048, max_model_len=2048, is_encoder_decoder=False
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, max_num_seqs), max_model_len=2048, is_encoder_decoder=False
     )
     vllm_config = VllmConfig(
         model_config=model_config, cache_config=cache_config,

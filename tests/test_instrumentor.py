@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import os
 import subprocess
@@ -15,12 +16,25 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
-from otel_vllm_kv import VLLMKVCacheInstrumentor, probe
+from otel_vllm_kv import VLLMKVCacheInstrumentor, probe, spans
 from otel_vllm_kv.instruments import KV_CACHE_LIMIT, KV_CACHE_USAGE, KV_CACHE_UTILIZATION
 from schedulers import Stepper, build_scheduler, make_request
 from telemetry import metric_units, read_gauges
 
-ORIGINALS = {name: Scheduler.__dict__[name] for name in probe.PATCHED_METHODS}
+def patched_functions() -> dict[str, object]:
+    """Every function the package wraps, as it is now in vLLM's modules and classes."""
+    functions = {}
+    for module, name, _ in (*probe.PATCHES, *spans.PATCHES):
+        owner = importlib.import_module(module)
+        *classes, attribute = name.split(".")
+        for class_name in classes:
+            owner = getattr(owner, class_name)
+        if attribute in vars(owner):
+            functions[f"{module}.{name}"] = vars(owner)[attribute]
+    return functions
+
+
+ORIGINALS = patched_functions()
 
 
 def new_reader() -> tuple[InMemoryMetricReader, MeterProvider]:
@@ -37,8 +51,13 @@ def reader():
 
 
 def assert_unpatched() -> None:
-    for name, original in ORIGINALS.items():
-        assert Scheduler.__dict__[name] is original, name
+    for name, current in patched_functions().items():
+        assert current is ORIGINALS[name], name
+
+
+def assert_patched_once() -> None:
+    for name, current in patched_functions().items():
+        assert current.__wrapped__ is ORIGINALS[name], name
 
 
 def test_gauges_follow_the_pool(reader, tiny_model_dir):
@@ -131,8 +150,7 @@ def test_uninstrument_restores_every_function_and_stops_the_gauges(tiny_model_di
     reader, provider = new_reader()
     instrumentor = VLLMKVCacheInstrumentor()
     instrumentor.instrument(meter_provider=provider)
-    for name in probe.PATCHED_METHODS:
-        assert Scheduler.__dict__[name].__wrapped__ is ORIGINALS[name]
+    assert_patched_once()
     scheduler = build_scheduler(tiny_model_dir)
     assert read_gauges(reader)
     instrumentor.uninstrument()
@@ -159,8 +177,7 @@ def test_instrumenting_twice_patches_once(tiny_model_dir):
     instrumentor.instrument(meter_provider=new_reader()[1])
     instrumentor.instrument(meter_provider=new_reader()[1])
     try:
-        for name in probe.PATCHED_METHODS:
-            assert Scheduler.__dict__[name].__wrapped__ is ORIGINALS[name]
+        assert_patched_once()
     finally:
         instrumentor.uninstrument()
     assert_unpatched()
@@ -189,7 +206,7 @@ def test_unrecognised_vllm_gets_one_warning_and_no_patch(monkeypatch, caplog):
     try:
         (warning,) = [r.getMessage() for r in caplog.records if r.name.startswith("otel_vllm_kv")]
         assert "vLLM 0." in warning and "Scheduler.finish_requests" in warning
-        assert Scheduler.__dict__["make_stats"] is ORIGINALS["make_stats"]
+        assert_unpatched()
     finally:
         VLLMKVCacheInstrumentor().uninstrument()
 
@@ -211,8 +228,14 @@ def test_installed_but_not_instrumented_changes_nothing():
         from importlib.metadata import entry_points
         assert "otel_vllm_kv" in entry_points(group="vllm.general_plugins").names
         from vllm.v1.core.sched.scheduler import Scheduler
-        for name in ("__init__", "make_stats", "finish_requests", "shutdown"):
-            assert not hasattr(Scheduler.__dict__[name], "__wrapped__"), name
+        from otel_vllm_kv import probe, spans
+        import importlib
+        for module, name, _ in (*probe.PATCHES, *spans.PATCHES):
+            owner = importlib.import_module(module)
+            *classes, attribute = name.split(".")
+            for class_name in classes:
+                owner = getattr(owner, class_name)
+            assert not hasattr(vars(owner)[attribute], "__wrapped__"), name
         assert not any(k.startswith("OTEL_PYTHON_VLLM_KV") for k in os.environ)
         print("unchanged")
         """

@@ -1,0 +1,74 @@
+"""Admission and preemption records, carried from the engine core in ``request.trace_headers``.
+
+vLLM echoes a request's ``trace_headers`` mapping back to the frontend on every output
+of that request (it carries the caller's ``traceparent``). The engine core adds one key
+holding the records not yet delivered; vLLM's trace propagators ignore unknown keys and
+no API response includes the mapping. Records are JSON, numbered per request, so the
+frontend applies each exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from otel_vllm_kv import span_attributes as names
+from otel_vllm_kv.kv_cache import PoolLayout, to_tokens
+
+RELAY_KEY = "x-otel-vllm-kv"
+
+ADMITTED = "admitted"
+RESUMED = "resumed"
+PREEMPTED = "preempted"
+
+
+@dataclass(frozen=True)
+class KVCacheEvent:
+    kind: str
+    sequence: int
+    time_ns: int
+    engine_index: int
+    num_blocks: int
+    block_size: int
+    num_groups: int
+    free_blocks: int
+    own_blocks: int = 0
+    cached_tokens: int = 0
+    queue_seconds: float = 0.0
+    waiting: int = 0
+
+    def pool_attributes(self) -> dict:
+        """Occupancy of the engine's pool at the event, as span attributes."""
+        tokens = to_tokens(PoolLayout(self.num_blocks, self.block_size, self.num_groups), self.free_blocks)
+        attributes = {
+            names.ENGINE_INDEX: self.engine_index,
+            names.ADMISSION_UTILIZATION: tokens.utilization,
+            names.ADMISSION_USED_BLOCKS: tokens.used_blocks,
+            names.ADMISSION_FREE_BLOCKS: tokens.free_blocks,
+        }
+        if tokens.limit_tokens is not None:
+            attributes[names.ADMISSION_USED_TOKENS] = tokens.used_tokens
+            attributes[names.ADMISSION_FREE_TOKENS] = tokens.free_tokens
+            attributes[names.ADMISSION_LIMIT_TOKENS] = tokens.limit_tokens
+        return attributes
+
+    def attributes(self) -> dict:
+        """Everything the event says about the request, as span attributes."""
+        attributes = self.pool_attributes()
+        if self.kind == PREEMPTED:
+            return attributes
+        attributes[names.REQUEST_KV_BLOCKS] = self.own_blocks
+        if self.num_groups == 1:
+            attributes[names.REQUEST_KV_TOKENS] = self.own_blocks * self.block_size
+        attributes[names.CACHE_READ_INPUT_TOKENS] = self.cached_tokens
+        attributes[names.ADMISSION_QUEUE_DURATION] = self.queue_seconds
+        attributes[names.ADMISSION_WAITING_REQUESTS] = self.waiting
+        return attributes
+
+
+def encode(events: list[KVCacheEvent]) -> str:
+    return json.dumps([list(asdict(event).values()) for event in events], separators=(",", ":"))
+
+
+def decode(text: str) -> list[KVCacheEvent]:
+    return [KVCacheEvent(*fields) for fields in json.loads(text)]

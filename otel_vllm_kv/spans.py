@@ -1,0 +1,176 @@
+"""Frontend side: put each request's admission records on the spans the user sees.
+
+vLLM's ``OutputProcessor`` runs in the process that submits requests (``LLM``,
+``AsyncLLM``, the OpenAI server). At ``add_request`` the span current in the caller's
+context is remembered; records arriving on the request's outputs (``kv_events``) are
+applied to it: attributes if it submitted this one request, one event per request if
+it submitted several (a batch ``LLM.generate``). vLLM's own ``llm_request`` span,
+created at finish by ``do_tracing`` through ``instrument_manual``, gets the admission
+attributes, and is parented on the remembered span when there is one, so a trace shows
+one tree. Only recording spans are touched; with nothing recording, no request is tracked.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Callable
+
+from opentelemetry import trace
+
+from otel_vllm_kv import span_attributes as names
+from otel_vllm_kv.kv_events import ADMITTED, PREEMPTED, RELAY_KEY, KVCacheEvent, decode
+
+_logger = logging.getLogger(__name__)
+
+OUTPUT_PROCESSOR_MODULE = "vllm.v1.engine.output_processor"
+VLLM_REQUEST_SPAN = "llm_request"
+
+
+class _TrackedRequest:
+    __slots__ = ("span", "external_id", "last_sequence", "admission", "preemptions")
+
+    def __init__(self, span: Any, external_id: str) -> None:
+        self.span = span
+        self.external_id = external_id
+        self.last_sequence = 0
+        self.admission: dict = {}
+        self.preemptions = 0
+
+
+class _Annotator:
+    def __init__(self) -> None:
+        self.requests: dict[str, _TrackedRequest] = {}
+        self.submissions: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self.tracing: _TrackedRequest | None = None
+        self._warned = False
+
+    def track(self, output_processor: Any, request: Any) -> None:
+        span = trace.get_current_span()
+        recording = span.is_recording()
+        if not recording and not output_processor.tracing_enabled:
+            return
+        if recording:
+            self.submissions[span] = self.submissions.get(span, 0) + 1
+        external_id = getattr(request, "external_req_id", None) or request.request_id
+        self.requests[request.request_id] = _TrackedRequest(span if recording else None, external_id)
+
+    def apply(self, tracked: _TrackedRequest, text: str) -> None:
+        for event in decode(text):
+            if event.sequence > tracked.last_sequence:
+                tracked.last_sequence = event.sequence
+                self._apply_event(tracked, event)
+
+    def _apply_event(self, tracked: _TrackedRequest, event: KVCacheEvent) -> None:
+        attributes = event.attributes()
+        if event.kind == ADMITTED:
+            tracked.admission = attributes
+        elif event.kind == PREEMPTED:
+            tracked.preemptions += 1
+        span = tracked.span
+        if span is None or not span.is_recording():
+            return
+        single = self.submissions.get(span, 0) == 1
+        if not single:
+            attributes = {**attributes, names.REQUEST_ID: tracked.external_id}
+        if event.kind == ADMITTED:
+            if single:
+                span.set_attributes(attributes)
+            else:
+                span.add_event(names.EVENT_ADMITTED, attributes, timestamp=event.time_ns)
+            return
+        name = names.EVENT_PREEMPTED if event.kind == PREEMPTED else names.EVENT_RESUMED
+        span.add_event(name, attributes, timestamp=event.time_ns)
+        if single:
+            span.set_attribute(names.REQUEST_PREEMPTIONS, tracked.preemptions)
+
+    def forget(self, request_ids: Any) -> None:
+        for request_id in request_ids:
+            self.requests.pop(request_id, None)
+
+    def warn_once(self) -> None:
+        if not self._warned:
+            self._warned = True
+            _logger.warning("otel-vllm-kv could not annotate a request span; requests are unaffected",
+                            exc_info=True)
+
+    def clear(self) -> None:
+        self.requests.clear()
+        self.submissions = weakref.WeakKeyDictionary()
+        self.tracing = None
+
+
+annotator = _Annotator()
+
+
+def _after_add_request(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    request = args[0] if args else kwargs["request"]
+    is_new = request.request_id not in instance.request_states
+    result = wrapped(*args, **kwargs)
+    if is_new:
+        try:
+            annotator.track(instance, request)
+        except Exception:  # noqa: BLE001
+            annotator.warn_once()
+    return result
+
+
+def _around_process_outputs(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    requests = annotator.requests
+    outputs = args[0] if args else kwargs["engine_core_outputs"]
+    if requests:
+        try:
+            for output in outputs:
+                headers = output.trace_headers
+                if headers and RELAY_KEY in headers:
+                    tracked = requests.get(output.request_id)
+                    if tracked is not None:
+                        annotator.apply(tracked, headers[RELAY_KEY])
+        except Exception:  # noqa: BLE001
+            annotator.warn_once()
+    result = wrapped(*args, **kwargs)
+    if requests:
+        states = instance.request_states
+        annotator.forget([o.request_id for o in outputs if o.request_id in requests and o.request_id not in states])
+    return result
+
+
+def _after_abort_requests(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    result = wrapped(*args, **kwargs)
+    if annotator.requests:
+        states = instance.request_states
+        annotator.forget([request_id for request_id in annotator.requests if request_id not in states])
+    return result
+
+
+def _around_do_tracing(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    engine_core_output = args[0] if args else kwargs["engine_core_output"]
+    annotator.tracing = annotator.requests.get(engine_core_output.request_id)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        annotator.tracing = None
+
+
+def _around_instrument_manual(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    tracked = annotator.tracing
+    if tracked is not None and kwargs.get("span_name") == VLLM_REQUEST_SPAN:
+        try:
+            attributes = {**(kwargs.get("attributes") or {}), **tracked.admission}
+            attributes[names.REQUEST_PREEMPTIONS] = tracked.preemptions
+            kwargs = {**kwargs, "attributes": attributes}
+            if tracked.span is not None:
+                kwargs["context"] = trace.set_span_in_context(tracked.span)
+        except Exception:  # noqa: BLE001
+            annotator.warn_once()
+    return wrapped(*args, **kwargs)
+
+
+#: (module, name, wrapper): every vLLM function the span annotation wraps.
+PATCHES = (
+    (OUTPUT_PROCESSOR_MODULE, "OutputProcessor.add_request", _after_add_request),
+    (OUTPUT_PROCESSOR_MODULE, "OutputProcessor.process_outputs", _around_process_outputs),
+    (OUTPUT_PROCESSOR_MODULE, "OutputProcessor.abort_requests", _after_abort_requests),
+    (OUTPUT_PROCESSOR_MODULE, "OutputProcessor.do_tracing", _around_do_tracing),
+    (OUTPUT_PROCESSOR_MODULE, "instrument_manual", _around_instrument_manual),
+)
