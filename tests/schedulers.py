@@ -73,7 +73,10 @@ class Stepper:
     stats: list = field(default_factory=list)
 
     def step(self) -> None:
-        output = self.scheduler.schedule()
+        self.finish(self.scheduler.schedule())
+
+    def finish(self, output) -> None:
+        """The second half of a step: the model 'ran' and sampled token 7 for every scheduled request."""
         request_ids = list(output.num_scheduled_tokens)
         runner_output = ModelRunnerOutput(
             req_ids=request_ids,

@@ -1,0 +1,129 @@
+"""Admission and preemption records on real vLLM schedulers (engine-core side)."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+
+from otel_vllm_kv import VLLMKVCacheInstrumentor, admission
+from otel_vllm_kv.kv_events import ADMITTED, PREEMPTED, RELAY_KEY, RESUMED, decode
+from schedulers import Stepper, build_scheduler, make_request
+
+
+@pytest.fixture(autouse=True)
+def instrumented():
+    VLLMKVCacheInstrumentor().instrument(meter_provider=MeterProvider())
+    yield
+    VLLMKVCacheInstrumentor().uninstrument()
+
+
+def events_of(request) -> list:
+    headers = request.trace_headers or {}
+    return decode(headers[RELAY_KEY]) if RELAY_KEY in headers else []
+
+
+def test_each_admission_sees_the_pool_right_after_its_own_allocation(tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
+    first = make_request(scheduler, num_prompt_tokens=40, max_tokens=50, first_token=0)
+    second = make_request(scheduler, num_prompt_tokens=20, max_tokens=50, first_token=500)
+    third = make_request(scheduler, num_prompt_tokens=100, max_tokens=50, first_token=900)  # does not fit yet
+    for request in (first, second, third):
+        scheduler.add_request(request)
+    scheduler.schedule()
+    (a,) = events_of(first)
+    (b,) = events_of(second)
+    assert events_of(third) == []
+    assert (a.kind, a.sequence, a.own_blocks, a.free_blocks) == (ADMITTED, 1, 3, 10 - 3)
+    assert (b.kind, b.own_blocks, b.free_blocks) == (ADMITTED, 2, 10 - 3 - 2)
+    assert (a.waiting, b.waiting) == (2, 1), "requests still queued once each was admitted"
+    assert a.time_ns <= b.time_ns and 0.0 <= a.queue_seconds < 60
+    attributes = a.attributes()
+    assert attributes["vllm.admission.kv_cache.used_tokens"] == 48
+    assert attributes["vllm.admission.kv_cache.free_tokens"] == 112
+    assert attributes["vllm.admission.kv_cache.limit_tokens"] == 160
+    assert attributes["vllm.request.kv_cache.tokens"] == 48
+
+
+def test_records_leave_the_request_once_delivered(tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir)
+    request = make_request(scheduler, num_prompt_tokens=20, max_tokens=5)
+    scheduler.add_request(request)
+    stepper = Stepper(scheduler)
+    output = scheduler.schedule()
+    headers_in_flight = request.trace_headers
+    assert RELAY_KEY in headers_in_flight
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    ids = list(output.num_scheduled_tokens)
+    outputs = scheduler.update_from_output(output, ModelRunnerOutput(
+        req_ids=ids, req_id_to_index={i: n for n, i in enumerate(ids)}, sampled_token_ids=[[7]] * len(ids),
+        logprobs=None, prompt_logprobs_dict={}, pooler_output=[]))
+    (emitted,) = outputs[0].outputs
+    assert emitted.trace_headers is headers_in_flight and RELAY_KEY in emitted.trace_headers
+    assert request.trace_headers is None, "the caller's mapping (here: none) is back"
+    stepper.run_until_idle()
+
+
+def test_prefix_cache_hits_are_reported(tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=20, block_size=16)
+    stepper = Stepper(scheduler)
+    scheduler.add_request(make_request(scheduler, num_prompt_tokens=40, max_tokens=2))
+    stepper.run_until_idle()
+    again = make_request(scheduler, num_prompt_tokens=40, max_tokens=2)  # same 40 prompt tokens
+    scheduler.add_request(again)
+    scheduler.schedule()
+    (event,) = events_of(again)
+    assert event.cached_tokens == 32, "two full 16-token blocks come from the prefix cache"
+    assert event.attributes()["gen_ai.usage.cache_read.input_tokens"] == 32
+
+
+def test_preemption_and_resumption_are_recorded_in_order(tiny_model_dir):
+    # 5 allocatable blocks of 16 tokens: two growing requests cannot both finish without preemption.
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=6, block_size=16)
+    stepper = Stepper(scheduler)
+    requests = [make_request(scheduler, 30, max_tokens=40, first_token=1000 * i) for i in range(2)]
+    for request in requests:
+        scheduler.add_request(request)
+    history: dict[str, list] = {request.request_id: [] for request in requests}
+    for _ in range(400):
+        if not scheduler.has_requests():
+            break
+        output = scheduler.schedule()
+        for request in requests:
+            for event in events_of(request):
+                if event.sequence > len(history[request.request_id]):
+                    history[request.request_id].append(event)
+        stepper.finish(output)
+    kinds = [[event.kind for event in history[r.request_id]] for r in requests]
+    preempted = [k for k in kinds if PREEMPTED in k]
+    assert preempted, f"no preemption happened: {kinds}"
+    for sequence in preempted:
+        assert sequence[0] == ADMITTED
+        assert sequence[1:] == [PREEMPTED, RESUMED] * ((len(sequence) - 1) // 2)
+    for request in requests:
+        events = history[request.request_id]
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        for event in events:
+            if event.kind == PREEMPTED:
+                assert event.own_blocks == 0
+            if event.kind == RESUMED:
+                assert event.queue_seconds >= 0 and event.own_blocks > 0
+
+
+def test_no_per_request_state_outlives_the_requests(tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=6, block_size=16)
+    stepper = Stepper(scheduler)
+    requests = [make_request(scheduler, 30, max_tokens=40, first_token=1000 * i) for i in range(6)]
+    for request in requests:
+        scheduler.add_request(request)
+    stepper.step()
+    from vllm.v1.request import RequestStatus
+
+    scheduler.finish_requests([requests[0].request_id, requests[5].request_id], RequestStatus.FINISHED_ABORTED)
+    stepper.run_until_idle()
+    del requests
+    gc.collect()
+    assert admission.tracked_requests() == 0
+    assert len(admission._undelivered) == 0
