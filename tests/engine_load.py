@@ -13,9 +13,9 @@ BLOCK_SIZE = 128  # vLLM's CPU block size for the tiny model
 LIMIT = (64 - 1) * BLOCK_SIZE
 
 
-def distinct_prompts(count: int, length: int) -> list[str]:
+def distinct_prompts(count: int, length: int, first: int = 0) -> list[str]:
     """ASCII prompts (one token per byte) whose first block already differs."""
-    return [(f"{index:04d} " * length)[:length] for index in range(count)]
+    return [(f"{index:04d} " * length)[:length] for index in range(first, first + count)]
 
 
 def blocks_for(prompt_tokens: int, output_tokens: int) -> int:

@@ -14,7 +14,12 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from vllm import SamplingParams
 
 from engine_load import LIMIT, GaugePoller, assert_consistent, blocks_for, distinct_prompts, BLOCK_SIZE
-from otel_vllm_kv import VLLMKVCacheInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from otel_vllm_kv import VLLMKVCacheInstrumentor, spans
+from otel_vllm_kv import span_attributes as names
 from otel_vllm_kv.demo.tiny_model import engine_kwargs
 from telemetry import read_gauges
 
@@ -30,31 +35,85 @@ def reader():
     VLLMKVCacheInstrumentor().uninstrument()
 
 
-def test_llm_with_spawned_engine_core(reader, tiny_model_dir):
+@pytest.fixture(scope="module")
+def llm(reader, tiny_model_dir):
     from vllm import LLM
 
     llm = LLM(**engine_kwargs(tiny_model_dir))  # default: stats off, engine core in a child process
-    try:
-        (engine,) = read_gauges(reader).values()
-        assert (engine.model_name, engine.limit, engine.used, engine.free) == ("tiny", LIMIT, 0, LIMIT)
-
-        prompts = distinct_prompts(6, 300)
-        params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
-        with GaugePoller(reader) as poller:
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-        seen = [observation[0] for observation in poller.observations if observation]
-        for gauges in seen:
-            assert_consistent(gauges)
-        most = max(gauges.used for gauges in seen)
-        ceiling = sum(blocks_for(len(o.prompt_token_ids), 300) for o in outputs) * BLOCK_SIZE
-        assert 0 < most <= ceiling
-        assert len({gauges.used for gauges in seen}) > 3, "the gauge should move while requests run"
-
-        engine = read_gauges(reader)[0]
-        assert (engine.used, engine.free, engine.utilization) == (0, LIMIT, 0.0)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
     assert read_gauges(reader) == {}, "a stopped engine is no longer reported"
+
+
+def test_llm_with_spawned_engine_core(reader, llm):
+    (engine,) = read_gauges(reader).values()
+    assert (engine.model_name, engine.limit, engine.used, engine.free) == ("tiny", LIMIT, 0, LIMIT)
+
+    prompts = distinct_prompts(6, 300)
+    params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+    with GaugePoller(reader) as poller:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    seen = [observation[0] for observation in poller.observations if observation]
+    for gauges in seen:
+        assert_consistent(gauges)
+    most = max(gauges.used for gauges in seen)
+    ceiling = sum(blocks_for(len(o.prompt_token_ids), 300) for o in outputs) * BLOCK_SIZE
+    assert 0 < most <= ceiling
+    assert len({gauges.used for gauges in seen}) > 3, "the gauge should move while requests run"
+
+    engine = read_gauges(reader)[0]
+    assert (engine.used, engine.free, engine.utilization) == (0, LIMIT, 0.0)
+
+
+def user_span_around(llm, prompts, params):
+    """Run ``llm.generate`` inside a span of the caller's own; return that span once ended."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("test").start_as_current_span("batch job"):
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    (span,) = exporter.get_finished_spans()
+    return span, outputs
+
+
+def test_user_span_around_one_request_gets_the_admission_attributes(llm):
+    prompt = distinct_prompts(1, 300, first=100)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    span, (output,) = user_span_around(llm, prompt, params)
+    attributes = dict(span.attributes)
+    own_tokens = blocks_for(len(output.prompt_token_ids), 1) * BLOCK_SIZE
+    assert attributes[names.REQUEST_KV_TOKENS] == own_tokens == 3 * BLOCK_SIZE
+    assert attributes[names.REQUEST_KV_BLOCKS] == 3
+    assert attributes[names.ADMISSION_USED_TOKENS] == own_tokens, "alone in the cache"
+    assert attributes[names.ADMISSION_FREE_TOKENS] == LIMIT - own_tokens
+    assert attributes[names.ADMISSION_LIMIT_TOKENS] == LIMIT
+    assert attributes[names.ADMISSION_UTILIZATION] == 1.0 - (LIMIT - own_tokens) / LIMIT
+    assert attributes[names.CACHE_READ_INPUT_TOKENS] == 0
+    assert attributes[names.ADMISSION_WAITING_REQUESTS] == 0
+    assert 0.0 <= attributes[names.ADMISSION_QUEUE_DURATION] < 30
+    assert attributes[names.ENGINE_INDEX] == 0
+    assert not span.events
+
+    span, _ = user_span_around(llm, prompt, params)  # the same prompt again
+    assert span.attributes[names.CACHE_READ_INPUT_TOKENS] == 2 * BLOCK_SIZE, "its 2 full blocks were cached"
+    assert spans.annotator.requests == {}
+
+
+def test_user_span_around_a_batch_gets_one_event_per_request_and_the_preemptions(llm):
+    prompts = distinct_prompts(16, 300, first=200)  # 16 x 7 blocks at the end > 63: the cache must preempt
+    span, outputs = user_span_around(llm, prompts, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
+    admitted = [e for e in span.events if e.name == names.EVENT_ADMITTED]
+    assert len(admitted) == 16
+    assert len({e.attributes[names.REQUEST_ID] for e in admitted}) == 16
+    for event in admitted:
+        used, free = event.attributes[names.ADMISSION_USED_TOKENS], event.attributes[names.ADMISSION_FREE_TOKENS]
+        assert event.attributes[names.REQUEST_KV_TOKENS] <= used <= LIMIT and used + free == LIMIT
+    preempted = [e for e in span.events if e.name == names.EVENT_PREEMPTED]
+    resumed = [e for e in span.events if e.name == names.EVENT_RESUMED]
+    assert preempted and len(resumed) == len(preempted), "every preempted request came back"
+    assert {e.attributes[names.REQUEST_ID] for e in resumed} == {e.attributes[names.REQUEST_ID] for e in preempted}
+    assert all(len(o.outputs[0].token_ids) == 500 for o in outputs)
+    assert spans.annotator.requests == {}
 
 
 class UsageRecorder:
