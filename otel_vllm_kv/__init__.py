@@ -24,7 +24,8 @@ under the entry-point name ``vllm_kv``.
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, distribution
-from typing import Any, Collection
+from typing import Any
+from collections.abc import Collection
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.metrics import get_meter

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Iterable
+from collections.abc import Iterable
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 

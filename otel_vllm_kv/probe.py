@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import sys
 import weakref
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper

@@ -46,7 +46,7 @@ class GaugePoller:
             self.observations.append(read_gauges(self._reader))
             time.sleep(self._interval)
 
-    def __enter__(self) -> "GaugePoller":
+    def __enter__(self) -> GaugePoller:
         self._thread.start()
         return self
 

@@ -79,13 +79,18 @@ def test_prefix_cache_hits_are_reported(tiny_model_dir):
     assert event.attributes()["gen_ai.usage.cache_read.input_tokens"] == 32
 
 
-def test_preemption_and_resumption_are_recorded_in_order(tiny_model_dir):
-    # 5 allocatable blocks of 16 tokens: two growing requests cannot both finish without preemption.
-    scheduler = build_scheduler(tiny_model_dir, num_blocks=6, block_size=16)
-    stepper = Stepper(scheduler)
-    requests = [make_request(scheduler, 30, max_tokens=40, first_token=1000 * i) for i in range(2)]
+def crowd(scheduler, count: int) -> list:
+    """Requests that outgrow a 5-block pool together: 30 prompt + 40 output tokens each."""
+    requests = [make_request(scheduler, 30, max_tokens=40, first_token=1000 * i) for i in range(count)]
     for request in requests:
         scheduler.add_request(request)
+    return requests
+
+
+def test_preemption_and_resumption_are_recorded_in_order(tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=6, block_size=16)
+    stepper = Stepper(scheduler)
+    requests = crowd(scheduler, 2)
     history: dict[str, list] = {request.request_id: [] for request in requests}
     for _ in range(400):
         if not scheduler.has_requests():
@@ -115,9 +120,7 @@ def test_preemption_and_resumption_are_recorded_in_order(tiny_model_dir):
 def test_no_per_request_state_outlives_the_requests(tiny_model_dir):
     scheduler = build_scheduler(tiny_model_dir, num_blocks=6, block_size=16)
     stepper = Stepper(scheduler)
-    requests = [make_request(scheduler, 30, max_tokens=40, first_token=1000 * i) for i in range(6)]
-    for request in requests:
-        scheduler.add_request(request)
+    requests = crowd(scheduler, 6)
     stepper.step()
     from vllm.v1.request import RequestStatus
 
