@@ -23,9 +23,9 @@ under the entry-point name ``vllm_kv``.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from importlib.metadata import PackageNotFoundError, distribution
 from typing import Any
-from collections.abc import Collection
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.metrics import get_meter
@@ -34,6 +34,7 @@ from packaging.requirements import Requirement
 from otel_vllm_kv import compat, instruments, probe, spans
 from otel_vllm_kv.ownership import resolve_role
 from otel_vllm_kv.package import _instruments_any
+from otel_vllm_kv.patching import apply_patches, remove_patches
 from otel_vllm_kv.relay import SnapshotReader
 from otel_vllm_kv.version import __version__
 
@@ -66,11 +67,11 @@ class VLLMKVCacheInstrumentor(BaseInstrumentor):
             instruments.create_instruments(meter)
             instruments.set_source(SnapshotReader(role.relay_directory))
             # Requests are submitted, and their outputs processed, in the owner.
-            probe.apply_patches(spans.PATCHES)
+            apply_patches(spans.PATCHES)
         probe.install_probe(role.relay_directory)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        probe.remove_patches(spans.PATCHES)
+        remove_patches(spans.PATCHES)
         spans.annotator.clear()
         probe.remove_probe()
         instruments.set_source(None)

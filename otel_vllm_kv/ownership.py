@@ -15,11 +15,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-from otel_vllm_kv.relay import is_alive
 from otel_vllm_kv.environment_variables import (
     OTEL_PYTHON_VLLM_KV_OWNER,
     OTEL_PYTHON_VLLM_KV_RELAY_DIR,
 )
+from otel_vllm_kv.relay import is_alive
 
 _SHARED_MEMORY = "/dev/shm"
 

@@ -13,16 +13,13 @@ change, also once the engine is idle. The admission path is wrapped too (``admis
 from __future__ import annotations
 
 import logging
-import sys
 import weakref
-from typing import Any
 from collections.abc import Callable
-
-from opentelemetry.instrumentation.utils import unwrap
-from wrapt import wrap_function_wrapper
+from typing import Any
 
 from otel_vllm_kv import admission
 from otel_vllm_kv.kv_cache import PoolLayout, free_block_reader, read_engine_identity, read_layout
+from otel_vllm_kv.patching import apply_patches, remove_patches
 from otel_vllm_kv.relay import SnapshotWriter
 
 _logger = logging.getLogger(__name__)
@@ -173,20 +170,6 @@ PATCHES = (
     (KV_CACHE_MANAGER_MODULE, "KVCacheManager.record_prefix_cache_stats", _observe(admission.record_prefix_hits)),
     (KV_CACHE_MANAGER_MODULE, "KVCacheManager.get_blocks", _observe(admission.record_admission)),
 )
-
-
-def apply_patches(patches: tuple) -> None:
-    for module, name, wrapper in patches:
-        wrap_function_wrapper(module, name, wrapper)
-
-
-def remove_patches(patches: tuple) -> None:
-    for module, name, _ in patches:
-        owner, _, attribute = name.rpartition(".")
-        if owner:
-            unwrap(f"{module}.{owner}", attribute)  # no-op if the module was never imported
-        elif module in sys.modules:
-            unwrap(sys.modules[module], attribute)
 
 
 def install_probe(relay_directory: str) -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 from opentelemetry import trace
 
@@ -137,11 +137,10 @@ def _around_process_outputs(wrapped: Callable, instance: Any, args: tuple, kwarg
 
 
 def _after_abort_requests(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    result = wrapped(*args, **kwargs)
-    if annotator.requests:
-        states = instance.request_states
-        annotator.forget([request_id for request_id in annotator.requests if request_id not in states])
-    return result
+    aborted = wrapped(*args, **kwargs)  # the internal ids of every request it aborted
+    if annotator.requests and aborted:
+        annotator.forget(aborted)
+    return aborted
 
 
 def _around_do_tracing(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:

@@ -49,7 +49,7 @@ def _format(engine_index: int, view: dict) -> str:
 
 
 def _read(reader) -> dict[int, dict]:
-    from otel_vllm_kv.instruments import ENGINE_INDEX, KV_CACHE_STATE, KV_CACHE_USAGE, KV_CACHE_LIMIT
+    from otel_vllm_kv.instruments import ENGINE_INDEX, KV_CACHE_LIMIT, KV_CACHE_STATE, KV_CACHE_USAGE
 
     engines: dict[int, dict] = {}
     data = reader.get_metrics_data()
