@@ -201,19 +201,30 @@ async def _data_parallel_run(reader, model_dir):
         params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
 
         async def consume(index: int, prompt: str) -> None:
-            async for _ in engine.generate(prompt, params, request_id=f"dp-{index}"):
-                pass
+            async for output in engine.generate(prompt, params, request_id=f"dp-{index}"):
+                if index % 3 == 0 and len(output.outputs[0].token_ids) >= 20:
+                    await engine.abort(f"dp-{index}")  # as a client that went away
+                    return
 
-        with GaugePoller(reader) as poller:
-            await asyncio.gather(*(consume(i, p) for i, p in enumerate(distinct_prompts(8, 200))))
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        with GaugePoller(reader) as poller, provider.get_tracer("test").start_as_current_span("client"):
+            await asyncio.gather(*(consume(i, p) for i, p in enumerate(distinct_prompts(8, 200, first=400))))
         await asyncio.sleep(0.5)
-        return at_start, poller.observations, read_gauges(reader)
+        (span,) = exporter.get_finished_spans()
+        return at_start, poller.observations, read_gauges(reader), span
     finally:
         engine.shutdown()
 
 
 def test_data_parallel_engines_report_one_series_each(reader, tiny_model_dir):
-    at_start, observations, after = asyncio.run(_data_parallel_run(reader, tiny_model_dir))
+    """Also: a span around 8 requests, 3 of them aborted mid-stream, and no per-request state left."""
+    at_start, observations, after, span = asyncio.run(_data_parallel_run(reader, tiny_model_dir))
+    admitted = [event for event in span.events if event.name == names.EVENT_ADMITTED]
+    assert sorted(event.attributes[names.REQUEST_ID] for event in admitted) == [f"dp-{i}" for i in range(8)]
+    assert {event.attributes[names.ENGINE_INDEX] for event in admitted} == {0, 1}
+    assert spans.annotator.requests == {}, "finished and aborted requests leave no frontend state"
     assert sorted(at_start) == [0, 1]
     for index in (0, 1):
         assert (at_start[index].limit, at_start[index].used) == (LIMIT, 0), "each rank has its own pool"
