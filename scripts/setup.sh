@@ -9,6 +9,14 @@ VENV=.venv
 STAMP="$VENV/.otel-vllm-kv-installed"
 WANTED="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 
+# Debian's Prometheus 2.42 (with promtool) for the Prometheus integration test and the
+# example rules; installed when missing and we may (root), never started as a service.
+if ! command -v promtool >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing Debian's prometheus (for the Prometheus integration test)"
+  apt-get update -qq >/dev/null || true
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANTED" ]]; then
   exit 0
 fi
