@@ -31,11 +31,12 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.metrics import get_meter
 from packaging.requirements import Requirement
 
-from otel_vllm_kv import compat, instruments, probe, spans
+from otel_vllm_kv import child_exporters, compat, instruments, probe, spans, vllm_metrics
 from otel_vllm_kv.ownership import resolve_role
 from otel_vllm_kv.package import _instruments_any
 from otel_vllm_kv.patching import apply_patches, remove_patches
 from otel_vllm_kv.relay import SnapshotReader
+from otel_vllm_kv.settings import read_settings
 from otel_vllm_kv.version import __version__
 
 __all__ = ["VLLMKVCacheInstrumentor", "__version__"]
@@ -57,20 +58,26 @@ class VLLMKVCacheInstrumentor(BaseInstrumentor):
         return _instruments_any[:1]
 
     def _instrument(self, **kwargs: Any) -> None:
+        settings = read_settings()  # a bad value raises here, naming the variable, before any change
         reason = compat.unsupported_reason()
         if reason is not None:
             compat.warn_unsupported(reason)
             return
-        role = resolve_role()
+        role = resolve_role(settings.relay_parent_directory)
         if role.is_owner:
             meter = get_meter(__name__, __version__, kwargs.get("meter_provider"), schema_url=_SCHEMA_URL)
             instruments.create_instruments(meter)
             instruments.set_source(SnapshotReader(role.relay_directory))
+            if settings.vllm_metrics:
+                vllm_metrics.register(SnapshotReader(role.relay_directory))
+            child_exporters.silence_child_exporters()
             # Requests are submitted, and their outputs processed, in the owner.
             apply_patches(spans.PATCHES)
         probe.install_probe(role.relay_directory)
 
     def _uninstrument(self, **kwargs: Any) -> None:
+        child_exporters.restore_child_exporters()
+        vllm_metrics.unregister()
         remove_patches(spans.PATCHES)
         spans.annotator.clear()
         probe.remove_probe()

@@ -1,4 +1,4 @@
-"""Settings read from the environment when instrumentation starts."""
+"""Settings read from the environment when instrumentation starts (validated in ``settings``)."""
 
 OTEL_PYTHON_VLLM_KV_RELAY_DIR = "OTEL_PYTHON_VLLM_KV_RELAY_DIR"
 """
@@ -7,6 +7,15 @@ OTEL_PYTHON_VLLM_KV_RELAY_DIR = "OTEL_PYTHON_VLLM_KV_RELAY_DIR"
 Existing, writable directory in which the instrumented process creates its private
 relay directory (mode 0700) for the engine cores' snapshot files. Default: ``/dev/shm``
 where it exists (memory-backed), else the system temporary directory.
+"""
+
+OTEL_PYTHON_VLLM_KV_VLLM_METRICS = "OTEL_PYTHON_VLLM_KV_VLLM_METRICS"
+"""
+.. envvar:: OTEL_PYTHON_VLLM_KV_VLLM_METRICS
+
+``true`` (default) or ``false``: also publish the token gauges on vLLM's own Prometheus
+endpoint (``/metrics`` of the OpenAI server) as ``vllm:kv_cache_usage_tokens{state}`` and
+``vllm:kv_cache_limit_tokens``, beside ``vllm:kv_cache_usage_perc``.
 """
 
 OTEL_PYTHON_VLLM_KV_OWNER = "OTEL_PYTHON_VLLM_KV_OWNER"

@@ -15,13 +15,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-from otel_vllm_kv.environment_variables import (
-    OTEL_PYTHON_VLLM_KV_OWNER,
-    OTEL_PYTHON_VLLM_KV_RELAY_DIR,
-)
+from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_OWNER
 from otel_vllm_kv.relay import is_alive
-
-_SHARED_MEMORY = "/dev/shm"
 
 
 @dataclass(frozen=True)
@@ -46,28 +41,12 @@ def inherited_role() -> Role | None:
     return Role(pid, directory)
 
 
-def relay_parent_directory() -> str:
-    """Where relay directories go; a bad ``OTEL_PYTHON_VLLM_KV_RELAY_DIR`` raises ValueError."""
-    configured = os.environ.get(OTEL_PYTHON_VLLM_KV_RELAY_DIR, "").strip()
-    if not configured:
-        if os.path.isdir(_SHARED_MEMORY) and os.access(_SHARED_MEMORY, os.W_OK | os.X_OK):
-            return _SHARED_MEMORY
-        return tempfile.gettempdir()
-    if not os.path.isdir(configured):
-        raise ValueError(
-            f"{OTEL_PYTHON_VLLM_KV_RELAY_DIR}={configured!r} is not an existing directory"
-        )
-    if not os.access(configured, os.W_OK | os.X_OK):
-        raise ValueError(f"{OTEL_PYTHON_VLLM_KV_RELAY_DIR}={configured!r} is not writable")
-    return configured
-
-
-def resolve_role() -> Role:
+def resolve_role(relay_parent_directory: str) -> Role:
     """Join a live owner inherited from the parent process, or become the owner."""
     role = inherited_role()
     if role is not None:
         return role
-    directory = tempfile.mkdtemp(prefix=f"otel-vllm-kv-{os.getpid()}-", dir=relay_parent_directory())
+    directory = tempfile.mkdtemp(prefix=f"otel-vllm-kv-{os.getpid()}-", dir=relay_parent_directory)
     owner_pid = os.getpid()
     atexit.register(_remove_relay, directory, owner_pid)
     os.environ[OTEL_PYTHON_VLLM_KV_OWNER] = f"{owner_pid}:{directory}"

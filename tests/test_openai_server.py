@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
+from dataclasses import dataclass
 
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
-from opentelemetry.test._otlp_test_server import OtlpProtoTestServer
+from opentelemetry.test._otlp_test_server import OtlpProtoTestServer, RecordedMetric, RecordedSpan
 
 from engine_load import BLOCK_SIZE, LIMIT, distinct_prompts
+from instrumented_processes import exporting_resources, instrumented_server, otel_environment, otlp_attributes
 from otel_vllm_kv import span_attributes as names
 from otel_vllm_kv.instruments import KV_CACHE_LIMIT
 
@@ -24,85 +19,38 @@ pytestmark = pytest.mark.engine
 CONCURRENT_REQUESTS = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _attributes(key_values) -> dict:
-    result = {}
-    for item in key_values:
-        value = item.value
-        result[item.key] = getattr(value, value.WhichOneof("value"))
-    return result
-
-
-def _post(port: int, prompt: str, results: list) -> None:
-    body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 40, "ignore_eos": True}).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        results.append((response.status, json.loads(response.read())))
-
-
 def serve_and_load(model_dir: str, receiver: OtlpProtoTestServer, vllm_tracing: bool):
     """Start the server instrumented, send concurrent requests, stop it; return the responses and the OTLP data."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env.update(
+    env = otel_environment(
         OTEL_SERVICE_NAME="vllm-under-test",
         OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
         OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf",
         OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}",
-        OTEL_BSP_SCHEDULE_DELAY="200",
-        OTEL_METRIC_EXPORT_INTERVAL="1000",
-        OTEL_LOGS_EXPORTER="none",
     )
-    command = [
-        os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument"),
-        "--traces_exporter", "otlp", "--metrics_exporter", "otlp",
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-        "--served-model-name", "tiny", "--load-format", "dummy", "--max-model-len", "2048",
-        "--num-gpu-blocks-override", "64", "--enforce-eager", "--port", str(port),
-    ]
-    if vllm_tracing:
-        command += ["--otlp-traces-endpoint", receiver.traces_endpoint]
+    vllm_args = ["--otlp-traces-endpoint", receiver.traces_endpoint] if vllm_tracing else []
     receiver.clear()
-    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    stderr_lines: list[str] = []
-    threading.Thread(target=lambda: stderr_lines.extend(server.stderr), daemon=True).start()
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, "server exited:\n" + "".join(stderr_lines[-60:])
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(1)
-        results: list = []
-        threads = [
-            threading.Thread(target=_post, args=(port, prompt, results))
-            for prompt in distinct_prompts(CONCURRENT_REQUESTS, 200, first=300)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    with instrumented_server(
+        model_dir, env, ["--traces_exporter", "otlp", "--metrics_exporter", "otlp"], vllm_args
+    ) as server:
+        results = server.complete_concurrently(distinct_prompts(CONCURRENT_REQUESTS, 200, first=300), max_tokens=40)
         time.sleep(2.5)  # a metric export or two
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(90)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    spans = [recorded.span for recorded in receiver.drain_spans()]
-    metrics = receiver.drain_metrics()
-    return results, spans, metrics, "".join(stderr_lines)
+    recorded = [*receiver.drain_spans(), *receiver.drain_metrics()]
+    return ServerRun(
+        results=results,
+        spans=[item.span for item in recorded if isinstance(item, RecordedSpan)],
+        metrics=[item for item in recorded if isinstance(item, RecordedMetric)],
+        stderr=server.stderr,
+        exporting_resources=exporting_resources(recorded),
+    )
+
+
+@dataclass
+class ServerRun:
+    results: list
+    spans: list
+    metrics: list
+    stderr: str
+    exporting_resources: set[tuple]
 
 
 @pytest.fixture(scope="module")
@@ -125,32 +73,34 @@ def assert_admission_attributes(attributes: dict) -> None:
 
 
 def test_server_spans_carry_the_admission_attributes(tiny_model_dir, receiver):
-    results, spans, metrics, stderr = serve_and_load(tiny_model_dir, receiver, vllm_tracing=False)
+    run = serve_and_load(tiny_model_dir, receiver, vllm_tracing=False)
+    results, spans, metrics, stderr = run.results, run.spans, run.metrics, run.stderr
+    assert len(run.exporting_resources) == 1, "engine processes export nothing themselves"
     assert [status for status, _ in results] == [200] * CONCURRENT_REQUESTS
     for _, body in results:
         assert "x-otel-vllm-kv" not in json.dumps(body), "nothing of the relay reaches a response"
     server_spans = completion_server_spans(spans)
     assert len(server_spans) == CONCURRENT_REQUESTS, stderr[-3000:]
     for span in server_spans:
-        assert_admission_attributes(_attributes(span.attributes))
+        assert_admission_attributes(otlp_attributes(span.attributes))
     assert not [s for s in spans if s.name == "llm_request"], "vLLM tracing is off"
     limits = [m for m in metrics if m.metric.name == KV_CACHE_LIMIT]
     assert limits, "the gauges reach the OTLP receiver"
-    exporters = {tuple(sorted(_attributes(m.resource.attributes).items())) for m in limits}
-    assert len(exporters) == 1, "only the instrumented server process exports the gauges"
     assert limits[-1].metric.gauge.data_points[0].as_int == LIMIT
 
 
 def test_vllm_request_spans_are_annotated_children_of_the_server_spans(tiny_model_dir, receiver):
-    results, spans, _, stderr = serve_and_load(tiny_model_dir, receiver, vllm_tracing=True)
+    run = serve_and_load(tiny_model_dir, receiver, vllm_tracing=True)
+    results, spans, stderr = run.results, run.spans, run.stderr
+    assert len(run.exporting_resources) == 1, "engine processes export nothing themselves"
     assert [status for status, _ in results] == [200] * CONCURRENT_REQUESTS
     server_spans = {span.span_id: span for span in completion_server_spans(spans)}
     vllm_spans = [s for s in spans if s.name == "llm_request"]
     assert len(vllm_spans) == len(server_spans) == CONCURRENT_REQUESTS, stderr[-3000:]
     for span in vllm_spans:
-        attributes = _attributes(span.attributes)
+        attributes = otlp_attributes(span.attributes)
         assert_admission_attributes(attributes)
         assert attributes[names.REQUEST_PREEMPTIONS] == 0
         parent = server_spans[span.parent_span_id]
         assert parent.trace_id == span.trace_id
-        assert _attributes(parent.attributes)[names.REQUEST_KV_TOKENS] == attributes[names.REQUEST_KV_TOKENS]
+        assert otlp_attributes(parent.attributes)[names.REQUEST_KV_TOKENS] == attributes[names.REQUEST_KV_TOKENS]

@@ -1,0 +1,125 @@
+"""Start vLLM programs under ``opentelemetry-instrument`` (zero code) and stop them cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+OPENTELEMETRY_INSTRUMENT = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def otel_environment(**settings: str) -> dict[str, str]:
+    """This process's environment without any ``OTEL_*`` variable, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(OTEL_LOGS_EXPORTER="none", OTEL_BSP_SCHEDULE_DELAY="200", OTEL_METRIC_EXPORT_INTERVAL="1000")
+    env.update(settings)
+    return env
+
+
+def otlp_attributes(key_values) -> dict:
+    """An OTLP protobuf attribute list as a plain dict."""
+    return {item.key: getattr(item.value, item.value.WhichOneof("value")) for item in key_values}
+
+
+def exporting_resources(recorded_items) -> set[tuple]:
+    """The distinct resources (one per exporting process: each has its own service.instance.id)."""
+    return {tuple(sorted(otlp_attributes(item.resource.attributes).items())) for item in recorded_items}
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    port: int
+    stderr_lines: list[str] = field(default_factory=list)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def complete(self, prompt: str, max_tokens: int, timeout: float = 300) -> tuple[int, dict]:
+        body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True})
+        request = urllib.request.Request(
+            self.url("/v1/completions"), body.encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+
+    def complete_concurrently(self, prompts: list[str], max_tokens: int) -> list[tuple[int, dict]]:
+        results: list = []
+        threads = [
+            threading.Thread(target=lambda p=prompt: results.append(self.complete(p, max_tokens)))
+            for prompt in prompts
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return results
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(90)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def instrumented_server(
+    model_dir: str, env: dict[str, str], exporter_args: list[str], vllm_args: list[str] = ()
+) -> Iterator[ServerProcess]:
+    """The OpenAI server on the tiny model under ``opentelemetry-instrument``, healthy, stopped at exit."""
+    port = free_port()
+    command = [
+        OPENTELEMETRY_INSTRUMENT, *exporter_args,
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+        "--served-model-name", "tiny", "--load-format", "dummy", "--max-model-len", "2048",
+        "--num-gpu-blocks-override", "64", "--enforce-eager", "--port", str(port), *vllm_args,
+    ]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = ServerProcess(process, port)
+    threading.Thread(target=lambda: server.stderr_lines.extend(process.stderr), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert process.poll() is None, "server exited:\n" + "".join(server.stderr_lines[-60:])
+            try:
+                urllib.request.urlopen(server.url("/health"), timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(1)
+        yield server
+    finally:
+        _stop(process)
+
+
+def run_instrumented(script: list[str], env: dict[str, str], exporter_args: list[str], timeout: float = 400):
+    """Run a Python program under ``opentelemetry-instrument`` to completion."""
+    return subprocess.run(
+        [OPENTELEMETRY_INSTRUMENT, *exporter_args, sys.executable, *script],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
