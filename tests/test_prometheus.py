@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 
 import pytest
-
 from engine_load import LIMIT, blocks_for, distinct_prompts
 from instrumented_processes import EXAMPLES, free_port, instrumented_server, otel_environment
 from prometheus_server import SCRAPE_INTERVAL_SECONDS, Prometheus, require_binary, running_prometheus

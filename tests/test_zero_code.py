@@ -7,17 +7,19 @@ import os
 import re
 
 import pytest
-
 from engine_load import LIMIT
 from instrumented_processes import EXAMPLES, exporting_resources, otel_environment, otlp_attributes, run_instrumented
-from otel_vllm_kv.instruments import KV_CACHE_LIMIT, KV_CACHE_STATE, KV_CACHE_USAGE
 from otlp_grpc_receiver import OtlpGrpcReceiver
+
+from otel_vllm_kv.instruments import KV_CACHE_LIMIT, KV_CACHE_STATE, KV_CACHE_USAGE
 
 pytestmark = pytest.mark.engine
 
 
 def _points(metrics, name: str) -> list:
-    return [point for recorded in metrics if recorded.metric.name == name for point in recorded.metric.gauge.data_points]
+    return [
+        point for recorded in metrics if recorded.metric.name == name for point in recorded.metric.gauge.data_points
+    ]
 
 
 def test_offline_script_exports_the_gauges_over_grpc_from_one_process(tmp_path):
