@@ -17,6 +17,7 @@ from otel_vllm_kv.instruments import KV_CACHE_LIMIT
 
 pytestmark = pytest.mark.engine
 CONCURRENT_REQUESTS = 6
+PROMPTS = distinct_prompts(CONCURRENT_REQUESTS, 200, first=300)
 
 
 def serve_and_load(model_dir: str, receiver: OtlpProtoTestServer, vllm_tracing: bool):
@@ -32,9 +33,10 @@ def serve_and_load(model_dir: str, receiver: OtlpProtoTestServer, vllm_tracing: 
     with instrumented_server(
         model_dir, env, ["--traces_exporter", "otlp", "--metrics_exporter", "otlp"], vllm_args
     ) as server:
-        results = server.complete_concurrently(distinct_prompts(CONCURRENT_REQUESTS, 200, first=300), max_tokens=40)
+        results = server.complete_concurrently(PROMPTS, max_tokens=40)
         time.sleep(2.5)  # a metric export or two
     recorded = [*receiver.drain_spans(), *receiver.drain_metrics()]
+    assert_no_request_content(recorded, results)
     return ServerRun(
         results=results,
         spans=[item.span for item in recorded if isinstance(item, RecordedSpan)],
@@ -42,6 +44,29 @@ def serve_and_load(model_dir: str, receiver: OtlpProtoTestServer, vllm_tracing: 
         stderr=server.stderr,
         exporting_resources=exporting_resources(recorded),
     )
+
+
+def assert_no_request_content(recorded: list, results: list) -> None:
+    """Privacy audit of everything exported: no prompt or completion text, no token ids, no request ids in metrics."""
+    texts = [prompt[:12] for prompt in PROMPTS] + [body["choices"][0]["text"][:12] for _, body in results]
+    request_ids = [body["id"] for _, body in results]
+    for item in recorded:
+        wire = (item.span if isinstance(item, RecordedSpan) else item.metric).SerializeToString()
+        for text in texts:
+            assert text.encode() not in wire, f"{text!r} exported"
+        if isinstance(item, RecordedMetric):
+            assert not any(request_id.encode() in wire for request_id in request_ids)
+        for attributes in _attribute_lists(item):
+            for key, value in otlp_attributes(attributes).items():
+                assert not hasattr(value, "values"), f"{key}: no array attributes (token ids) are exported"
+
+
+def _attribute_lists(item) -> list:
+    if isinstance(item, RecordedSpan):
+        return [item.span.attributes, *(event.attributes for event in item.span.events)]
+    metric = item.metric
+    points = getattr(metric, metric.WhichOneof("data")).data_points
+    return [point.attributes for point in points]
 
 
 @dataclass
