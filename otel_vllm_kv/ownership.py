@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_OWNER
 from otel_vllm_kv.relay import is_alive
 
+_RELAY_PREFIX = "otel-vllm-kv-"
+
 
 @dataclass(frozen=True)
 class Role:
@@ -46,11 +48,37 @@ def resolve_role(relay_parent_directory: str) -> Role:
     role = inherited_role()
     if role is not None:
         return role
-    directory = tempfile.mkdtemp(prefix=f"otel-vllm-kv-{os.getpid()}-", dir=relay_parent_directory)
+    remove_stale_relays(relay_parent_directory)
+    directory = tempfile.mkdtemp(prefix=f"{_RELAY_PREFIX}{os.getpid()}-", dir=relay_parent_directory)
     owner_pid = os.getpid()
     atexit.register(_remove_relay, directory, owner_pid)
     os.environ[OTEL_PYTHON_VLLM_KV_OWNER] = f"{owner_pid}:{directory}"
     return Role(owner_pid, directory)
+
+
+def remove_stale_relays(parent_directory: str) -> list[str]:
+    """Remove relay directories of this user whose owner died without its exit handler (SIGKILL).
+
+    A directory whose pid is alive is kept, even if the pid was reused: leaking a few
+    hundred bytes is better than removing a live relay.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(parent_directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid_text = entry.name[len(_RELAY_PREFIX):].partition("-")[0]
+        if not entry.name.startswith(_RELAY_PREFIX) or not pid_text.isdigit():
+            continue
+        try:
+            mine = entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and not is_alive(int(pid_text)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
 
 
 def _remove_relay(directory: str, owner_pid: int) -> None:

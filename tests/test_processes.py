@@ -80,3 +80,36 @@ def test_a_dead_owner_named_in_the_environment_is_ignored(tmp_path, monkeypatch)
     assert inherited_role() is None
     monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_OWNER, "not-a-pid:/nowhere")
     assert inherited_role() is None
+
+
+def test_relay_of_a_killed_owner_is_removed_by_the_next_owner(tmp_path):
+    """SIGKILL skips the exit handler; the next instrumented process sweeps that relay, not live ones."""
+    import signal
+    import subprocess
+    import sys
+
+    from otel_vllm_kv.ownership import remove_stale_relays
+
+    owner_code = (
+        "from otel_vllm_kv import VLLMKVCacheInstrumentor; import os, sys, time\n"
+        "VLLMKVCacheInstrumentor().instrument()\n"
+        "print(os.environ['OTEL_PYTHON_VLLM_KV_OWNER'].partition(':')[2], flush=True); time.sleep(600)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_PYTHON_VLLM_KV")}
+    env["OTEL_PYTHON_VLLM_KV_RELAY_DIR"] = str(tmp_path)
+    owners = [
+        subprocess.Popen([sys.executable, "-c", owner_code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    killed, alive = owners
+    relays = [owner.stdout.readline().strip() for owner in owners]
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert os.path.isdir(relays[0]), "SIGKILL leaves the relay behind"
+        assert remove_stale_relays(str(tmp_path)) == [relays[0]]
+        assert not os.path.exists(relays[0]) and os.path.isdir(relays[1]), "a live owner's relay is kept"
+    finally:
+        alive.send_signal(signal.SIGINT)
+        alive.wait()
+    assert not os.path.exists(relays[1]), "an interrupted owner removes its own relay at exit"

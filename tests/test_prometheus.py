@@ -8,12 +8,13 @@ vLLM's own ``/metrics`` (job ``vllm``), where the package adds ``vllm:kv_cache_*
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 
 import pytest
 from engine_load import LIMIT, blocks_for, distinct_prompts
-from instrumented_processes import EXAMPLES, free_port, instrumented_server, otel_environment
+from instrumented_processes import EXAMPLES, ServerProcess, free_port, instrumented_server, otel_environment
 from prometheus_server import SCRAPE_INTERVAL_SECONDS, Prometheus, require_binary, running_prometheus
 
 pytestmark = pytest.mark.engine
@@ -32,6 +33,8 @@ UTILIZATION = 'vllm_kv_cache_utilization{job="otel"}'
 @dataclass
 class ScrapedRun:
     prometheus: Prometheus
+    server: ServerProcess
+    relay_parent: str
     server_stderr: list[str]
     load_start: float
     load_end: float
@@ -46,7 +49,9 @@ class ScrapedRun:
 def scraped_run(tiny_model_dir, tmp_path_factory):
     require_binary("prometheus")
     exporter_port = free_port()
+    relay_parent = str(tmp_path_factory.mktemp("relay"))
     env = otel_environment(
+        OTEL_PYTHON_VLLM_KV_RELAY_DIR=relay_parent,
         OTEL_SERVICE_NAME="vllm-prometheus",
         OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
         OTEL_EXPORTER_PROMETHEUS_PORT=str(exporter_port),
@@ -63,7 +68,9 @@ def scraped_run(tiny_model_dir, tmp_path_factory):
             results = server.complete_concurrently(distinct_prompts(REQUESTS, PROMPT_TOKENS), OUTPUT_TOKENS)
             load_end = time.time()
             time.sleep(4 * SCRAPE_INTERVAL_SECONDS)  # scrapes of the drained cache
-            yield ScrapedRun(prometheus, server.stderr_lines, load_start, load_end, [s for s, _ in results])
+            yield ScrapedRun(
+                prometheus, server, relay_parent, server.stderr_lines, load_start, load_end, [s for s, _ in results]
+            )
 
 
 def test_the_load_completed_and_needed_more_than_the_cache(scraped_run):
@@ -127,3 +134,20 @@ def test_every_example_expression_returns_data(scraped_run):
             assert prometheus.query_range(inner, scraped_run.load_start, time.time()), (where, inner)
             continue
         assert prometheus.query_range(expression, scraped_run.load_start, time.time()), (where, expression)
+
+
+def test_a_killed_engine_core_leaves_nothing_behind(scraped_run):
+    """Last in this module: SIGKILL the engine core; the server goes down, and its relay with it."""
+    import psutil
+
+    process = scraped_run.server.process
+    (relay,) = os.listdir(scraped_run.relay_parent)
+    assert os.listdir(os.path.join(scraped_run.relay_parent, relay)), "the engine's relay file"
+    children = psutil.Process(process.pid).children(recursive=True)
+    (engine_core,) = [child for child in children if "EngineCore" in child.name()]
+    engine_core.kill()
+    try:
+        process.wait(60)  # vLLM's server shuts down when its engine dies
+    except subprocess.TimeoutExpired:
+        pytest.fail("the server kept running without its engine")
+    assert os.listdir(scraped_run.relay_parent) == [], "the relay is removed when the server exits"
