@@ -89,13 +89,13 @@ def _stop(process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def instrumented_server(
-    model_dir: str, env: dict[str, str], exporter_args: list[str], vllm_args: list[str] = ()
+    model_dir: str, env: dict[str, str], exporter_args: list[str], vllm_args: list[str] = (),
+    program: tuple[str, ...] = ("-m", "vllm.entrypoints.openai.api_server"),
 ) -> Iterator[ServerProcess]:
     """The OpenAI server on the tiny model under ``opentelemetry-instrument``, healthy, stopped at exit."""
     port = free_port()
     command = [
-        OPENTELEMETRY_INSTRUMENT, *exporter_args,
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+        OPENTELEMETRY_INSTRUMENT, *exporter_args, sys.executable, *program, "--model", model_dir,
         "--served-model-name", "tiny", "--load-format", "dummy", "--max-model-len", "2048",
         "--num-gpu-blocks-override", "64", "--enforce-eager", "--port", str(port), *vllm_args,
     ]
