@@ -112,9 +112,13 @@ class _ProbeRegistry:
         return probe
 
     def give_up(self, scheduler: Any) -> None:
+        """Stop observing this engine and withdraw its relay file: no series is better than a stale one."""
         try:
+            probe = self._probes.get(scheduler)
             self._probes[scheduler] = None
             self._by_manager.pop(scheduler.kv_cache_manager, None)
+            if probe is not None:
+                probe.close()
         except Exception:  # noqa: BLE001
             pass
         if not self._warned:

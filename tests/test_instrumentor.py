@@ -273,3 +273,62 @@ def test_the_dependency_check_accepts_plain_vllm(tmp_path):
         """
     )
     assert result.stdout.strip() == "vllm >= 0.32.0, < 0.34 None None", result.stderr[-3000:]
+
+
+def _fail_after(calls: int, error: Exception):
+    """A replacement that works ``calls`` times, then raises ``error`` on every call."""
+    count = 0
+
+    def failing(original, *args):
+        nonlocal count
+        count += 1
+        if count > calls:
+            raise error
+        return original(*args)
+
+    return failing
+
+
+@pytest.mark.parametrize(
+    ("target", "error"),
+    [
+        ("otel_vllm_kv.probe.EngineProbe.free_blocks", RuntimeError("block pool changed")),  # the probe's read
+        ("otel_vllm_kv.relay.SnapshotWriter.write", OSError(28, "No space left on device")),  # a full relay
+    ],
+)
+def test_a_fault_mid_run_warns_once_and_withdraws_the_engine(target, error, reader, tiny_model_dir, monkeypatch,
+                                                              caplog):
+    module_name, class_name, method = target.rsplit(".", 2)
+    owner = getattr(importlib.import_module(module_name), class_name)
+    original = getattr(owner, method)
+    failing = _fail_after(2, error)
+    monkeypatch.setattr(probe.registry, "_warned", False)  # the warning is once per process
+    monkeypatch.setattr(owner, method, lambda self, *args: failing(original, self, *args))
+    scheduler = build_scheduler(tiny_model_dir)
+    for _ in range(3):
+        scheduler.add_request(make_request(scheduler, num_prompt_tokens=20, max_tokens=20))
+    stepper = Stepper(scheduler)
+    with caplog.at_level(logging.WARNING, logger="otel_vllm_kv"):
+        stepper.run_until_idle()
+    assert not scheduler.has_requests(), "every request ran to completion"
+    warnings = [r for r in caplog.records if r.name.startswith("otel_vllm_kv")]
+    assert len(warnings) == 1, [w.getMessage() for w in warnings]
+    assert read_gauges(reader) == {}, "no stale series for an engine no longer observed"
+
+
+def test_a_relay_that_cannot_be_created_leaves_the_engine_running(reader, tiny_model_dir, monkeypatch, caplog):
+    from otel_vllm_kv import relay
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(relay.SnapshotWriter, "__init__", no_space)
+    monkeypatch.setattr(probe.registry, "_warned", False)  # the warning is once per process
+    with caplog.at_level(logging.WARNING, logger="otel_vllm_kv"):
+        scheduler = build_scheduler(tiny_model_dir)
+        scheduler.add_request(make_request(scheduler, num_prompt_tokens=20, max_tokens=5))
+        stepper = Stepper(scheduler)
+        stepper.run_until_idle()
+    assert not scheduler.has_requests()
+    assert len([r for r in caplog.records if r.name.startswith("otel_vllm_kv")]) == 1
+    assert read_gauges(reader) == {}
