@@ -233,3 +233,24 @@ def test_data_parallel_engines_report_one_series_each(reader, tiny_model_dir):
             assert_consistent(gauges)
         assert max(gauges.used for gauges in seen) > 0, f"engine {index} took requests"
         assert (after[index].used, after[index].free) == (0, LIMIT)
+
+
+def test_a_frontend_fault_leaves_requests_and_outputs_intact(llm, monkeypatch, caplog):
+    """Records that cannot be decoded (a broken channel from the engine): one warning, same outputs."""
+    import logging
+
+    prompts = distinct_prompts(4, 200, first=700)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    _, expected = user_span_around(llm, prompts, params)
+
+    def broken(text):
+        raise ValueError("truncated record")
+
+    monkeypatch.setattr(spans, "decode", broken)
+    monkeypatch.setattr(spans.annotator, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="otel_vllm_kv"):
+        span, outputs = user_span_around(llm, prompts, params)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+    assert not [e for e in span.events if e.name == names.EVENT_ADMITTED], "nothing half-applied"
+    assert len([r for r in caplog.records if r.name.startswith("otel_vllm_kv")]) == 1
+    assert spans.annotator.requests == {}
