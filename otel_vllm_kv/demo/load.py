@@ -1,0 +1,71 @@
+"""The burst: distinct prompts submitted at once under one span, the engine stepped until every request finished."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from opentelemetry.trace import Tracer
+
+from otel_vllm_kv.demo.cache_events import ADMITTED, PREEMPTED, count_kinds
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+LOAD_SPAN = "kv-cache-demo load"
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    total: int
+    finished: int = 0
+    generated_tokens: int = 0
+    admitted: int = 0
+    preempted: int = 0
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    progress: LoadProgress
+    started_at: float  # wall clock, seconds since the epoch
+    seconds: float
+
+
+def distinct_prompts(count: int, length: int) -> list[str]:
+    """ASCII prompts of ``length`` tokens (one per byte) whose first block already differs: no shared prefix."""
+    return [(f"request {index:05d} " * length)[:length] for index in range(count)]
+
+
+def run_load(
+    llm: LLM, tracer: Tracer, requests: int, prompt_tokens: int, output_tokens: int,
+    on_progress: Callable[[LoadProgress], None],
+) -> LoadResult:
+    """Submit the burst inside the load span and step the engine until it drained; report progress on change."""
+    from vllm import SamplingParams
+
+    # No per-request seed: vLLM 0.32 on CPU fails seeded sampling ("CPU Generator does not use offset").
+    params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
+    attributes = {"demo.requests": requests, "demo.prompt_tokens": prompt_tokens, "demo.output_tokens": output_tokens}
+    engine = llm.llm_engine
+    started_at = time.time()
+    with tracer.start_as_current_span(LOAD_SPAN, attributes=attributes) as span:
+        # Submitted under the span: the package puts each request's admission records on it.
+        llm.enqueue(distinct_prompts(requests, prompt_tokens), params, use_tqdm=False)
+        progress = LoadProgress(total=requests)
+        on_progress(progress)
+        while engine.has_unfinished_requests():
+            finished = [output for output in engine.step() if output.finished]
+            kinds = count_kinds(span)
+            current = LoadProgress(
+                total=requests,
+                finished=progress.finished + len(finished),
+                generated_tokens=progress.generated_tokens + sum(len(o.outputs[0].token_ids) for o in finished),
+                admitted=kinds[ADMITTED],
+                preempted=kinds[PREEMPTED],
+            )
+            if current != progress:
+                progress = current
+                on_progress(progress)
+    return LoadResult(progress, started_at, time.time() - started_at)
