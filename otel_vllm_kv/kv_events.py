@@ -10,7 +10,7 @@ frontend applies each exactly once.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from otel_vllm_kv import span_attributes as names
 from otel_vllm_kv.kv_cache import PoolLayout, to_tokens
@@ -22,8 +22,9 @@ RESUMED = "resumed"
 PREEMPTED = "preempted"
 
 
-@dataclass(frozen=True)
-class KVCacheEvent:
+class KVCacheEvent(NamedTuple):
+    """One record; a tuple, so it is cheap to build in the engine and encodes as a JSON array."""
+
     kind: str
     sequence: int
     time_ns: int
@@ -66,8 +67,12 @@ class KVCacheEvent:
         return attributes
 
 
+# One encoder for every call: ``json.dumps`` with arguments builds a new one each time.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode(events: list[KVCacheEvent]) -> str:
-    return json.dumps([list(asdict(event).values()) for event in events], separators=(",", ":"))
+    return _ENCODER.encode(events)
 
 
 def decode(text: str) -> list[KVCacheEvent]:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -42,6 +43,10 @@ def llm(reader, tiny_model_dir):
     llm = LLM(**engine_kwargs(tiny_model_dir))  # default: stats off, engine core in a child process
     yield llm
     llm.llm_engine.engine_core.shutdown()
+    # vLLM may SIGKILL the engine core after 5 s; the next collection after it is gone drops it.
+    deadline = time.monotonic() + 10
+    while read_gauges(reader) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert read_gauges(reader) == {}, "a stopped engine is no longer reported"
 
 

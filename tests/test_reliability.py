@@ -10,7 +10,7 @@ import sys
 import pytest
 from opentelemetry.test._otlp_test_server import OtlpProtoTestServer
 
-from instrumented_processes import otlp_attributes
+from instrumented_processes import otel_environment, otlp_attributes
 from otel_vllm_kv import span_attributes as names
 
 HERE = os.path.dirname(__file__)
@@ -22,7 +22,7 @@ def test_greedy_outputs_are_identical_with_instrumentation_and_tracing(tiny_mode
         result = subprocess.run(
             [sys.executable, os.path.join(HERE, "scenarios", "greedy_outputs.py"), tiny_model_dir,
              receiver.traces_endpoint],
-            capture_output=True, text=True, timeout=480, env={**os.environ, "PYTHONPATH": HERE},
+            capture_output=True, text=True, timeout=480, env=otel_environment(PYTHONPATH=HERE),
         )
         assert result.returncode == 0, result.stderr[-4000:]
         vllm_spans = [recorded.span for recorded in receiver.drain_spans() if recorded.span.name == "llm_request"]
