@@ -130,3 +130,17 @@ def test_no_per_request_state_outlives_the_requests(tiny_model_dir):
     gc.collect()
     assert admission.tracked_requests() == 0
     assert len(admission._undelivered) == 0
+
+
+def test_records_round_trip_exactly_and_garbage_is_rejected():
+    from otel_vllm_kv.kv_events import KVCacheEvent, encode
+
+    events = [
+        KVCacheEvent(ADMITTED, 1, 1_795_000_000_123_456_789, 3, 64, 128, 1, 17, own_blocks=2, cached_tokens=256,
+                     queue_seconds=0.012345678901234567, waiting=9),
+        KVCacheEvent(PREEMPTED, 2, 1_795_000_000_223_456_789, 3, 64, 128, 1, 40, waiting=10),
+    ]
+    assert decode(encode(events)) == events
+    for garbage in ("", "admitted,1,2", '[["admitted",1]]'):
+        with pytest.raises(ValueError):
+            decode(garbage)
