@@ -7,10 +7,12 @@ subprocesses stays light.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -122,3 +124,27 @@ class SanityError(AssertionError):
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise SanityError(message)
+
+
+def run_child(script: str, spec: dict, log_path: str, timeout: float, **environment: str) -> dict:
+    """Run ``script --child SPEC`` in a fresh process (no ``OTEL_*`` inherited) and return its JSON result.
+
+    The child prints its result as the last line starting with ``{``; its stderr goes to ``log_path``.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(environment)
+    with open(log_path, "w", encoding="utf-8") as log:
+        completed = subprocess.run(
+            [sys.executable, os.path.abspath(script), "--child", json.dumps(spec)],
+            stdout=subprocess.PIPE, stderr=log, text=True, env=env, timeout=timeout, check=False,
+        )
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        with open(log_path, encoding="utf-8") as log:
+            tail = log.read()[-3000:]
+        raise SanityError(f"{spec['variant']}: the process exited {completed.returncode} without a result; "
+                          f"end of its log:\n{tail}")
+    result = json.loads(lines[-1])
+    check(not result["problems"] and completed.returncode == 0,
+          f"{spec['variant']}: exit {completed.returncode}: {'; '.join(result['problems'])}")
+    return result

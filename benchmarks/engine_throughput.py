@@ -43,14 +43,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SanityError, check, command_line, markdown_table, median, print_header
+from _common import SanityError, check, run_child, command_line, markdown_table, median, print_header
 
 ALL_VARIANTS = ("plain", "ours", "vllm-tracing", "vllm-tracing+ours")
 WARMUP_SPAN = "benchmark warm-up batch"
@@ -195,26 +194,6 @@ def check_telemetry(variant: str, result: dict, spans: list, metrics: list) -> N
         check(not vllm_spans, f"{variant}: vLLM exported llm_request spans without tracing on")
 
 
-def run_child(spec: dict, log_path: str, timeout: float) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
-    with open(log_path, "w", encoding="utf-8") as log:
-        completed = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-            stdout=subprocess.PIPE, stderr=log, text=True, env=env, timeout=timeout, check=False,
-        )
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        with open(log_path, encoding="utf-8") as log:
-            tail = log.read()[-3000:]
-        raise SanityError(f"{spec['variant']}: the engine process exited {completed.returncode} "
-                          f"without a result; end of its log:\n{tail}")
-    result = json.loads(lines[-1])
-    check(not result["problems"] and completed.returncode == 0,
-          f"{spec['variant']}: exit {completed.returncode}: {'; '.join(result['problems'])}")
-    return result
-
-
 def parent(args: argparse.Namespace) -> int:
     from _common import tiny_model_dir
     from opentelemetry.test._otlp_test_server import OtlpProtoTestServer
@@ -250,7 +229,8 @@ def parent(args: argparse.Namespace) -> int:
                         "traces_endpoint": receiver.traces_endpoint, "metrics_endpoint": receiver.metrics_endpoint,
                     }
                     log_path = os.path.join(logs, f"round{round_index + 1}-{variant}.log")
-                    result = run_child(spec, log_path, args.timeout)
+                    result = run_child(__file__, spec, log_path, args.timeout,
+                                       OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf")
                     time.sleep(0.5)  # the last exports were answered before the child exited; let the queue settle
                     check_telemetry(variant, result, receiver.drain_spans(), _drain_metrics(receiver))
                     results[variant].append(result)

@@ -38,14 +38,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SanityError, check, command_line, markdown_table, print_header
+from _common import SanityError, run_child, command_line, markdown_table, print_header
 
 VARIANTS = ("ours", "plain")
 MIB = 1024 * 1024
@@ -190,25 +189,6 @@ def child(args: argparse.Namespace) -> int:
 # -- the parent ------------------------------------------------------------------------------
 
 
-def run_child(spec: dict, log_path: str, timeout: float) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    with open(log_path, "w", encoding="utf-8") as log:
-        completed = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-            stdout=subprocess.PIPE, stderr=log, text=True, env=env, timeout=timeout, check=False,
-        )
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        with open(log_path, encoding="utf-8") as log:
-            tail = log.read()[-3000:]
-        raise SanityError(f"{spec['variant']}: the process exited {completed.returncode} without a result; "
-                          f"end of its log:\n{tail}")
-    result = json.loads(lines[-1])
-    check(not result["problems"] and completed.returncode == 0,
-          f"{spec['variant']}: exit {completed.returncode}: {'; '.join(result['problems'])}")
-    return result
-
-
 def growth_per_thousand(result: dict, key: str) -> float:
     first, last = result["checkpoints"][1], result["checkpoints"][-1]
     return (last[key] - first[key]) / MIB / ((last["requests"] - first["requests"]) / 1000)
@@ -232,7 +212,7 @@ def parent(args: argparse.Namespace) -> int:
         for variant in args.variants:
             spec = {"variant": variant, "model_dir": model_dir, "checkpoints": args.checkpoints,
                     "batch_size": args.batch_size, "warmup": args.warmup, "seed": 7}
-            results[variant] = run_child(spec, os.path.join(logs, f"{variant}.log"), args.timeout)
+            results[variant] = run_child(__file__, spec, os.path.join(logs, f"{variant}.log"), args.timeout)
             print(f"{variant} done", file=sys.stderr, flush=True)
     except SanityError as error:
         print(f"SANITY CHECK FAILED: {error}")
