@@ -63,7 +63,7 @@ def _event(probe: Any, kind: str, records: _RequestRecords, **fields: Any) -> KV
     records.sequence += 1
     return KVCacheEvent(
         kind, records.sequence, time.time_ns(), probe.engine_index,
-        layout.num_blocks, layout.block_size, layout.num_groups, probe.free_blocks(), **fields,
+        layout.num_blocks, probe.limit_tokens, probe.free_blocks(), **fields,
     )
 
 

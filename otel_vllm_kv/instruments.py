@@ -1,8 +1,12 @@
 """The KV-cache gauges, exported only by the owning process from the relay's latest snapshots.
 
-Definitions (per engine, single KV-cache group; see ``kv_cache`` for the why):
-``limit = (num_gpu_blocks - 1) * block_size``, ``usage{state=free} = free_blocks * block_size``,
-``usage{state=used} = limit - free``, ``utilization = 1 - free_blocks / (num_gpu_blocks - 1)``.
+Definitions (per engine; see ``kv_cache`` for the why): N blocks, one reserved null block,
+F free of which E are evictable prefix-cache blocks, W the admission watermark, and
+``tokens(x) = floor(x * limit / (N - 1))``, which is x * block_size for one KV-cache group.
+``block.limit = N - 1``, ``block.usage{state=free} = F``, ``block.usage{state=used} = N - 1 - F``;
+``limit`` = (N - 1) * block_size, or vLLM's ``kv_cache_size_tokens`` for hybrid models;
+``usage{state=used} = tokens(N - 1 - F)``, ``usage{state=free} = limit - used``;
+``utilization = 1 - F / (N - 1)``; ``evictable = tokens(E)``; ``admission.headroom = tokens(max(F - W, 0))``.
 """
 
 from __future__ import annotations
@@ -11,16 +15,23 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from otel_vllm_kv.kv_cache import KVCacheTokens, to_tokens
+from otel_vllm_kv.kv_cache import GroupLayout, KVCacheOccupancy
 from otel_vllm_kv.relay import EngineSnapshot, SnapshotReader
 
 KV_CACHE_USAGE = "vllm.kv_cache.usage"
 KV_CACHE_LIMIT = "vllm.kv_cache.limit"
 KV_CACHE_UTILIZATION = "vllm.kv_cache.utilization"
+KV_CACHE_EVICTABLE = "vllm.kv_cache.evictable"
+KV_CACHE_ADMISSION_HEADROOM = "vllm.kv_cache.admission.headroom"
+KV_CACHE_BLOCK_USAGE = "vllm.kv_cache.block.usage"
+KV_CACHE_BLOCK_LIMIT = "vllm.kv_cache.block.limit"
+KV_CACHE_BLOCK_EVICTABLE = "vllm.kv_cache.block.evictable"
+KV_CACHE_BLOCK_SIZE = "vllm.kv_cache.block.size"
 
 KV_CACHE_STATE = "vllm.kv_cache.state"
 KV_CACHE_STATE_USED = "used"
@@ -28,6 +39,24 @@ KV_CACHE_STATE_FREE = "free"
 ENGINE_INDEX = "vllm.engine.index"
 #: The engine's served model name: what clients send as ``model``.
 MODEL_NAME = "gen_ai.request.model"
+#: A KV-cache group's index in vLLM's ``kv_cache_config.kv_cache_groups``.
+KV_CACHE_GROUP_INDEX = "vllm.kv_cache.group.index"
+#: vLLM's name of the group's attention type: ``full_attention``, ``sliding_window``, ``mamba``, ...
+KV_CACHE_GROUP_TYPE = "vllm.kv_cache.group.type"
+
+
+class _Engine(NamedTuple):
+    attributes: dict
+    occupancy: KVCacheOccupancy
+    groups: tuple[GroupLayout, ...]
+    evictable_blocks: tuple[int, ...]
+
+    def group_attributes(self) -> Iterable[tuple[dict, GroupLayout, int]]:
+        for index, group in enumerate(self.groups):
+            attributes = {**self.attributes, KV_CACHE_GROUP_INDEX: index, KV_CACHE_GROUP_TYPE: group.kind}
+            evictable = self.evictable_blocks[index] if index < len(self.evictable_blocks) else 0
+            yield attributes, group, evictable
+
 
 # The SDK keeps the first registration of a name and ignores (with a warning) later
 # ones, and callbacks cannot be unregistered: create once per meter, read ``_source``.
@@ -47,11 +76,11 @@ class _CollectionSnapshot:
         self._reader = reader
         self._owner_pid = os.getpid()
         self._lock = threading.Lock()
-        self._engines: list[tuple[dict, KVCacheTokens]] = []
+        self._engines: list[_Engine] = []
         self._served: set[str] = set()
         self._read_at = float("-inf")
 
-    def engines(self, instrument: str) -> list[tuple[dict, KVCacheTokens]]:
+    def engines(self, instrument: str) -> list[_Engine]:
         # A forked child inherits the callbacks and a running metric reader: only the owner reports.
         if os.getpid() != self._owner_pid:
             return []
@@ -65,9 +94,9 @@ class _CollectionSnapshot:
             return self._engines
 
 
-def _to_observed(snapshot: EngineSnapshot) -> tuple[dict, KVCacheTokens]:
+def _to_observed(snapshot: EngineSnapshot) -> _Engine:
     attributes = {ENGINE_INDEX: snapshot.engine_index, MODEL_NAME: snapshot.model_name}
-    return attributes, to_tokens(snapshot.layout, snapshot.free_blocks)
+    return _Engine(attributes, snapshot.occupancy(), snapshot.layout.groups, snapshot.evictable_blocks)
 
 
 _source: _CollectionSnapshot | None = None
@@ -79,27 +108,89 @@ def set_source(reader: SnapshotReader | None) -> None:
     _source = None if reader is None else _CollectionSnapshot(reader)
 
 
-def _engines(instrument: str) -> list[tuple[dict, KVCacheTokens]]:
+def _engines(instrument: str) -> list[_Engine]:
     source = _source
     return [] if source is None else source.engines(instrument)
 
 
-def _observe_usage(options: CallbackOptions) -> Iterable[Observation]:
-    for attributes, tokens in _engines(KV_CACHE_USAGE):
-        if tokens.used_tokens is not None:
-            yield Observation(tokens.used_tokens, {**attributes, KV_CACHE_STATE: KV_CACHE_STATE_USED})
-            yield Observation(tokens.free_tokens, {**attributes, KV_CACHE_STATE: KV_CACHE_STATE_FREE})
+def _states(used: int | None, free: int | None, attributes: dict) -> Iterable[Observation]:
+    if used is not None:
+        yield Observation(used, {**attributes, KV_CACHE_STATE: KV_CACHE_STATE_USED})
+        yield Observation(free, {**attributes, KV_CACHE_STATE: KV_CACHE_STATE_FREE})
 
 
-def _observe_limit(options: CallbackOptions) -> Iterable[Observation]:
-    for attributes, tokens in _engines(KV_CACHE_LIMIT):
-        if tokens.limit_tokens is not None:
-            yield Observation(tokens.limit_tokens, attributes)
+def _per_engine(value: Callable[[KVCacheOccupancy], int | float | None]):
+    def points(engine: _Engine) -> Iterable[Observation]:
+        observed = value(engine.occupancy)
+        if observed is not None:
+            yield Observation(observed, engine.attributes)
+
+    return points
 
 
-def _observe_utilization(options: CallbackOptions) -> Iterable[Observation]:
-    for attributes, tokens in _engines(KV_CACHE_UTILIZATION):
-        yield Observation(tokens.utilization, attributes)
+def _usage(engine: _Engine) -> Iterable[Observation]:
+    return _states(engine.occupancy.used_tokens, engine.occupancy.free_tokens, engine.attributes)
+
+
+def _block_usage(engine: _Engine) -> Iterable[Observation]:
+    return _states(engine.occupancy.used_blocks, engine.occupancy.free_blocks, engine.attributes)
+
+
+def _block_evictable(engine: _Engine) -> Iterable[Observation]:
+    for attributes, _, evictable in engine.group_attributes():
+        yield Observation(evictable, attributes)
+
+
+def _block_size(engine: _Engine) -> Iterable[Observation]:
+    for attributes, group, _ in engine.group_attributes():
+        yield Observation(group.block_size, attributes)
+
+
+#: name: (unit, description, the points of one engine).
+GAUGES: dict[str, tuple[str, str, Callable[[_Engine], Iterable[Observation]]]] = {
+    KV_CACHE_USAGE: (
+        "{token}", "KV-cache tokens by state (used or free); used + free = limit. "
+        "Evictable prefix-cached blocks count as free.", _usage,
+    ),
+    KV_CACHE_LIMIT: (
+        "{token}", "KV-cache token capacity: (blocks - 1 reserved null block) x block size; "
+        "vLLM's group-aware kv_cache_size_tokens for hybrid models.", _per_engine(lambda o: o.limit_tokens),
+    ),
+    KV_CACHE_UTILIZATION: (
+        "1", "Fraction of allocatable KV-cache blocks in use; equals vLLM's kv_cache_usage.",
+        _per_engine(lambda o: o.utilization),
+    ),
+    KV_CACHE_EVICTABLE: (
+        "{token}", "Free KV-cache tokens that still hold a cached prefix no request references: "
+        "reusable by a prefix hit until vLLM evicts them for new blocks.", _per_engine(lambda o: o.evictable_tokens),
+    ),
+    KV_CACHE_ADMISSION_HEADROOM: (
+        "{token}", "Free KV-cache tokens beyond vLLM's admission watermark: what a waiting request "
+        "may take while others run.", _per_engine(lambda o: o.headroom_tokens),
+    ),
+    KV_CACHE_BLOCK_USAGE: (
+        "{block}", "KV-cache blocks by state (used or free); used + free = block.limit.", _block_usage,
+    ),
+    KV_CACHE_BLOCK_LIMIT: (
+        "{block}", "Allocatable KV-cache blocks: all blocks but vLLM's reserved null block.",
+        _per_engine(lambda o: o.limit_blocks),
+    ),
+    KV_CACHE_BLOCK_EVICTABLE: (
+        "{block}", "Evictable prefix-cache blocks (free, cached, unreferenced) per KV-cache group.",
+        _block_evictable,
+    ),
+    KV_CACHE_BLOCK_SIZE: (
+        "{token}", "Tokens per block of each KV-cache group (decode-context parallelism included).", _block_size,
+    ),
+}
+
+
+def _callback(name: str, points: Callable[[_Engine], Iterable[Observation]]):
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        for engine in _engines(name):
+            yield from points(engine)
+
+    return observe
 
 
 def create_instruments(meter: Meter) -> None:
@@ -107,16 +198,5 @@ def create_instruments(meter: Meter) -> None:
     if meter in _meters_with_instruments:
         return
     _meters_with_instruments.add(meter)
-    meter.create_observable_gauge(
-        KV_CACHE_USAGE, [_observe_usage], unit="{token}",
-        description="KV-cache tokens by state (used or free); used + free = limit. "
-        "Evictable prefix-cached blocks count as free.",
-    )
-    meter.create_observable_gauge(
-        KV_CACHE_LIMIT, [_observe_limit], unit="{token}",
-        description="Allocatable KV-cache tokens: (blocks - 1 reserved null block) x block size.",
-    )
-    meter.create_observable_gauge(
-        KV_CACHE_UTILIZATION, [_observe_utilization], unit="1",
-        description="Fraction of allocatable KV-cache blocks in use; equals vLLM's kv_cache_usage.",
-    )
+    for name, (unit, description, points) in GAUGES.items():
+        meter.create_observable_gauge(name, [_callback(name, points)], unit=unit, description=description)

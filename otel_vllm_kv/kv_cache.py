@@ -1,25 +1,40 @@
-"""Read a V1 scheduler's KV-cache pool in blocks, O(1): the one module that reads vLLM internals.
+"""Read a V1 scheduler's KV-cache pool, O(1), and turn block counts into tokens.
 
-Token accounting (single KV-cache group), with N = ``block_pool.num_gpu_blocks``,
-F = free blocks and B = the group manager's block size:
+With N = ``block_pool.num_gpu_blocks``, F = free blocks, U = N - 1 - F used blocks:
 
-* vLLM reserves block 0 as a null block that is never allocatable, so
-  ``limit = (N - 1) * B`` and ``utilization = 1 - F / (N - 1)``, the very
-  expression of ``BlockPool.get_usage`` (so it equals ``kv_cache_usage`` exactly);
-* ``free = F * B``: prefix-cached blocks that no request references are in the
-  free queue (evicted lazily on reuse), so they count as free;
-* ``used = limit - free``, at block granularity (a request's partly filled last
-  block counts in full).
+* vLLM reserves block 0 as a null block that is never allocatable, so the pool has
+  N - 1 allocatable blocks and ``utilization = 1 - F / (N - 1)``, the very expression
+  of ``BlockPool.get_usage`` (so it equals ``kv_cache_usage`` bit for bit);
+* prefix-cached blocks that no request references sit in the free queue (evicted
+  lazily on reuse), so they count in F; ``prefix_cache`` counts them apart (E);
+* the admission watermark: vLLM admits a waiting request, while others run, only if
+  F - ``watermark_blocks`` covers its blocks, so headroom = max(F - W, 0).
 
-B is the manager's ``block_size``, which already includes the decode-context
-parallel factor (``kv_cache_spec.block_size * dcp_world_size``); the scheduler
-config's block size does not.
+Tokens. With one KV-cache group of block size B (the manager's ``block_size``, which
+already includes the decode-context-parallel factor ``kv_cache_spec.block_size *
+dcp_world_size``; the cache config's block size does not), ``limit = (N - 1) * B`` and
+every count is exact: ``tokens(x) = x * B``. Several groups (hybrid models: full plus
+sliding-window attention, Mamba) draw blocks of different sizes from one shared pool, so
+no B exists; the limit is then vLLM's own group-aware capacity
+``cache_config.kv_cache_size_tokens`` (requests of ``max_model_len`` that fit, times
+``max_model_len``) and blocks convert at the pool's average rate,
+``tokens(x) = floor(x * limit / (N - 1))``: the share of that capacity x blocks stand
+for. The same formula gives x * B for one group, so there is one conversion.
+``used = tokens(U)`` and ``free = limit - used``, so used + free = limit always.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class GroupLayout(NamedTuple):
+    """One KV-cache group: vLLM's name of its attention type and its tokens per block."""
+
+    kind: str
+    block_size: int
 
 
 @dataclass(frozen=True)
@@ -28,53 +43,110 @@ class PoolLayout:
 
     num_blocks: int
     """All blocks of the pool, the reserved null block included (N)."""
-    block_size: int
-    """Tokens per block of the single group's manager (B); 0 if there are several groups."""
-    num_groups: int
-    """KV-cache groups sharing the pool; more than one for hybrid models."""
+    limit_tokens: int | None
+    """Token capacity: (N - 1) x B for one group, vLLM's ``kv_cache_size_tokens`` for several;
+    None where neither is known (token values are then not reported)."""
+    watermark_blocks: int = 0
+    """Blocks vLLM keeps free when admitting a waiting request while others run."""
+    groups: tuple[GroupLayout, ...] = ()
+    """The KV-cache groups sharing the pool, in vLLM's group order."""
+
+    @property
+    def allocatable_blocks(self) -> int:
+        return self.num_blocks - 1
 
     @property
     def is_hybrid(self) -> bool:
-        return self.num_groups != 1
+        return len(self.groups) > 1
+
+    def tokens(self, blocks: int) -> int | None:
+        """What ``blocks`` blocks hold, in tokens (see the module docstring)."""
+        if self.limit_tokens is None or self.allocatable_blocks <= 0:
+            return None
+        return blocks * self.limit_tokens // self.allocatable_blocks
 
 
 @dataclass(frozen=True)
-class KVCacheTokens:
-    """Occupancy of one engine's KV cache; tokens are None for hybrid models."""
+class KVCacheOccupancy:
+    """One engine's pool at one moment, in blocks and (where the limit is known) tokens."""
 
     utilization: float
+    limit_blocks: int
     used_blocks: int
     free_blocks: int
+    evictable_blocks: int
+    headroom_blocks: int
     limit_tokens: int | None
     used_tokens: int | None
     free_tokens: int | None
+    evictable_tokens: int | None
+    headroom_tokens: int | None
+
+
+def occupancy(layout: PoolLayout, free_blocks: int, evictable_blocks: int = 0) -> KVCacheOccupancy:
+    """The occupancy that ``free_blocks`` free (``evictable_blocks`` of them prefix-cached) describe."""
+    allocatable = layout.allocatable_blocks
+    used_blocks = allocatable - free_blocks
+    headroom_blocks = max(free_blocks - layout.watermark_blocks, 0)
+    # Same expression as BlockPool.get_usage, so the float is bit-identical.
+    utilization = 1.0 - (free_blocks / allocatable) if allocatable else 0.0
+    used_tokens = layout.tokens(used_blocks)
+    limit = layout.limit_tokens if used_tokens is not None else None
+    return KVCacheOccupancy(
+        utilization, allocatable, used_blocks, free_blocks, evictable_blocks, headroom_blocks,
+        limit, used_tokens, None if limit is None else limit - used_tokens,
+        layout.tokens(evictable_blocks), layout.tokens(headroom_blocks),
+    )
 
 
 def read_layout(scheduler: Any) -> PoolLayout:
-    """Read N, B and the group count from a built ``Scheduler``."""
+    """Read N, the groups, the watermark and the token capacity from a built ``Scheduler``."""
     manager = scheduler.kv_cache_manager
-    groups = len(manager.kv_cache_config.kv_cache_groups)
-    block_size = manager.coordinator.single_type_managers[0].block_size if groups == 1 else 0
-    return PoolLayout(manager.block_pool.num_gpu_blocks, block_size, groups)
+    kv_cache_config = manager.kv_cache_config
+    managers = manager.coordinator.single_type_managers
+    groups = tuple(
+        GroupLayout(_group_kind(group.kv_cache_spec), group_manager.block_size)
+        for group, group_manager in zip(kv_cache_config.kv_cache_groups, managers)
+    )
+    num_blocks = manager.block_pool.num_gpu_blocks
+    if len(groups) == 1:
+        limit = (num_blocks - 1) * groups[0].block_size
+    else:
+        limit = _group_aware_capacity(scheduler.vllm_config, kv_cache_config)
+    watermark = int(getattr(manager, "watermark_blocks", 0))
+    return PoolLayout(num_blocks, limit, watermark, groups)
+
+
+def _group_kind(spec: Any) -> str:
+    """vLLM's own name of a group's attention type (``full_attention``, ``sliding_window``, ...)."""
+    try:
+        from vllm.v1.kv_cache_interface import get_kv_cache_spec_kind
+    except ImportError:  # not in every release: fall back to the spec's class name
+        return type(spec).__name__
+    return str(get_kv_cache_spec_kind(spec).value)
+
+
+def _group_aware_capacity(vllm_config: Any, kv_cache_config: Any) -> int | None:
+    """``cache_config.kv_cache_size_tokens``, as the engine core sets it before building the scheduler.
+
+    A scheduler built outside an engine core has none; vLLM's own function computes it then.
+    """
+    size = getattr(vllm_config.cache_config, "kv_cache_size_tokens", None)
+    if size is not None:
+        return int(size)
+    try:
+        from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
+    except ImportError:
+        return None
+    concurrency = get_max_concurrency_for_kv_cache_config(vllm_config, kv_cache_config)
+    if not math.isfinite(concurrency):
+        return None
+    return int(concurrency * vllm_config.model_config.max_model_len)
 
 
 def free_block_reader(scheduler: Any):
     """Return the pool's bound ``get_num_free_blocks``: the per-step read is this one call."""
     return scheduler.kv_cache_manager.block_pool.get_num_free_blocks
-
-
-def to_tokens(layout: PoolLayout, free_blocks: int) -> KVCacheTokens:
-    """Turn a free-block count into the occupancy vLLM's ``kv_cache_usage`` describes."""
-    allocatable = layout.num_blocks - 1
-    used_blocks = allocatable - free_blocks
-    # Same expression as BlockPool.get_usage, so the float is bit-identical.
-    utilization = 1.0 - (free_blocks / allocatable) if allocatable else 0.0
-    if layout.is_hybrid:
-        return KVCacheTokens(utilization, used_blocks, free_blocks, None, None, None)
-    size = layout.block_size
-    return KVCacheTokens(
-        utilization, used_blocks, free_blocks, allocatable * size, used_blocks * size, free_blocks * size
-    )
 
 
 def read_engine_identity(scheduler: Any) -> tuple[int, str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from otel_vllm_kv import span_attributes as names
-from otel_vllm_kv.kv_cache import PoolLayout, to_tokens
+from otel_vllm_kv.kv_cache import PoolLayout, occupancy
 
 RELAY_KEY = "x-otel-vllm-kv"
 
@@ -29,8 +29,8 @@ class KVCacheEvent(NamedTuple):
     time_ns: int
     engine_index: int
     num_blocks: int
-    block_size: int
-    num_groups: int
+    limit_tokens: int
+    """The pool's token capacity; -1 where it is unknown."""
     free_blocks: int
     own_blocks: int = 0
     cached_tokens: int = 0
@@ -39,7 +39,7 @@ class KVCacheEvent(NamedTuple):
 
     def pool_attributes(self) -> dict:
         """Occupancy of the engine's pool at the event, as span attributes."""
-        tokens = to_tokens(PoolLayout(self.num_blocks, self.block_size, self.num_groups), self.free_blocks)
+        tokens = occupancy(self._layout(), self.free_blocks)
         attributes = {
             names.ENGINE_INDEX: self.engine_index,
             names.ADMISSION_UTILIZATION: tokens.utilization,
@@ -52,14 +52,18 @@ class KVCacheEvent(NamedTuple):
             attributes[names.ADMISSION_LIMIT_TOKENS] = tokens.limit_tokens
         return attributes
 
+    def _layout(self) -> PoolLayout:
+        return PoolLayout(self.num_blocks, None if self.limit_tokens < 0 else self.limit_tokens)
+
     def attributes(self) -> dict:
         """Everything the event says about the request, as span attributes."""
         attributes = self.pool_attributes()
         if self.kind == PREEMPTED:
             return attributes
         attributes[names.REQUEST_KV_BLOCKS] = self.own_blocks
-        if self.num_groups == 1:
-            attributes[names.REQUEST_KV_TOKENS] = self.own_blocks * self.block_size
+        own_tokens = self._layout().tokens(self.own_blocks)
+        if own_tokens is not None:
+            attributes[names.REQUEST_KV_TOKENS] = own_tokens
         attributes[names.CACHE_READ_INPUT_TOKENS] = self.cached_tokens
         attributes[names.ADMISSION_QUEUE_DURATION] = self.queue_seconds
         attributes[names.ADMISSION_WAITING_REQUESTS] = self.waiting
@@ -68,7 +72,7 @@ class KVCacheEvent(NamedTuple):
 
 # Encoding runs in the engine at every admission: one %-format per record (about 4x cheaper
 # than json here); records are separated by ";", fields by ",", the kind is a fixed word.
-_FORMAT = "%s,%d,%d,%d,%d,%d,%d,%d,%d,%d,%r,%d"
+_FORMAT = "%s,%d,%d,%d,%d,%d,%d,%d,%d,%r,%d"
 _PARSERS = tuple(str if name == "kind" else float if name == "queue_seconds" else int
                  for name in KVCacheEvent._fields)
 

@@ -7,7 +7,8 @@ every engine step (also when stats are disabled, then returning None), after the
 step's finished requests were freed; ``Scheduler.finish_requests`` frees aborted
 requests between steps, when an idle engine would otherwise run no step at all.
 Publishing after both keeps the snapshot equal to the pool's state at the last
-change, also once the engine is idle. The admission path is wrapped too (``admission``).
+change, also once the engine is idle. The admission path is wrapped too (``admission``), and
+the block pool's free-queue moves, to count evictable prefix-cache blocks (``prefix_cache``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from otel_vllm_kv import admission
+from otel_vllm_kv import admission, prefix_cache
 from otel_vllm_kv.kv_cache import PoolLayout, free_block_reader, read_engine_identity, read_layout
 from otel_vllm_kv.patching import apply_patches, remove_patches
 from otel_vllm_kv.relay import SnapshotWriter
@@ -29,15 +30,20 @@ KV_CACHE_MANAGER_MODULE = "vllm.v1.core.kv_cache_manager"
 
 
 class EngineProbe:
-    """One scheduler's view: publishes its free-block count when it changes."""
+    """One scheduler's view: publishes its free and evictable block counts when they change."""
 
-    __slots__ = ("_free_blocks", "_writer", "_last", "close", "layout", "engine_index", "scheduler")
+    __slots__ = ("_free_blocks", "_evictable", "_writer", "_last", "_last_version", "close", "layout",
+                 "limit_tokens", "engine_index", "scheduler")
 
     def __init__(self, scheduler: Any, writer: SnapshotWriter, layout: PoolLayout, engine_index: int) -> None:
         self._free_blocks = free_block_reader(scheduler)
+        self._evictable = prefix_cache.watch(scheduler.kv_cache_manager.block_pool, len(layout.groups))
         self._writer = writer
         self._last = -1
+        self._last_version = -1
         self.layout = layout
+        #: As admission records carry it: -1 where the capacity is unknown.
+        self.limit_tokens = -1 if layout.limit_tokens is None else layout.limit_tokens
         self.engine_index = engine_index
         self.scheduler = weakref.ref(scheduler)
         #: Withdraws the relay file, at the latest when the scheduler is garbage-collected.
@@ -48,9 +54,13 @@ class EngineProbe:
 
     def publish(self) -> None:
         free_blocks = self._free_blocks()
-        if free_blocks != self._last:
+        evictable = self._evictable
+        if free_blocks != self._last or evictable.version != self._last_version:
+            if evictable.failed:
+                raise RuntimeError("a block-pool hook failed: the evictable count is no longer exact")
             self._last = free_blocks
-            self._writer.write(free_blocks)
+            self._last_version = evictable.version
+            self._writer.write(free_blocks, evictable.per_group)
 
 
 class _ProbeRegistry:
@@ -85,6 +95,7 @@ class _ProbeRegistry:
             probe = self._probes.pop(scheduler, None)
             if probe is not None:
                 probe.close()
+                prefix_cache.forget(scheduler.kv_cache_manager.block_pool)
             self._probes[scheduler] = None  # a stopped engine publishes nothing more
         except Exception:  # noqa: BLE001
             self.give_up(scheduler)
@@ -100,10 +111,10 @@ class _ProbeRegistry:
         if self.relay_directory is None:
             return None
         layout = read_layout(scheduler)
-        if layout.is_hybrid:
+        if layout.limit_tokens is None:
             _logger.warning(
-                "KV cache has %d groups (hybrid model): token gauges are not reported for it, "
-                "only vllm.kv_cache.utilization", layout.num_groups,
+                "vLLM reports no token capacity for this KV cache (%d groups): "
+                "it is reported in blocks only", len(layout.groups),
             )
         engine_index, model_name = read_engine_identity(scheduler)
         writer = SnapshotWriter(self.relay_directory, engine_index, model_name, layout)
@@ -117,6 +128,7 @@ class _ProbeRegistry:
             probe = self._probes.get(scheduler)
             self._probes[scheduler] = None
             self._by_manager.pop(scheduler.kv_cache_manager, None)
+            prefix_cache.forget(scheduler.kv_cache_manager.block_pool)
             if probe is not None:
                 probe.close()
         except Exception:  # noqa: BLE001
@@ -173,6 +185,7 @@ PATCHES = (
     (SCHEDULER_MODULE, "Scheduler._preempt_request", _observe(admission.record_preemption)),
     (KV_CACHE_MANAGER_MODULE, "KVCacheManager.record_prefix_cache_stats", _observe(admission.record_prefix_hits)),
     (KV_CACHE_MANAGER_MODULE, "KVCacheManager.get_blocks", _observe(admission.record_admission)),
+    *prefix_cache.PATCHES,
 )
 
 
@@ -186,3 +199,4 @@ def remove_probe() -> None:
     remove_patches(PATCHES)
     registry.clear()
     admission.clear()
+    prefix_cache.clear()

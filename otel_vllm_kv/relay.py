@@ -17,23 +17,40 @@ import struct
 import time
 from dataclasses import dataclass
 
-from otel_vllm_kv.kv_cache import PoolLayout
+from otel_vllm_kv.kv_cache import GroupLayout, KVCacheOccupancy, PoolLayout, occupancy
 
 _MAGIC = b"OVKV"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _MODEL_NAME_BYTES = 256
-# magic, format version, model name length, engine index, writer pid, N, B, groups, padding, name
-_HEADER = struct.Struct(f"<4sHHiIQQII{_MODEL_NAME_BYTES}s")
-# The seqlock's sequence number, then the values that change every step.
+_GROUPS_BYTES = 512
+# magic, format version, model name length, engine index, writer pid, N, limit tokens (-1: unknown),
+# watermark blocks, groups text length, number of groups, model name, groups ("kind:block_size;...")
+_HEADER = struct.Struct(f"<4sHHiIQqQII{_MODEL_NAME_BYTES}s{_GROUPS_BYTES}s")
+# The seqlock's sequence number, then the values that change: free blocks, evictable blocks per group.
 _SEQUENCE = struct.Struct("<Q")
-_VALUES = struct.Struct("<q")
 _SEQUENCE_OFFSET = _HEADER.size
 _VALUES_OFFSET = _SEQUENCE_OFFSET + _SEQUENCE.size
-_FILE_SIZE = _VALUES_OFFSET + _VALUES.size
 _FILE_PREFIX = "engine-"
 _READ_ATTEMPTS = 64
 
 _file_counter = itertools.count()
+
+
+def _values_struct(num_groups: int) -> struct.Struct:
+    return struct.Struct(f"<q{max(num_groups, 1)}q")
+
+
+def _encode_groups(layout: PoolLayout) -> bytes:
+    encoded = ";".join(f"{group.kind}:{group.block_size}" for group in layout.groups).encode("ascii")
+    if len(encoded) > _GROUPS_BYTES:
+        raise ValueError(f"{len(layout.groups)} KV-cache groups do not fit in a relay header")
+    return encoded
+
+
+def _decode_groups(text: str) -> tuple[GroupLayout, ...]:
+    if not text:
+        return ()
+    return tuple(GroupLayout(kind, int(size)) for kind, _, size in (item.rpartition(":") for item in text.split(";")))
 
 
 @dataclass(frozen=True)
@@ -45,12 +62,17 @@ class EngineSnapshot:
     pid: int
     layout: PoolLayout
     free_blocks: int
+    evictable_blocks: tuple[int, ...]
+    """Evictable prefix-cache blocks per KV-cache group (part of the free blocks)."""
+
+    def occupancy(self) -> KVCacheOccupancy:
+        return occupancy(self.layout, self.free_blocks, sum(self.evictable_blocks))
 
 
 class SnapshotWriter:
     """Engine-core side: owns one relay file and rewrites its record in place."""
 
-    __slots__ = ("_map", "_path", "_sequence")
+    __slots__ = ("_map", "_path", "_sequence", "_values")
 
     def __init__(self, directory: str, engine_index: int, model_name: str, layout: PoolLayout) -> None:
         pid = os.getpid()
@@ -58,24 +80,28 @@ class SnapshotWriter:
         temporary = os.path.join(directory, f".{name}")
         self._path = os.path.join(directory, name)
         encoded = model_name.encode("utf-8")[:_MODEL_NAME_BYTES]
+        groups = _encode_groups(layout)
+        self._values = _values_struct(len(layout.groups))
+        size = _VALUES_OFFSET + self._values.size
         descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(descriptor, _FILE_SIZE)
-            self._map = mmap.mmap(descriptor, _FILE_SIZE)
+            os.ftruncate(descriptor, size)
+            self._map = mmap.mmap(descriptor, size)
         finally:
             os.close(descriptor)
+        limit = -1 if layout.limit_tokens is None else layout.limit_tokens
         _HEADER.pack_into(
-            self._map, 0, _MAGIC, _FORMAT_VERSION, len(encoded), engine_index, pid,
-            layout.num_blocks, layout.block_size, layout.num_groups, 0, encoded,
+            self._map, 0, _MAGIC, _FORMAT_VERSION, len(encoded), engine_index, pid, layout.num_blocks,
+            limit, layout.watermark_blocks, len(groups), len(layout.groups), encoded, groups,
         )
         self._sequence = 0
         os.rename(temporary, self._path)
 
-    def write(self, free_blocks: int) -> None:
+    def write(self, free_blocks: int, evictable_blocks: list[int]) -> None:
         """Publish one record; the odd sequence number marks it as being rewritten."""
         sequence = self._sequence + 1
         _SEQUENCE.pack_into(self._map, _SEQUENCE_OFFSET, sequence)
-        _VALUES.pack_into(self._map, _VALUES_OFFSET, free_blocks)
+        self._values.pack_into(self._map, _VALUES_OFFSET, free_blocks, *evictable_blocks)
         self._sequence = sequence + 1
         _SEQUENCE.pack_into(self._map, _SEQUENCE_OFFSET, self._sequence)
 
@@ -88,29 +114,36 @@ class SnapshotWriter:
 
 
 class _MappedFile:
-    __slots__ = ("map", "engine_index", "model_name", "pid", "layout")
+    __slots__ = ("map", "engine_index", "model_name", "pid", "layout", "_values")
 
     def __init__(self, path: str) -> None:
         with open(path, "rb") as handle:
-            self.map = mmap.mmap(handle.fileno(), _FILE_SIZE, access=mmap.ACCESS_READ)
-        (magic, version, name_length, self.engine_index, self.pid, num_blocks, block_size,
-         num_groups, _, name) = _HEADER.unpack_from(self.map, 0)
-        if magic != _MAGIC or version != _FORMAT_VERSION:
+            self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            (magic, version, name_length, self.engine_index, self.pid, num_blocks, limit, watermark,
+             groups_length, num_groups, name, groups) = _HEADER.unpack_from(self.map, 0)
+            if magic != _MAGIC or version != _FORMAT_VERSION:
+                raise ValueError(f"{path} is not a version {_FORMAT_VERSION} relay file")
+            self._values = _values_struct(num_groups)
+            if len(self.map) < _VALUES_OFFSET + self._values.size:
+                raise ValueError(f"{path} is truncated")
+        except (ValueError, struct.error) as error:
             self.map.close()
-            raise ValueError(f"{path} is not a version {_FORMAT_VERSION} relay file")
+            raise ValueError(f"{path} is not a readable relay file") from error
         self.model_name = name[:name_length].decode("utf-8", "replace")
-        self.layout = PoolLayout(num_blocks, block_size, num_groups)
+        layout_groups = _decode_groups(groups[:groups_length].decode("ascii", "replace"))
+        self.layout = PoolLayout(num_blocks, None if limit < 0 else limit, watermark, layout_groups)
 
-    def read_free_blocks(self) -> int | None:
-        """Read a consistent record, or None if nothing was published yet."""
+    def read_values(self) -> tuple[int, ...] | None:
+        """Read a consistent record (free blocks, evictable per group), or None if nothing was published yet."""
         for _ in range(_READ_ATTEMPTS):
             (before,) = _SEQUENCE.unpack_from(self.map, _SEQUENCE_OFFSET)
             if before & 1:
                 continue
-            (free_blocks,) = _VALUES.unpack_from(self.map, _VALUES_OFFSET)
+            values = self._values.unpack_from(self.map, _VALUES_OFFSET)
             (after,) = _SEQUENCE.unpack_from(self.map, _SEQUENCE_OFFSET)
             if before == after:
-                return free_blocks if before else None
+                return values if before else None
         return None
 
 
@@ -164,12 +197,12 @@ class SnapshotReader:
             if not is_alive(mapped.pid):
                 self._discard(name, unlink=True)
                 continue
-            free_blocks = mapped.read_free_blocks()
-            if free_blocks is None:
+            values = mapped.read_values()
+            if values is None:
                 continue
             key = (mapped.engine_index, mapped.model_name)
             newest[key] = EngineSnapshot(
-                mapped.engine_index, mapped.model_name, mapped.pid, mapped.layout, free_blocks
+                mapped.engine_index, mapped.model_name, mapped.pid, mapped.layout, values[0], values[1:]
             )
         return list(newest.values())
 

@@ -14,11 +14,12 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from otel_vllm_kv.kv_cache import to_tokens
 from otel_vllm_kv.relay import SnapshotReader
 
 USAGE_TOKENS = "vllm:kv_cache_usage_tokens"
 LIMIT_TOKENS = "vllm:kv_cache_limit_tokens"
+EVICTABLE_TOKENS = "vllm:kv_cache_evictable_tokens"
+HEADROOM_TOKENS = "vllm:kv_cache_admission_headroom_tokens"
 _LABELS = ["model_name", "engine"]
 _logger = logging.getLogger(__name__)
 
@@ -41,31 +42,40 @@ class RelayCollector:
         usage = GaugeMetricFamily(
             USAGE_TOKENS, "KV-cache tokens by state (used or free); used + free = limit.", labels=[*_LABELS, "state"]
         )
-        limit = GaugeMetricFamily(
-            LIMIT_TOKENS, "Allocatable KV-cache tokens: (blocks - 1 reserved null block) x block size.", labels=_LABELS
-        )
+        per_engine = {
+            "limit_tokens": GaugeMetricFamily(
+                LIMIT_TOKENS, "KV-cache token capacity: (blocks - 1 reserved null block) x block size, "
+                "or vLLM's kv_cache_size_tokens for hybrid models.", labels=_LABELS,
+            ),
+            "evictable_tokens": GaugeMetricFamily(
+                EVICTABLE_TOKENS, "Free KV-cache tokens still holding an unreferenced cached prefix.", labels=_LABELS
+            ),
+            "headroom_tokens": GaugeMetricFamily(
+                HEADROOM_TOKENS, "Free KV-cache tokens beyond vLLM's admission watermark.", labels=_LABELS
+            ),
+        }
         try:
-            self._add_engines(usage, limit)
+            self._add_engines(usage, per_engine)
         except Exception:  # A failure here must not turn vLLM's whole /metrics into an error.
             if not self._warned:
                 self._warned = True
                 _logger.warning("otel-vllm-kv: cannot read the KV-cache relay for /metrics", exc_info=True)
             return
         yield usage
-        yield limit
+        yield from per_engine.values()
 
-
-    def _add_engines(self, usage: Any, limit: Any) -> None:
+    def _add_engines(self, usage: Any, per_engine: dict[str, Any]) -> None:
         # A forked child inherits the registry; only the owner reports.
         snapshots = self._reader.read() if os.getpid() == self._owner_pid else []
         for snapshot in snapshots:
-            tokens = to_tokens(snapshot.layout, snapshot.free_blocks)
-            if tokens.limit_tokens is None:
+            occupancy = snapshot.occupancy()
+            if occupancy.limit_tokens is None:
                 continue
             labels = [snapshot.model_name, str(snapshot.engine_index)]
-            usage.add_metric([*labels, "used"], tokens.used_tokens)
-            usage.add_metric([*labels, "free"], tokens.free_tokens)
-            limit.add_metric(labels, tokens.limit_tokens)
+            usage.add_metric([*labels, "used"], occupancy.used_tokens)
+            usage.add_metric([*labels, "free"], occupancy.free_tokens)
+            for field, family in per_engine.items():
+                family.add_metric(labels, getattr(occupancy, field))
 
 
 _registered: RelayCollector | None = None

@@ -11,7 +11,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
@@ -28,37 +28,59 @@ def build_scheduler(
     log_stats: bool = True,
     enable_prefix_caching: bool = True,
     max_num_seqs: int = 16,
+    sliding_window: int | None = None,
+    watermark: float = 0.0,
+    decode_context_parallel_size: int = 1,
 ) -> Scheduler:
-    """A real Scheduler over a real KVCacheManager with ``num_blocks`` blocks (one is vLLM's null block)."""
+    """A real Scheduler over a real KVCacheManager with ``num_blocks`` blocks (one is vLLM's null block).
+
+    With ``sliding_window``, the model is hybrid as Gemma 2 is: a full-attention KV-cache group
+    and a sliding-window one, sharing the pool. With ``decode_context_parallel_size`` > 1 the
+    scheduler is the one a DCP rank builds; only its block accounting runs here (no workers).
+    """
     model_config = ModelConfig(
         model=model_dir, max_model_len=2048, dtype="float32", seed=0, served_model_name=served_model_name
     )
     cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
     cache_config.num_gpu_blocks = num_blocks
     scheduler_config = SchedulerConfig(
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, max_num_seqs), max_model_len=2048, is_encoder_decoder=False
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, max_num_seqs), max_model_len=2048,
+        is_encoder_decoder=False, watermark=watermark,
     )
     vllm_config = VllmConfig(
         model_config=model_config, cache_config=cache_config,
         scheduler_config=scheduler_config, parallel_config=ParallelConfig(),
     )
     vllm_config.parallel_config.data_parallel_index = data_parallel_index
-    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32)
-    kv_cache_config = KVCacheConfig(
-        num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)]
-    )
+    # Set after validation, which wants as many tensor-parallel ranks as DCP ones.
+    vllm_config.parallel_config.decode_context_parallel_size = decode_context_parallel_size
+    groups = [KVCacheGroupSpec(["layer"], FullAttentionSpec(
+        block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32
+    ))]
+    if sliding_window is not None:
+        groups.append(KVCacheGroupSpec(["window_layer"], SlidingWindowSpec(
+            block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32, sliding_window=sliding_window
+        )))
+    kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
     return Scheduler(
         vllm_config=vllm_config, kv_cache_config=kv_cache_config,
         structured_output_manager=StructuredOutputManager(vllm_config),
-        block_size=block_size, log_stats=log_stats,
+        # EngineCore passes the scheduler's block size with the DCP factor in it.
+        block_size=block_size * decode_context_parallel_size, log_stats=log_stats,
     )
 
 
-def make_request(scheduler: Scheduler, num_prompt_tokens: int, max_tokens: int = 8, first_token: int = 0) -> Request:
+def make_request(
+    scheduler: Scheduler, num_prompt_tokens: int, max_tokens: int = 8, first_token: int = 0,
+    prompt_token_ids: list[int] | None = None,
+) -> Request:
+    """A request of consecutive token ids from ``first_token``, or of ``prompt_token_ids``."""
     init_none_hash(sha256)
+    if prompt_token_ids is None:
+        prompt_token_ids = list(range(first_token, first_token + num_prompt_tokens))
     return Request(
         f"req-{next(_request_ids)}",
-        list(range(first_token, first_token + num_prompt_tokens)),
+        prompt_token_ids,
         SamplingParams(max_tokens=max_tokens, ignore_eos=True),
         None,
         block_hasher=get_request_block_hasher(scheduler.block_size, sha256),

@@ -1,13 +1,15 @@
-"""Token accounting on real vLLM schedulers, against hand-computed block counts."""
+"""Token accounting on real vLLM schedulers, against hand-computed block counts and vLLM's own figures."""
 
 from __future__ import annotations
 
-from otel_vllm_kv.kv_cache import read_engine_identity, read_layout, to_tokens
+import pytest
+
+from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout, occupancy, read_engine_identity, read_layout
 from schedulers import Stepper, build_scheduler, make_request
 
 
 def tokens_of(scheduler):
-    return to_tokens(read_layout(scheduler), scheduler.kv_cache_manager.block_pool.get_num_free_blocks())
+    return occupancy(read_layout(scheduler), scheduler.kv_cache_manager.block_pool.get_num_free_blocks())
 
 
 def test_empty_pool_excludes_the_null_block(tiny_model_dir):
@@ -56,17 +58,88 @@ def test_finished_requests_leave_prefix_cached_blocks_free(tiny_model_dir):
 def test_block_size_is_the_managers_not_the_cache_configs(tiny_model_dir):
     scheduler = build_scheduler(tiny_model_dir, num_blocks=9, block_size=32)
     manager_block_size = scheduler.kv_cache_manager.coordinator.single_type_managers[0].block_size
-    assert read_layout(scheduler).block_size == manager_block_size == 32
+    assert read_layout(scheduler).groups[0].block_size == manager_block_size == 32
     assert tokens_of(scheduler).limit_tokens == 8 * 32
 
 
-def test_hybrid_layout_reports_no_tokens():
-    from otel_vllm_kv.kv_cache import PoolLayout
-
-    tokens = to_tokens(PoolLayout(num_blocks=11, block_size=0, num_groups=2), free_blocks=4)
-    assert tokens.used_tokens is tokens.free_tokens is tokens.limit_tokens is None
+def test_without_a_known_capacity_only_blocks_are_reported():
+    tokens = occupancy(PoolLayout(num_blocks=11, limit_tokens=None), free_blocks=4)
+    assert tokens.used_tokens is tokens.free_tokens is tokens.limit_tokens is tokens.headroom_tokens is None
     assert tokens.utilization == 1.0 - 4 / 10
-    assert tokens.used_blocks == 6
+    assert (tokens.used_blocks, tokens.free_blocks, tokens.limit_blocks) == (6, 4, 10)
+
+
+def test_hybrid_limit_is_vllms_group_aware_capacity(tiny_model_dir):
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
+
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16, sliding_window=32)
+    layout = read_layout(scheduler)
+    manager = scheduler.kv_cache_manager
+    expected, _ = get_kv_cache_capacity(scheduler.vllm_config, manager.kv_cache_config)
+    assert type(manager.coordinator).__name__ == "HybridKVCacheCoordinator"
+    assert layout.groups == (GroupLayout("full_attention", 16), GroupLayout("sliding_window", 16))
+    # 40 blocks x 16 would say 640 tokens. A 2,048-token request needs 128 full-attention blocks and
+    # 129 window blocks (the window plus a whole 2,048-token prefill chunk): 41 / 257 such requests fit.
+    assert layout.limit_tokens == expected == 41 * 2048 // (128 + 129) < 40 * 16
+
+
+def test_hybrid_used_and_free_add_up_and_utilization_is_vllms(tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16, sliding_window=32)
+    stepper = Stepper(scheduler)
+    for first in (0, 1000, 2000):
+        scheduler.add_request(make_request(scheduler, 100, max_tokens=60, first_token=first))
+    seen = set()
+    while scheduler.has_requests():
+        stepper.step()
+        tokens = tokens_of(scheduler)
+        assert tokens.utilization == stepper.stats[-1].kv_cache_usage
+        assert tokens.used_tokens + tokens.free_tokens == tokens.limit_tokens
+        assert tokens.used_tokens == tokens.used_blocks * tokens.limit_tokens // 40
+        seen.add(tokens.used_blocks)
+    assert len(seen) > 3
+
+
+def test_admission_headroom_is_free_blocks_beyond_vllms_watermark(tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=21, block_size=16, watermark=0.2)
+    assert read_layout(scheduler).watermark_blocks == scheduler.kv_cache_manager.watermark_blocks == 4
+    stepper = Stepper(scheduler)
+    scheduler.add_request(make_request(scheduler, 200, max_tokens=100))  # 13 blocks: 7 free, headroom 3
+    stepper.step()
+    tokens = tokens_of(scheduler)
+    assert (tokens.free_blocks, tokens.headroom_blocks, tokens.headroom_tokens) == (7, 3, 48)
+    # vLLM agrees: a 4-block request waits (7 - 4 < 4), a 3-block one is admitted.
+    scheduler.add_request(make_request(scheduler, 60, max_tokens=100, first_token=5000))
+    stepper.step()
+    assert len(scheduler.running) == 1
+    scheduler.finish_requests(list(scheduler.requests)[1:], _finished_aborted())
+    scheduler.add_request(make_request(scheduler, 40, max_tokens=100, first_token=6000))
+    stepper.step()
+    assert len(scheduler.running) == 2
+
+
+def _finished_aborted():
+    from vllm.v1.request import RequestStatus
+
+    return RequestStatus.FINISHED_ABORTED
+
+
+def test_headroom_is_never_negative():
+    tokens = occupancy(PoolLayout(num_blocks=11, limit_tokens=160, watermark_blocks=3), free_blocks=2)
+    assert (tokens.headroom_blocks, tokens.headroom_tokens) == (0, 0)
+
+
+def test_decode_context_parallel_multiplies_the_block_size(tiny_model_dir):
+    """DCP spreads each block over its ranks: the manager's block size is spec block size x DCP size."""
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16, decode_context_parallel_size=2)
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    assert (manager.dcp_world_size, manager.block_size) == (2, 32)
+    layout = read_layout(scheduler)
+    assert layout.groups == (GroupLayout("full_attention", 32),) and layout.limit_tokens == 10 * 32
+    scheduler.add_request(make_request(scheduler, num_prompt_tokens=40, max_tokens=100))
+    Stepper(scheduler).step()
+    tokens = tokens_of(scheduler)
+    # 40 tokens fill 2 blocks of 32 (with the cache config's 16 it would be 3 blocks, 48 tokens).
+    assert (tokens.used_blocks, tokens.used_tokens, tokens.free_tokens) == (2, 64, 256)
 
 
 def test_engine_identity(tiny_model_dir):

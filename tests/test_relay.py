@@ -7,18 +7,18 @@ import os
 import stat
 import time
 
-from otel_vllm_kv.kv_cache import PoolLayout
+from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout
 from otel_vllm_kv.relay import SnapshotReader, SnapshotWriter, is_alive
 
-LAYOUT = PoolLayout(num_blocks=64, block_size=128, num_groups=1)
+LAYOUT = PoolLayout(num_blocks=64, limit_tokens=63 * 128, groups=(GroupLayout("full_attention", 128),))
 
 
 def test_reader_sees_the_latest_record(tmp_path):
     writer = SnapshotWriter(str(tmp_path), engine_index=0, model_name="tiny", layout=LAYOUT)
     reader = SnapshotReader(str(tmp_path))
     assert reader.read() == [], "nothing published yet"
-    writer.write(63)
-    writer.write(40)
+    writer.write(63, [0])
+    writer.write(40, [0])
     (snapshot,) = reader.read()
     assert (snapshot.engine_index, snapshot.model_name, snapshot.pid) == (0, "tiny", os.getpid())
     assert (snapshot.layout, snapshot.free_blocks) == (LAYOUT, 40)
@@ -26,7 +26,7 @@ def test_reader_sees_the_latest_record(tmp_path):
 
 def test_a_record_being_rewritten_is_not_read(tmp_path):
     writer = SnapshotWriter(str(tmp_path), engine_index=0, model_name="tiny", layout=LAYOUT)
-    writer.write(40)
+    writer.write(40, [0])
     reader = SnapshotReader(str(tmp_path))
     writer._sequence += 1  # as if the writer were between its two sequence stores
     from otel_vllm_kv.relay import _SEQUENCE, _SEQUENCE_OFFSET
@@ -37,7 +37,7 @@ def test_a_record_being_rewritten_is_not_read(tmp_path):
 
 def test_closed_writer_disappears(tmp_path):
     writer = SnapshotWriter(str(tmp_path), engine_index=0, model_name="tiny", layout=LAYOUT)
-    writer.write(1)
+    writer.write(1, [0])
     reader = SnapshotReader(str(tmp_path))
     assert len(reader.read()) == 1
     writer.close()
@@ -46,7 +46,7 @@ def test_closed_writer_disappears(tmp_path):
 
 
 def _write_and_exit(directory: str) -> None:
-    SnapshotWriter(directory, engine_index=5, model_name="gone", layout=LAYOUT).write(3)
+    SnapshotWriter(directory, engine_index=5, model_name="gone", layout=LAYOUT).write(3, [0])
 
 
 def test_files_of_dead_writers_are_dropped_and_removed(tmp_path):
@@ -77,11 +77,11 @@ def test_an_unreaped_dead_writer_counts_as_dead(tmp_path):
 def test_one_series_per_engine_and_newest_file_wins(tmp_path):
     directory = str(tmp_path)
     old = SnapshotWriter(directory, engine_index=0, model_name="tiny", layout=LAYOUT)
-    old.write(10)
+    old.write(10, [0])
     new = SnapshotWriter(directory, engine_index=0, model_name="tiny", layout=LAYOUT)
-    new.write(20)
+    new.write(20, [0])
     other = SnapshotWriter(directory, engine_index=1, model_name="tiny", layout=LAYOUT)
-    other.write(30)
+    other.write(30, [0])
     snapshots = {s.engine_index: s.free_blocks for s in SnapshotReader(directory).read()}
     assert snapshots == {0: 20, 1: 30}
 
@@ -104,11 +104,11 @@ def test_writer_survives_its_reader_and_directory(tmp_path):
     for name in os.listdir(directory):
         os.unlink(directory / name)
     directory.rmdir()
-    writer.write(5)  # the owner is gone: the write lands in memory nobody reads
+    writer.write(5, [0])  # the owner is gone: the write lands in memory nobody reads
     writer.close()
 
 
 def test_long_model_names_are_truncated_not_rejected(tmp_path):
-    SnapshotWriter(str(tmp_path), 0, "m" * 1000, LAYOUT).write(1)
+    SnapshotWriter(str(tmp_path), 0, "m" * 1000, LAYOUT).write(1, [0])
     (snapshot,) = SnapshotReader(str(tmp_path)).read()
     assert snapshot.model_name == "m" * 256

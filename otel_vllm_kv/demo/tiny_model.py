@@ -42,6 +42,26 @@ def _llama_config(max_model_len: int) -> dict:
     }
 
 
+#: Tokens each sliding-window layer of the hybrid tiny model attends to.
+SLIDING_WINDOW = 256
+
+
+def _gemma2_config(max_model_len: int) -> dict:
+    """Gemma 2's layout: sliding-window and full-attention layers alternate, so vLLM builds two KV-cache groups."""
+    return {
+        **_llama_config(max_model_len),
+        "architectures": ["Gemma2ForCausalLM"],
+        "model_type": "gemma2",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": HIDDEN_SIZE // NUM_HEADS,
+        "sliding_window": SLIDING_WINDOW,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "tie_word_embeddings": True,
+    }
+
+
 def _byte_alphabet() -> list[str]:
     """GPT-2's byte-to-unicode table: the printable stand-in of each byte, in byte order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -100,11 +120,12 @@ def engine_kwargs(directory: str | Path, served_model_name: str = "tiny", **over
     return kwargs
 
 
-def build_tiny_model(directory: str | Path, max_model_len: int = MAX_MODEL_LEN) -> Path:
-    """Write a Llama-style config and a byte-level tokenizer into ``directory``."""
+def build_tiny_model(directory: str | Path, max_model_len: int = MAX_MODEL_LEN, hybrid: bool = False) -> Path:
+    """Write a Llama-style config (Gemma2-style with ``hybrid``) and a byte-level tokenizer into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(_llama_config(max_model_len)))
+    config = _gemma2_config(max_model_len) if hybrid else _llama_config(max_model_len)
+    (directory / "config.json").write_text(json.dumps(config))
     (directory / "generation_config.json").write_text(
         json.dumps({"bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID})
     )

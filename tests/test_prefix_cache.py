@@ -1,0 +1,125 @@
+"""The evictable prefix-cache count on real vLLM schedulers, against a full scan of vLLM's free queue."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from vllm.v1.core.kv_cache_utils import get_group_id
+from vllm.v1.request import RequestStatus
+
+from otel_vllm_kv import prefix_cache
+from otel_vllm_kv.kv_cache import occupancy, read_layout
+from otel_vllm_kv.patching import apply_patches, remove_patches
+from schedulers import Stepper, build_scheduler, make_request
+
+
+@pytest.fixture
+def hooks():
+    apply_patches(prefix_cache.PATCHES)
+    yield
+    remove_patches(prefix_cache.PATCHES)
+    prefix_cache.clear()
+
+
+def watched(scheduler) -> prefix_cache.EvictableBlocks:
+    return prefix_cache.watch(scheduler.kv_cache_manager.block_pool, len(read_layout(scheduler).groups))
+
+
+def scanned(scheduler) -> list[int]:
+    """What the counter must equal: cached blocks in vLLM's free queue, per group, by walking all of it."""
+    pool = scheduler.kv_cache_manager.block_pool
+    per_group = [0] * len(read_layout(scheduler).groups)
+    for block in pool.free_block_queue.get_all_free_blocks():
+        if block.block_hash is not None:
+            per_group[get_group_id(block.block_hash)] += 1
+    return per_group
+
+
+def evictable_tokens(scheduler, counter) -> int:
+    layout = read_layout(scheduler)
+    return occupancy(layout, scheduler.kv_cache_manager.block_pool.get_num_free_blocks(), counter.total).evictable_tokens
+
+
+PREFIX = 160  # 10 blocks of 16
+
+
+def test_a_finished_shared_prefix_is_evictable_until_a_new_request_reuses_it(hooks, tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16)
+    counter, stepper = watched(scheduler), Stepper(scheduler)
+    # Three requests: the same 160-token prefix, 5 tokens of their own, 4 generated: 10 full blocks each.
+    for suffix in range(3):
+        scheduler.add_request(make_request(scheduler, PREFIX + 5, max_tokens=4, first_token=0)
+                              if suffix == 0 else _with_prefix(scheduler, suffix))
+    stepper.run_until_idle()
+    assert scanned(scheduler) == [10]
+    assert counter.per_group == [10] and evictable_tokens(scheduler, counter) == PREFIX
+
+    scheduler.add_request(_with_prefix(scheduler, 7, max_tokens=50))
+    stepper.step()
+    assert stepper.stats[-1].prefix_cache_stats.hits == PREFIX, "the new request hits the whole prefix"
+    assert counter.per_group == scanned(scheduler) == [0]
+    stepper.run_until_idle()
+    assert counter.per_group == scanned(scheduler) and counter.total > 10  # its own full blocks joined
+
+    # A long unrelated prompt takes all free blocks: vLLM evicts the cached ones for it.
+    scheduler.add_request(make_request(scheduler, 40 * 16 - 10, max_tokens=2, first_token=50_000))
+    stepper.step()
+    assert counter.per_group == scanned(scheduler) == [0]
+
+
+def _with_prefix(scheduler, suffix: int, max_tokens: int = 4):
+    prompt = [*range(PREFIX), *(10_000 + 10 * suffix + i for i in range(5))]
+    return make_request(scheduler, len(prompt), max_tokens=max_tokens, prompt_token_ids=prompt)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 48], ids=["one group", "hybrid with sliding window"])
+def test_the_count_stays_exact_under_random_load(hooks, tiny_model_dir, sliding_window):
+    """Shared prefixes, preemptions (a small pool), aborts and a prefix-cache reset, checked every step."""
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=48, block_size=16, sliding_window=sliding_window)
+    counter, stepper, rng = watched(scheduler), Stepper(scheduler), random.Random(7)
+    prefixes = [[rng.randrange(30_000) for _ in range(96)] for _ in range(3)]
+    requests = []
+    for step in range(300):
+        if step < 240 and rng.random() < 0.4:
+            own = [rng.randrange(30_000) for _ in range(rng.randrange(1, 40))]
+            prompt = rng.choice(prefixes)[: rng.randrange(16, 96)] + own
+            requests.append(make_request(scheduler, len(prompt), rng.randrange(1, 60), prompt_token_ids=prompt))
+            scheduler.add_request(requests[-1])
+        if scheduler.running and rng.random() < 0.05:
+            scheduler.finish_requests([rng.choice(scheduler.running).request_id], RequestStatus.FINISHED_ABORTED)
+        if scheduler.has_requests():
+            stepper.step()
+        assert counter.per_group == scanned(scheduler), f"step {step}"
+    assert sum(request.num_preemptions for request in requests) > 0, "the pool should be small enough to preempt"
+    assert sum(stats.prefix_cache_stats.hits for stats in stepper.stats) > 0
+    stepper.run_until_idle()
+    assert counter.per_group == scanned(scheduler) and counter.total > 0
+    assert scheduler.reset_prefix_cache()
+    assert counter.per_group == scanned(scheduler) == [0] * len(counter.per_group)
+
+
+def test_attaching_to_a_pool_in_use_starts_from_one_scan(tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16)
+    scheduler.add_request(make_request(scheduler, 100, max_tokens=4))
+    Stepper(scheduler).run_until_idle()
+    assert watched(scheduler).per_group == scanned(scheduler) == [6]
+
+
+def test_connector_evictions_and_unpinned_blocks_are_counted(hooks, tiny_model_dir):
+    """Paths KV connectors and offloading take: ``evict_blocks`` drops hashes, ``unpin_blocks`` releases."""
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16)
+    counter = watched(scheduler)
+    scheduler.add_request(make_request(scheduler, 100, max_tokens=4))
+    Stepper(scheduler).run_until_idle()
+    pool = scheduler.kv_cache_manager.block_pool
+    cached = [block for block in pool.free_block_queue.get_all_free_blocks() if block.block_hash is not None]
+    assert counter.per_group == scanned(scheduler) == [6]
+
+    pool.evict_blocks({cached[0].block_id, cached[1].block_id, 40})  # block 40 was never cached
+    assert counter.per_group == scanned(scheduler) == [4]
+
+    pool.touch(cached[2:4])  # a reader pins two cached blocks ...
+    assert counter.per_group == scanned(scheduler) == [2]
+    pool.unpin_blocks(cached[2:4], on_reuse=lambda block: None)  # ... and lets them go
+    assert counter.per_group == scanned(scheduler) == [4]
