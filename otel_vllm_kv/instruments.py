@@ -193,10 +193,13 @@ def _callback(name: str, points: Callable[[_Engine], Iterable[Observation]]):
     return observe
 
 
+CALLBACKS = {name: _callback(name, points) for name, (_, _, points) in GAUGES.items()}
+
+
 def create_instruments(meter: Meter) -> None:
     """Register the gauges on ``meter`` unless this meter already has them."""
     if meter in _meters_with_instruments:
         return
     _meters_with_instruments.add(meter)
-    for name, (unit, description, points) in GAUGES.items():
-        meter.create_observable_gauge(name, [_callback(name, points)], unit=unit, description=description)
+    for name, (unit, description, _) in GAUGES.items():
+        meter.create_observable_gauge(name, [CALLBACKS[name]], unit=unit, description=description)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from otel_vllm_kv.instruments import (
     ENGINE_INDEX,
+    KV_CACHE_ADMISSION_HEADROOM,
+    KV_CACHE_BLOCK_EVICTABLE,
+    KV_CACHE_BLOCK_LIMIT,
+    KV_CACHE_BLOCK_SIZE,
+    KV_CACHE_BLOCK_USAGE,
+    KV_CACHE_EVICTABLE,
+    KV_CACHE_GROUP_INDEX,
+    KV_CACHE_GROUP_TYPE,
     KV_CACHE_LIMIT,
     KV_CACHE_STATE,
     KV_CACHE_USAGE,
@@ -29,6 +37,19 @@ class EngineGauges:
     free: int | None = None
     limit: int | None = None
     utilization: float | None = None
+    evictable: int | None = None
+    headroom: int | None = None
+    used_blocks: int | None = None
+    free_blocks: int | None = None
+    limit_blocks: int | None = None
+    #: {group index: [attention type, tokens per block, evictable blocks]}
+    groups: dict = field(default_factory=dict)
+
+
+_PER_ENGINE = {
+    KV_CACHE_LIMIT: "limit", KV_CACHE_UTILIZATION: "utilization", KV_CACHE_EVICTABLE: "evictable",
+    KV_CACHE_ADMISSION_HEADROOM: "headroom", KV_CACHE_BLOCK_LIMIT: "limit_blocks",
+}
 
 
 def read_gauges(reader: InMemoryMetricReader) -> dict[int, EngineGauges]:
@@ -47,10 +68,14 @@ def read_gauges(reader: InMemoryMetricReader) -> dict[int, EngineGauges]:
                     )
                     if metric.name == KV_CACHE_USAGE:
                         setattr(gauges, attributes[KV_CACHE_STATE], point.value)
-                    elif metric.name == KV_CACHE_LIMIT:
-                        gauges.limit = point.value
-                    elif metric.name == KV_CACHE_UTILIZATION:
-                        gauges.utilization = point.value
+                    elif metric.name == KV_CACHE_BLOCK_USAGE:
+                        setattr(gauges, f"{attributes[KV_CACHE_STATE]}_blocks", point.value)
+                    elif metric.name in _PER_ENGINE:
+                        setattr(gauges, _PER_ENGINE[metric.name], point.value)
+                    elif metric.name in (KV_CACHE_BLOCK_SIZE, KV_CACHE_BLOCK_EVICTABLE):
+                        group = gauges.groups.setdefault(attributes[KV_CACHE_GROUP_INDEX], [None, None, None])
+                        group[0] = attributes[KV_CACHE_GROUP_TYPE]
+                        group[1 if metric.name == KV_CACHE_BLOCK_SIZE else 2] = point.value
     return engines
 
 

@@ -46,6 +46,24 @@ def test_each_admission_sees_the_pool_right_after_its_own_allocation(tiny_model_
     assert attributes["vllm.request.kv_cache.tokens"] == 48
 
 
+def test_hybrid_admissions_carry_tokens_of_vllms_group_aware_capacity(tiny_model_dir):
+    from otel_vllm_kv.kv_cache import read_layout
+
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16, sliding_window=32)
+    limit = read_layout(scheduler).limit_tokens
+    request = make_request(scheduler, num_prompt_tokens=100, max_tokens=5)
+    scheduler.add_request(request)
+    scheduler.schedule()
+    (event,) = events_of(request)
+    attributes = event.attributes()
+    # 7 full-attention blocks and 7 window blocks (all of a 100-token prefill is computed at once).
+    assert (event.own_blocks, attributes["vllm.admission.kv_cache.used_blocks"]) == (14, 14)
+    assert attributes["vllm.admission.kv_cache.limit_tokens"] == limit
+    assert attributes["vllm.admission.kv_cache.used_tokens"] == 14 * limit // 40
+    assert attributes["vllm.admission.kv_cache.free_tokens"] == limit - 14 * limit // 40
+    assert attributes["vllm.request.kv_cache.tokens"] == 14 * limit // 40
+
+
 def test_records_leave_the_request_once_delivered(tiny_model_dir):
     scheduler = build_scheduler(tiny_model_dir)
     request = make_request(scheduler, num_prompt_tokens=20, max_tokens=5)
@@ -136,9 +154,9 @@ def test_records_round_trip_exactly_and_garbage_is_rejected():
     from otel_vllm_kv.kv_events import KVCacheEvent, encode
 
     events = [
-        KVCacheEvent(ADMITTED, 1, 1_795_000_000_123_456_789, 3, 64, 128, 1, 17, own_blocks=2, cached_tokens=256,
+        KVCacheEvent(ADMITTED, 1, 1_795_000_000_123_456_789, 3, 64, 63 * 128, 17, own_blocks=2, cached_tokens=256,
                      queue_seconds=0.012345678901234567, waiting=9),
-        KVCacheEvent(PREEMPTED, 2, 1_795_000_000_223_456_789, 3, 64, 128, 1, 40, waiting=10),
+        KVCacheEvent(PREEMPTED, 2, 1_795_000_000_223_456_789, 3, 64, -1, 40, waiting=10),
     ]
     assert decode(encode(events)) == events
     for garbage in ("", "admitted,1,2", '[["admitted",1]]'):

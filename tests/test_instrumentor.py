@@ -65,7 +65,35 @@ def test_gauges_follow_the_pool(reader, tiny_model_dir):
     engine = read_gauges(reader)[0]
     assert (engine.used, engine.free, engine.limit) == (48, 112, 160)
     assert engine.utilization == stepper.stats[-1].kv_cache_usage == 1.0 - 7 / 10
-    assert metric_units(reader) == {KV_CACHE_USAGE: "{token}", KV_CACHE_LIMIT: "{token}", KV_CACHE_UTILIZATION: "1"}
+    assert (engine.used_blocks, engine.free_blocks, engine.limit_blocks) == (3, 7, 10)
+    assert (engine.evictable, engine.headroom) == (0, 112)
+    assert engine.groups == {0: ["full_attention", 16, 0]}
+    assert metric_units(reader) == {
+        KV_CACHE_USAGE: "{token}", KV_CACHE_LIMIT: "{token}", KV_CACHE_UTILIZATION: "1",
+        "vllm.kv_cache.evictable": "{token}", "vllm.kv_cache.admission.headroom": "{token}",
+        "vllm.kv_cache.block.usage": "{block}", "vllm.kv_cache.block.limit": "{block}",
+        "vllm.kv_cache.block.evictable": "{block}", "vllm.kv_cache.block.size": "{token}",
+    }
+
+    stepper.run_until_idle()  # the 8 full blocks of its 40 + 99 computed tokens stay cached: free, evictable
+    engine = read_gauges(reader)[0]
+    assert (engine.used, engine.free, engine.evictable, engine.groups[0][2]) == (0, 160, 128, 8)
+
+
+def test_hybrid_models_report_vllms_capacity_and_each_group(reader, tiny_model_dir):
+    from otel_vllm_kv.kv_cache import read_layout
+
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16, sliding_window=32, watermark=0.1)
+    limit = read_layout(scheduler).limit_tokens
+    scheduler.add_request(make_request(scheduler, num_prompt_tokens=100, max_tokens=100))
+    stepper = Stepper(scheduler)
+    stepper.step()
+    engine = read_gauges(reader)[0]
+    assert (engine.used_blocks, engine.free_blocks, engine.limit_blocks) == (14, 26, 40)
+    assert (engine.limit, engine.used, engine.free) == (limit, 14 * limit // 40, limit - 14 * limit // 40)
+    assert engine.utilization == stepper.stats[-1].kv_cache_usage
+    assert engine.headroom == (26 - 4) * limit // 40
+    assert engine.groups == {0: ["full_attention", 16, 0], 1: ["sliding_window", 16, 0]}
 
 
 def test_values_hold_while_idle_and_reach_zero_after_the_last_request(reader, tiny_model_dir):
@@ -131,12 +159,13 @@ def test_one_collection_reads_the_relay_once(reader, tiny_model_dir):
     from otel_vllm_kv import instruments
 
     scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
-    [used, _] = instruments._observe_usage(None)
+    usage, utilization = instruments.CALLBACKS[KV_CACHE_USAGE], instruments.CALLBACKS[KV_CACHE_UTILIZATION]
+    [used, _] = usage(None)
     scheduler.add_request(make_request(scheduler, num_prompt_tokens=40, max_tokens=100))
     Stepper(scheduler).step()  # the pool changes between two callbacks of one collection
-    [utilization] = instruments._observe_utilization(None)
-    assert (used.value, utilization.value) == (0, 0.0)
-    [used, _] = instruments._observe_usage(None)  # a repeated callback starts the next collection
+    [utilized] = utilization(None)
+    assert (used.value, utilized.value) == (0, 0.0)
+    [used, _] = usage(None)  # a repeated callback starts the next collection
     assert used.value == 48
 
 

@@ -14,12 +14,17 @@ from otel_vllm_kv import VLLMKVCacheInstrumentor, vllm_metrics
 from otel_vllm_kv.relay import SnapshotReader
 
 
+FAMILIES = (
+    vllm_metrics.USAGE_TOKENS, vllm_metrics.LIMIT_TOKENS, vllm_metrics.EVICTABLE_TOKENS, vllm_metrics.HEADROOM_TOKENS,
+)
+
+
 def scrape() -> dict[tuple, float]:
     """What vLLM's /metrics would serve now, for the package's families: {(name, labels...): value}."""
     samples = {}
     for family in text_string_to_metric_families(generate_latest(REGISTRY).decode()):
         for sample in family.samples:
-            if sample.name in (vllm_metrics.USAGE_TOKENS, vllm_metrics.LIMIT_TOKENS):
+            if sample.name in FAMILIES:
                 samples[(sample.name, *sorted(sample.labels.items()))] = sample.value
     return samples
 
@@ -37,14 +42,19 @@ def instrumented(monkeypatch):
 
 def test_registry_serves_tokens_per_engine_with_vllms_labels(instrumented, tiny_model_dir):
     instrumented()
-    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16, served_model_name="tiny")
-    scheduler.add_request(make_request(scheduler, num_prompt_tokens=40, max_tokens=100))
-    Stepper(scheduler).step()
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16, served_model_name="tiny", watermark=0.2)
+    stepper = Stepper(scheduler)
+    scheduler.add_request(make_request(scheduler, num_prompt_tokens=40, max_tokens=5))
+    stepper.run_until_idle()  # 2 full blocks stay cached
+    scheduler.add_request(make_request(scheduler, num_prompt_tokens=40, max_tokens=100, first_token=500))
+    stepper.step()
     labels = (("engine", "0"), ("model_name", "tiny"))
     assert scrape() == {
         (vllm_metrics.USAGE_TOKENS, *labels, ("state", "used")): 48.0,
         (vllm_metrics.USAGE_TOKENS, *labels, ("state", "free")): 112.0,
         (vllm_metrics.LIMIT_TOKENS, *labels): 160.0,
+        (vllm_metrics.EVICTABLE_TOKENS, *labels): 32.0,
+        (vllm_metrics.HEADROOM_TOKENS, *labels): (7 - 2) * 16.0,  # watermark: int(0.2 x 11) = 2 blocks
     }
 
 
