@@ -15,3 +15,9 @@ from otel_vllm_kv.demo.tiny_model import build_tiny_model  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def hybrid_model_dir(tmp_path_factory) -> str:
+    """Gemma2-style: sliding-window and full-attention layers, two KV-cache groups in vLLM."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-gemma2"), hybrid=True))
