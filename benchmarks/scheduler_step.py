@@ -333,9 +333,12 @@ def hook_microbenchmark(model_dir: str, calls: int) -> list[list[str]]:
       free-block count unchanged; plus the relay write done when it changed;
     * per admission: what the scheduler calls on the manager for each request it admits,
       ``record_prefix_cache_stats(request, 0)`` then ``get_blocks(id)`` twice (the second
-      through ``get_block_ids`` when it builds the step's output), on fresh WAITING requests.
+      through ``get_block_ids`` when it builds the step's output), on fresh WAITING requests;
+    * the evictable prefix-cache count's block-pool hooks: a request's life in the pool,
+      ``get_new_blocks(8)`` then ``free_blocks(reversed(blocks))``; and a prefix hit on 8
+      cached blocks, ``touch`` then ``free_blocks`` (they become evictable again).
     """
-    from _scheduler import build_scheduler, build_vllm_config, make_request
+    from _scheduler import build_scheduler, build_vllm_config, fake_runner_output, make_request
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -381,6 +384,34 @@ def hook_microbenchmark(model_dir: str, calls: int) -> list[list[str]]:
             scheduler.shutdown()
         return best
 
+    def pool_cycles() -> tuple[float, float]:
+        """ns per allocate-and-free of 8 new blocks, and per touch-and-free of 8 cached ones."""
+        scheduler = build_scheduler(vllm_config, log_stats=False)
+        scheduler.add_request(make_request(scheduler, 8 * BLOCK_SIZE + 1, 1))
+        while scheduler.has_requests():
+            scheduler.update_from_output(*fake_step(scheduler))
+        pool = scheduler.kv_cache_manager.block_pool
+        cached = [block for block in pool.free_block_queue.get_all_free_blocks() if block.block_hash is not None]
+        check(len(cached) == 8, f"pool microbenchmark: {len(cached)} cached blocks, expected 8")
+
+        def allocate_and_free() -> None:
+            pool.free_blocks(reversed(pool.get_new_blocks(8)))
+
+        def hit_and_free() -> None:
+            pool.touch(cached)
+            pool.free_blocks(reversed(cached))
+
+        # Allocation takes uncached blocks from the front of the queue; the cached ones stay at the tail.
+        results = per_call(allocate_and_free) - base, per_call(hit_and_free) - base
+        check(all(block.block_hash is not None and block.ref_cnt == 0 for block in cached),
+              "pool microbenchmark: the cached blocks must stay cached and free")
+        scheduler.shutdown()
+        return results
+
+    def fake_step(scheduler):
+        output = scheduler.schedule()
+        return output, fake_runner_output(output)
+
     def loop_overhead() -> None:
         pass
 
@@ -389,6 +420,7 @@ def hook_microbenchmark(model_dir: str, calls: int) -> list[list[str]]:
     plain_step = per_call(scheduler.make_stats) - base
     scheduler.shutdown()
     plain_admission = per_admission(False)
+    plain_pool = pool_cycles()
 
     provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
     instrumentor = VLLMKVCacheInstrumentor()
@@ -397,9 +429,10 @@ def hook_microbenchmark(model_dir: str, calls: int) -> list[list[str]]:
         scheduler = build_scheduler(vllm_config, log_stats=False)
         ours_step = per_call(scheduler.make_stats) - base
         writer = probe.registry.probe(scheduler)._writer
-        write = per_call(lambda: writer.write(5)) - base
+        write = per_call(lambda: writer.write(5, [0])) - base
         scheduler.shutdown()
         ours_admission = per_admission(True)
+        ours_pool = pool_cycles()
     finally:
         instrumentor.uninstrument()
         provider.shutdown()
@@ -410,6 +443,10 @@ def hook_microbenchmark(model_dir: str, calls: int) -> list[list[str]]:
          f"{write:+.0f}"],
         ["per admission: `record_prefix_cache_stats` + 2 x `get_blocks`",
          f"{plain_admission:.0f}", f"{ours_admission:.0f}", f"{ours_admission - plain_admission:+.0f}"],
+        ["evictable count: `get_new_blocks(8)` + `free_blocks` (8 uncached blocks)",
+         f"{plain_pool[0]:.0f}", f"{ours_pool[0]:.0f}", f"{ours_pool[0] - plain_pool[0]:+.0f}"],
+        ["evictable count: prefix hit, `touch` + `free_blocks` (8 cached blocks)",
+         f"{plain_pool[1]:.0f}", f"{ours_pool[1]:.0f}", f"{ours_pool[1] - plain_pool[1]:+.0f}"],
     ]
 
 

@@ -26,37 +26,39 @@ from typing import Any
 BLOCK_POOL_MODULE = "vllm.v1.core.block_pool"
 
 
-def _is_evictable(block: Any, pool: Any) -> bool:
-    """Cached, unreferenced and in this pool's free queue (blocks of another pool are freed there)."""
-    return (
-        block.ref_cnt == 0 and block.block_hash is not None and not block.is_null
-        and getattr(block, "pool", None) in (None, pool)
-    )
-
-
 class EvictableBlocks:
     """The evictable blocks of one ``BlockPool``, per KV-cache group."""
 
-    __slots__ = ("__weakref__", "per_group", "version", "failed", "_group_of")
+    __slots__ = ("__weakref__", "pool", "per_group", "version", "failed", "_group_of", "_owned")
 
     def __init__(self, pool: Any, num_groups: int) -> None:
+        self.pool = pool
         self.per_group = [0] * max(num_groups, 1)
         #: Bumped at every change, so the probe publishes only when something moved.
         self.version = 0
         #: Set when a hook could not count: the number is no longer exact.
         self.failed = False
         self._group_of = _group_reader() if num_groups > 1 else None
+        # Blocks know their pool where deferred frees may mix pools (``free_blocks`` forwards those).
+        self._owned = hasattr(pool.null_block, "pool")
         self.add(_free_queue(pool), 1)
 
     @property
     def total(self) -> int:
         return sum(self.per_group)
 
+    def evictable(self, blocks: Iterable[Any]) -> list[Any]:
+        """Those of ``blocks`` that are cached, unreferenced and this pool's (vLLM's null block has no hash)."""
+        if self._owned:
+            pool = self.pool
+            return [b for b in blocks if b.ref_cnt == 0 and b.block_hash is not None and b.pool is pool]
+        return [b for b in blocks if b.ref_cnt == 0 and b.block_hash is not None]
+
     def add(self, blocks: Iterable[Any], sign: int) -> None:
         """Add (sign 1) or remove (sign -1) the given evictable blocks."""
         group_of = self._group_of
         if group_of is None:
-            count = sum(1 for _ in blocks)
+            count = len(blocks) if isinstance(blocks, list) else sum(1 for _ in blocks)
             if count:
                 self.per_group[0] += sign * count
                 self.version += 1
@@ -115,60 +117,58 @@ def clear() -> None:
     _counters.clear()
 
 
-def _count(counter: EvictableBlocks, pool: Any, update: Callable[[], None]) -> None:
-    try:
-        update()
-    except Exception:  # noqa: BLE001 - the engine must never see our failure
-        counter.failed = True
-        _counters.pop(pool, None)
+def _fail(counter: EvictableBlocks) -> None:
+    counter.failed = True
+    _counters.pop(counter.pool, None)
 
 
-def _free_blocks(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    counter = _counters.get(instance)
-    if counter is None:
-        return wrapped(*args, **kwargs)
-    # vLLM passes a one-shot iterator (``reversed(blocks)``): keep the blocks to look at them after.
-    blocks = list(args[0] if args else kwargs.pop("ordered_blocks"))
-    result = wrapped(blocks, *args[1:], **kwargs)
-    _count(counter, instance, lambda: counter.add((b for b in blocks if _is_evictable(b, instance)), 1))
-    return result
+def _after_release(name: str) -> Callable:
+    """``free_blocks`` / ``unpin_blocks``: blocks whose ``ref_cnt`` fell to 0 joined the free queue."""
 
+    def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        counter = _counters.get(instance)
+        if counter is None:
+            return wrapped(*args, **kwargs)
+        # vLLM passes a one-shot iterator (``reversed(blocks)``): keep the blocks to look at them after.
+        blocks = list(args[0] if args else kwargs.pop(name))
+        result = wrapped(blocks, *args[1:], **kwargs)
+        try:
+            counter.add(counter.evictable(blocks), 1)
+        except Exception:  # noqa: BLE001 - the engine must never see our failure
+            _fail(counter)
+        return result
 
-def _unpin_blocks(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    counter = _counters.get(instance)
-    if counter is None:
-        return wrapped(*args, **kwargs)
-    blocks = list(args[0] if args else kwargs.pop("blocks"))
-    result = wrapped(blocks, *args[1:], **kwargs)
-    _count(counter, instance, lambda: counter.add((b for b in blocks if _is_evictable(b, instance)), 1))
-    return result
+    return wrapper
 
 
 def _before(select: Callable[..., Iterable[Any]]) -> Callable:
-    """A wrapper that removes the blocks ``select(pool, *args)`` names, then calls vLLM."""
+    """A wrapper that removes the blocks ``select(counter, *args)`` names, then calls vLLM."""
 
     def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         counter = _counters.get(instance)
         if counter is not None:
-            _count(counter, instance, lambda: counter.add(list(select(instance, *args, **kwargs)), -1))
+            try:
+                counter.add(select(counter, *args, **kwargs), -1)
+            except Exception:  # noqa: BLE001 - the engine must never see our failure
+                _fail(counter)
         return wrapped(*args, **kwargs)
 
     return wrapper
 
 
-def _touched(pool: Any, blocks: Iterable[Any]) -> Iterable[Any]:
-    return [block for block in blocks if _is_evictable(block, pool)]
+def _touched(counter: EvictableBlocks, blocks: Iterable[Any]) -> list[Any]:
+    return counter.evictable(blocks)
 
 
-def _allocated(pool: Any, num_blocks: int) -> Iterable[Any]:
-    if num_blocks > pool.get_num_free_blocks():
-        return ()  # vLLM raises, nothing moves
-    return _first_free(pool, num_blocks)
+def _allocated(counter: EvictableBlocks, num_blocks: int) -> list[Any]:
+    if num_blocks > counter.pool.get_num_free_blocks():
+        return []  # vLLM raises, nothing moves
+    return list(_first_free(counter.pool, num_blocks))
 
 
-def _evicted(pool: Any, block_ids: Iterable[int]) -> Iterable[Any]:
-    blocks = pool.blocks
-    return [blocks[i] for i in block_ids if 0 <= i < len(blocks) and _is_evictable(blocks[i], pool)]
+def _evicted(counter: EvictableBlocks, block_ids: Iterable[int]) -> list[Any]:
+    blocks = counter.pool.blocks
+    return counter.evictable(blocks[i] for i in block_ids if 0 <= i < len(blocks))
 
 
 def _reset_prefix_cache(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -181,8 +181,8 @@ def _reset_prefix_cache(wrapped: Callable, instance: Any, args: tuple, kwargs: d
 
 #: (module, "Class.method", wrapper): every vLLM function the count needs.
 PATCHES = (
-    (BLOCK_POOL_MODULE, "BlockPool.free_blocks", _free_blocks),
-    (BLOCK_POOL_MODULE, "BlockPool.unpin_blocks", _unpin_blocks),
+    (BLOCK_POOL_MODULE, "BlockPool.free_blocks", _after_release("ordered_blocks")),
+    (BLOCK_POOL_MODULE, "BlockPool.unpin_blocks", _after_release("blocks")),
     (BLOCK_POOL_MODULE, "BlockPool.touch", _before(_touched)),
     (BLOCK_POOL_MODULE, "BlockPool.get_new_blocks", _before(_allocated)),
     (BLOCK_POOL_MODULE, "BlockPool.evict_blocks", _before(_evicted)),
