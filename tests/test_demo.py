@@ -117,7 +117,7 @@ SUMMARY = re.compile(
     r"used at the end (?P<end>[\d,]+)"
 )
 ENGINE_LINE = re.compile(r"engine 0 \[[#.]+\]\s+(?P<percent>[\d.]+)%\s+used\s+(?P<used>[\d,]+)\s+"
-                         r"free\s+(?P<free>[\d,]+)\s+limit\s+(?P<limit>[\d,]+)")
+                         r"free\s+(?P<free>[\d,]+)\s+\(evictable\s+(?P<evictable>[\d,]+)\)\s+limit\s+(?P<limit>[\d,]+)")
 
 
 def number(text: str) -> int:
@@ -161,6 +161,9 @@ def test_demo_fills_and_drains_the_cache_and_feeds_a_collector(demo_run):
         assert number(line["used"]) + number(line["free"]) == number(line["limit"]) == LIMIT
     assert max(number(line["used"]) for line in engine_lines) == LIMIT
     assert number(engine_lines[-1]["used"]) == 0, "drained at the end"
+    # What the finished requests leave in the prefix cache: free, yet still reusable.
+    assert 0 < number(engine_lines[-1]["evictable"]) <= number(engine_lines[-1]["free"])
+    assert number(engine_lines[-1]["evictable"]) % 128 == 0
     (summary,) = [SUMMARY.search(line) for line in lines if SUMMARY.search(line)]
     assert number(summary["requests"]) == number(summary["admissions"]) == REQUESTS
     assert number(summary["generated"]) == REQUESTS * OUTPUT_TOKENS

@@ -38,6 +38,9 @@ from prometheus_server import require_binary
 
 from otel_vllm_kv.instruments import (
     ENGINE_INDEX,
+    GAUGES,
+    KV_CACHE_ADMISSION_HEADROOM,
+    KV_CACHE_EVICTABLE,
     KV_CACHE_LIMIT,
     KV_CACHE_STATE,
     KV_CACHE_STATE_FREE,
@@ -61,8 +64,11 @@ def prometheus_name(otel_name: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_:]", "_", otel_name)
 
 
-USAGE, LIMIT, UTILIZATION = (prometheus_name(name) for name in (KV_CACHE_USAGE, KV_CACHE_LIMIT, KV_CACHE_UTILIZATION))
-PACKAGE_METRICS = {USAGE, LIMIT, UTILIZATION}
+USAGE, LIMIT, UTILIZATION, HEADROOM, EVICTABLE = (prometheus_name(name) for name in (
+    KV_CACHE_USAGE, KV_CACHE_LIMIT, KV_CACHE_UTILIZATION, KV_CACHE_ADMISSION_HEADROOM, KV_CACHE_EVICTABLE
+))
+PACKAGE_METRICS = {prometheus_name(name) for name in GAUGES}
+DASHBOARD_METRICS = {USAGE, LIMIT, UTILIZATION, HEADROOM, EVICTABLE}
 STATE, ENGINE, MODEL = (prometheus_name(name) for name in (KV_CACHE_STATE, ENGINE_INDEX, MODEL_NAME))
 PACKAGE_LABELS = {STATE, ENGINE, MODEL}
 STATES = {KV_CACHE_STATE_USED, KV_CACHE_STATE_FREE}
@@ -259,12 +265,12 @@ def test_dashboard_uses_only_the_package_metrics_and_labels():
     used = set()
     for where, expression in dashboard_expressions():
         names = metric_names(expression)
-        assert names and names <= PACKAGE_METRICS, (where, names)
+        assert names and names <= DASHBOARD_METRICS, (where, names)
         used |= names
         labels = grouping_labels(expression) | {label for label, _, _ in label_matchers(expression)}
         assert labels <= PACKAGE_LABELS, (where, labels)
         assert {value for label, _, value in label_matchers(expression) if label == STATE} <= STATES, where
-    assert used == PACKAGE_METRICS
+    assert used == DASHBOARD_METRICS
 
 
 def test_dashboard_selects_by_model_and_engine_and_folds_duplicate_series():
@@ -290,10 +296,13 @@ def test_dashboard_has_used_free_limit_utilization_and_headroom_panels():
     assert any(f'{STATE}="used"' in e for e in tokens) and any(f'{STATE}="free"' in e for e in tokens)
     assert any(LIMIT in e for e in tokens)
     assert any(UTILIZATION in e for title, exprs in panels.items() if "Utilization" in title for e in exprs)
-    headroom = next(exprs for title, exprs in panels.items() if title.startswith("Headroom"))
+    headroom = next(exprs for title, exprs in panels.items() if title.startswith("Admission headroom"))
+    assert HEADROOM in headroom[0]
     assert any(f'{STATE}="free"' in e and LIMIT in e for e in headroom), "free as a share of the limit"
     fit = next(exprs for title, exprs in panels.items() if "still fit" in title)
-    assert "$max_request_tokens" in fit[0]
+    assert "$max_request_tokens" in fit[0] and HEADROOM in fit[0]
+    evictable = next(exprs for title, exprs in panels.items() if "evictable" in title)
+    assert EVICTABLE in evictable[0]
 
 
 def test_promql_expressions_lists_every_dashboard_and_rule_expression():
@@ -315,8 +324,10 @@ def test_promql_expressions_lists_every_dashboard_and_rule_expression():
 # jobs (like the exporter's port and vLLM's /metrics). Every dashboard expression must return one
 # series per engine, the alert expressions only the full engine.
 _SYNTHETIC = {
-    ("0", KV_CACHE_STATE_USED): 8064, ("0", KV_CACHE_STATE_FREE): 0, ("0", "limit"): 8064, ("0", "utilization"): 1,
-    ("1", KV_CACHE_STATE_USED): 0, ("1", KV_CACHE_STATE_FREE): 8064, ("1", "limit"): 8064, ("1", "utilization"): 0,
+    ("0", KV_CACHE_STATE_USED): 8064, ("0", KV_CACHE_STATE_FREE): 0, ("0", LIMIT): 8064, ("0", UTILIZATION): 1,
+    ("0", HEADROOM): 0, ("0", EVICTABLE): 0,
+    ("1", KV_CACHE_STATE_USED): 0, ("1", KV_CACHE_STATE_FREE): 8064, ("1", LIMIT): 8064, ("1", UTILIZATION): 0,
+    ("1", HEADROOM): 8064, ("1", EVICTABLE): 4096,
 }
 
 
@@ -329,7 +340,7 @@ def _synthetic_series() -> list[dict]:
             if kind in STATES:
                 name, labels[STATE] = USAGE, kind
             else:
-                name = LIMIT if kind == "limit" else UTILIZATION
+                name = kind
             selector = ", ".join(f'{key}="{val}"' for key, val in labels.items())
             series.append({"series": f"{name}{{{selector}}}", "values": f"{value}x20"})
     return series

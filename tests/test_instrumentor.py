@@ -323,6 +323,8 @@ def _fail_after(calls: int, error: Exception):
     [
         ("otel_vllm_kv.probe.EngineProbe.free_blocks", RuntimeError("block pool changed")),  # the probe's read
         ("otel_vllm_kv.relay.SnapshotWriter.write", OSError(28, "No space left on device")),  # a full relay
+        # a block-pool hook of the evictable count, inside vLLM's free_blocks / touch / get_new_blocks
+        ("otel_vllm_kv.prefix_cache.EvictableBlocks.evictable", AttributeError("KVCacheBlock has no ref_cnt")),
     ],
 )
 def test_a_fault_mid_run_warns_once_and_withdraws_the_engine(target, error, reader, tiny_model_dir, monkeypatch,

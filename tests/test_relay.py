@@ -112,3 +112,22 @@ def test_long_model_names_are_truncated_not_rejected(tmp_path):
     SnapshotWriter(str(tmp_path), 0, "m" * 1000, LAYOUT).write(1, [0])
     (snapshot,) = SnapshotReader(str(tmp_path)).read()
     assert snapshot.model_name == "m" * 256
+
+
+def test_a_hybrid_layout_and_its_per_group_counts_round_trip(tmp_path):
+    layout = PoolLayout(num_blocks=64, limit_tokens=3971, watermark_blocks=6,
+                        groups=(GroupLayout("sliding_window", 128), GroupLayout("full_attention", 128)))
+    writer = SnapshotWriter(str(tmp_path), engine_index=1, model_name="gemma", layout=layout)
+    writer.write(40, [3, 9])
+    (snapshot,) = SnapshotReader(str(tmp_path)).read()
+    assert (snapshot.layout, snapshot.free_blocks, snapshot.evictable_blocks) == (layout, 40, (3, 9))
+    occupancy = snapshot.occupancy()
+    assert (occupancy.evictable_blocks, occupancy.headroom_blocks) == (12, 34)
+    assert occupancy.limit_tokens == 3971 and occupancy.used_tokens == 23 * 3971 // 63
+
+
+def test_an_unknown_capacity_travels_as_none(tmp_path):
+    layout = PoolLayout(num_blocks=11, limit_tokens=None, groups=(GroupLayout("mamba", 2048), GroupLayout("x", 16)))
+    SnapshotWriter(str(tmp_path), engine_index=0, model_name="m", layout=layout).write(4, [0, 0])
+    (snapshot,) = SnapshotReader(str(tmp_path)).read()
+    assert snapshot.layout == layout and snapshot.occupancy().used_tokens is None

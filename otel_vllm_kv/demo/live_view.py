@@ -46,7 +46,8 @@ def text_bar(fraction: float, width: int = BAR_WIDTH) -> str:
 
 def format_engine(index: int, gauges: EngineGauges) -> str:
     return (f"engine {index} {text_bar(gauges.utilization)} {gauges.utilization:6.1%}  "
-            f"used {gauges.used:>6,}  free {gauges.free:>6,}  limit {gauges.limit:>6,}")
+            f"used {gauges.used:>6,}  free {gauges.free:>6,} (evictable {gauges.evictable:>6,})  "
+            f"limit {gauges.limit:>6,}")
 
 
 class PlainView:
@@ -110,12 +111,12 @@ class RichView:
     def _render(self, sample: Sample | None) -> RenderableType:
         table = Table(title="vLLM KV cache (tokens)", box=box.SIMPLE, title_justify="left")
         table.add_column("engine", justify="right")
-        for column in ("used", "free", "limit"):
+        for column in ("used", "free", "of which evictable", "limit"):
             table.add_column(column, justify="right", min_width=7)
         table.add_column("utilization")
         table.add_column("", justify="right", min_width=6)
         for index, gauges in (sample.engines if sample else {}).items():
-            table.add_row(str(index), f"{gauges.used:,}", f"{gauges.free:,}", f"{gauges.limit:,}",
+            table.add_row(str(index), f"{gauges.used:,}", f"{gauges.free:,}", f"{gauges.evictable:,}", f"{gauges.limit:,}",
                           ProgressBar(total=1.0, completed=gauges.utilization, width=30),
                           f"{gauges.utilization:.1%}")
         return Group(table, self._progress)

@@ -12,6 +12,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from otel_vllm_kv.instruments import (
     ENGINE_INDEX,
+    KV_CACHE_EVICTABLE,
     KV_CACHE_LIMIT,
     KV_CACHE_STATE,
     KV_CACHE_USAGE,
@@ -28,6 +29,7 @@ class EngineGauges:
     free: int
     limit: int
     utilization: float
+    evictable: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,12 @@ def read_engines(reader: InMemoryMetricReader) -> dict[int, EngineGauges]:
                         engine["limit"] = point.value
                     elif metric.name == KV_CACHE_UTILIZATION:
                         engine["utilization"] = point.value
+                    elif metric.name == KV_CACHE_EVICTABLE:
+                        engine["evictable"] = point.value
     return {
-        index: EngineGauges(engine["used"], engine["free"], engine["limit"], engine["utilization"])
+        index: EngineGauges(**engine)
         for index, engine in sorted(values.items())
-        if len(engine) == 4
+        if {"used", "free", "limit", "utilization"} <= engine.keys()
     }
 
 
