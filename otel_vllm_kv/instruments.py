@@ -149,24 +149,25 @@ def _block_size(engine: _Engine) -> Iterable[Observation]:
 #: name: (unit, description, the points of one engine).
 GAUGES: dict[str, tuple[str, str, Callable[[_Engine], Iterable[Observation]]]] = {
     KV_CACHE_USAGE: (
-        "{token}", "KV-cache tokens by state (used or free); used + free = limit. "
-        "Evictable prefix-cached blocks count as free.", _usage,
+        "{token}", ("KV-cache tokens by state (used or free); used + free = limit. "
+                    "Evictable prefix-cached blocks count as free."), _usage,
     ),
     KV_CACHE_LIMIT: (
-        "{token}", "KV-cache token capacity: (blocks - 1 reserved null block) x block size; "
-        "vLLM's group-aware kv_cache_size_tokens for hybrid models.", _per_engine(lambda o: o.limit_tokens),
+        "{token}", ("KV-cache token capacity: (blocks - 1 reserved null block) x block size; "
+                    "vLLM's group-aware kv_cache_size_tokens for hybrid models."), _per_engine(lambda o: o.limit_tokens),
     ),
     KV_CACHE_UTILIZATION: (
         "1", "Fraction of allocatable KV-cache blocks in use; equals vLLM's kv_cache_usage.",
         _per_engine(lambda o: o.utilization),
     ),
     KV_CACHE_EVICTABLE: (
-        "{token}", "Free KV-cache tokens that still hold a cached prefix no request references: "
-        "reusable by a prefix hit until vLLM evicts them for new blocks.", _per_engine(lambda o: o.evictable_tokens),
+        "{token}", ("Free KV-cache tokens that still hold a cached prefix no request references: "
+                    "reusable by a prefix hit until vLLM evicts them for new blocks."),
+        _per_engine(lambda o: o.evictable_tokens),
     ),
     KV_CACHE_ADMISSION_HEADROOM: (
-        "{token}", "Free KV-cache tokens beyond vLLM's admission watermark: what a waiting request "
-        "may take while others run.", _per_engine(lambda o: o.headroom_tokens),
+        "{token}", ("Free KV-cache tokens beyond vLLM's admission watermark: what a waiting request "
+                    "may take while others run."), _per_engine(lambda o: o.headroom_tokens),
     ),
     KV_CACHE_BLOCK_USAGE: (
         "{block}", "KV-cache blocks by state (used or free); used + free = block.limit.", _block_usage,

@@ -29,10 +29,9 @@ BLOCK_POOL_MODULE = "vllm.v1.core.block_pool"
 class EvictableBlocks:
     """The evictable blocks of one ``BlockPool``, per KV-cache group."""
 
-    __slots__ = ("__weakref__", "pool", "per_group", "version", "failed", "_group_of", "_owned")
+    __slots__ = ("per_group", "version", "failed", "_group_of", "_owned")
 
     def __init__(self, pool: Any, num_groups: int) -> None:
-        self.pool = pool
         self.per_group = [0] * max(num_groups, 1)
         #: Bumped at every change, so the probe publishes only when something moved.
         self.version = 0
@@ -47,10 +46,9 @@ class EvictableBlocks:
     def total(self) -> int:
         return sum(self.per_group)
 
-    def evictable(self, blocks: Iterable[Any]) -> list[Any]:
-        """Those of ``blocks`` that are cached, unreferenced and this pool's (vLLM's null block has no hash)."""
+    def evictable(self, pool: Any, blocks: Iterable[Any]) -> list[Any]:
+        """Those of ``blocks`` that are cached, unreferenced and ``pool``'s (vLLM's null block has no hash)."""
         if self._owned:
-            pool = self.pool
             return [b for b in blocks if b.ref_cnt == 0 and b.block_hash is not None and b.pool is pool]
         return [b for b in blocks if b.ref_cnt == 0 and b.block_hash is not None]
 
@@ -92,88 +90,96 @@ def _free_queue(pool: Any) -> Iterable[Any]:
         block = block.next_free_block
 
 
-def _first_free(pool: Any, count: int) -> Iterable[Any]:
-    """The evictable blocks among the next ``count`` that ``get_new_blocks`` pops."""
-    block = pool.free_block_queue.fake_free_list_head.next_free_block
-    for _ in range(count):
-        if block.block_hash is not None:
-            yield block
-        block = block.next_free_block
-
-
-_counters: weakref.WeakKeyDictionary[Any, EvictableBlocks] = weakref.WeakKeyDictionary()
+#: By ``id(pool)``: a plain dict is the cheapest lookup on vLLM's hot path (a weak-keyed one
+#: builds a weak reference per call); ``watch`` drops the entry when the pool is collected.
+_counters: dict[int, EvictableBlocks] = {}
 
 
 def watch(pool: Any, num_groups: int) -> EvictableBlocks:
-    counter = _counters[pool] = EvictableBlocks(pool, num_groups)
+    counter = _counters[id(pool)] = EvictableBlocks(pool, num_groups)
+    weakref.finalize(pool, _forget_id, id(pool), counter)
     return counter
 
 
+def _forget_id(key: int, counter: EvictableBlocks) -> None:
+    if _counters.get(key) is counter:
+        del _counters[key]
+
+
 def forget(pool: Any) -> None:
-    _counters.pop(pool, None)
+    _counters.pop(id(pool), None)
 
 
 def clear() -> None:
     _counters.clear()
 
 
-def _fail(counter: EvictableBlocks) -> None:
+def _fail(counter: EvictableBlocks, pool: Any) -> None:
     counter.failed = True
-    _counters.pop(counter.pool, None)
+    _forget_id(id(pool), counter)
 
 
 def _after_release(name: str) -> Callable:
     """``free_blocks`` / ``unpin_blocks``: blocks whose ``ref_cnt`` fell to 0 joined the free queue."""
 
     def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        counter = _counters.get(instance)
+        counter = _counters.get(id(instance))
         if counter is None:
             return wrapped(*args, **kwargs)
         # vLLM passes a one-shot iterator (``reversed(blocks)``): keep the blocks to look at them after.
-        blocks = list(args[0] if args else kwargs.pop(name))
+        blocks = args[0] if args else kwargs.pop(name)
+        if not isinstance(blocks, list):
+            blocks = list(blocks)
         result = wrapped(blocks, *args[1:], **kwargs)
         try:
-            counter.add(counter.evictable(blocks), 1)
+            counter.add(counter.evictable(instance, blocks), 1)
         except Exception:  # noqa: BLE001 - the engine must never see our failure
-            _fail(counter)
+            _fail(counter, instance)
         return result
 
     return wrapper
 
 
 def _before(select: Callable[..., Iterable[Any]]) -> Callable:
-    """A wrapper that removes the blocks ``select(counter, *args)`` names, then calls vLLM."""
+    """A wrapper that removes the blocks ``select(counter, pool, *args)`` names, then calls vLLM."""
 
     def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        counter = _counters.get(instance)
+        counter = _counters.get(id(instance))
         if counter is not None:
             try:
-                counter.add(select(counter, *args, **kwargs), -1)
+                counter.add(select(counter, instance, *args, **kwargs), -1)
             except Exception:  # noqa: BLE001 - the engine must never see our failure
-                _fail(counter)
+                _fail(counter, instance)
         return wrapped(*args, **kwargs)
 
     return wrapper
 
 
-def _touched(counter: EvictableBlocks, blocks: Iterable[Any]) -> list[Any]:
-    return counter.evictable(blocks)
+def _touched(counter: EvictableBlocks, pool: Any, blocks: Iterable[Any]) -> list[Any]:
+    return counter.evictable(pool, blocks)
 
 
-def _allocated(counter: EvictableBlocks, num_blocks: int) -> list[Any]:
-    if num_blocks > counter.pool.get_num_free_blocks():
+def _allocated(counter: EvictableBlocks, pool: Any, num_blocks: int) -> list[Any]:
+    """The evictable blocks among the first ``num_blocks`` of the free queue, which ``get_new_blocks`` pops."""
+    if num_blocks > pool.get_num_free_blocks():
         return []  # vLLM raises, nothing moves
-    return list(_first_free(counter.pool, num_blocks))
+    cached = []
+    block = pool.free_block_queue.fake_free_list_head.next_free_block
+    for _ in range(num_blocks):
+        if block.block_hash is not None:
+            cached.append(block)
+        block = block.next_free_block
+    return cached
 
 
-def _evicted(counter: EvictableBlocks, block_ids: Iterable[int]) -> list[Any]:
-    blocks = counter.pool.blocks
-    return counter.evictable(blocks[i] for i in block_ids if 0 <= i < len(blocks))
+def _evicted(counter: EvictableBlocks, pool: Any, block_ids: Iterable[int]) -> list[Any]:
+    blocks = pool.blocks
+    return counter.evictable(pool, (blocks[i] for i in block_ids if 0 <= i < len(blocks)))
 
 
 def _reset_prefix_cache(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     result = wrapped(*args, **kwargs)
-    counter = _counters.get(instance)
+    counter = _counters.get(id(instance))
     if counter is not None and result:
         counter.clear()
     return result

@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
+from schedulers import Stepper, build_scheduler, make_request
 from vllm.v1.core.kv_cache_utils import get_group_id
 from vllm.v1.request import RequestStatus
 
 from otel_vllm_kv import prefix_cache
 from otel_vllm_kv.kv_cache import occupancy, read_layout
 from otel_vllm_kv.patching import apply_patches, remove_patches
-from schedulers import Stepper, build_scheduler, make_request
 
 
 @pytest.fixture
@@ -123,3 +123,17 @@ def test_connector_evictions_and_unpinned_blocks_are_counted(hooks, tiny_model_d
     assert counter.per_group == scanned(scheduler) == [2]
     pool.unpin_blocks(cached[2:4], on_reuse=lambda block: None)  # ... and lets them go
     assert counter.per_group == scanned(scheduler) == [4]
+
+
+def test_a_collected_pool_leaves_no_counter_behind(hooks, tiny_model_dir):
+    import gc
+    import weakref
+
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16)
+    watched(scheduler)
+    pool = weakref.ref(scheduler.kv_cache_manager.block_pool)
+    assert len(prefix_cache._counters) == 1
+    del scheduler
+    gc.collect()
+    assert pool() is None, "the count must not keep vLLM's pool alive"
+    assert prefix_cache._counters == {}

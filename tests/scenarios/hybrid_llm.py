@@ -12,10 +12,10 @@ import sys
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from telemetry import read_gauges
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
 from otel_vllm_kv.demo.tiny_model import engine_kwargs
-from telemetry import read_gauges
 
 PREFIX = "The shared system prompt of every request in this scenario. " * 10  # 610 bytes: 4 full blocks
 
