@@ -98,6 +98,24 @@ def test_opentelemetry_exporter_series_have_the_right_values(scraped_run):
     )
 
 
+def test_block_evictable_and_headroom_series_agree_with_the_token_series(scraped_run):
+    prometheus, window = scraped_run.prometheus, scraped_run.window()
+    assert prometheus.value('vllm_kv_cache_block_limit{job="otel"}') == LIMIT // 128
+    assert prometheus.value('vllm_kv_cache_block_usage{job="otel", vllm_kv_cache_state="free"}') == LIMIT // 128
+    # No watermark: headroom is the free tokens, at every scrape.
+    assert prometheus.query(
+        f'count_over_time((vllm_kv_cache_admission_headroom{{job="otel"}} != ignoring(vllm_kv_cache_state) {FREE})'
+        f'{window[:-1]}:1s])'
+    ) == []
+    # The distinct prompts left their full blocks in the prefix cache: free, still evictable.
+    evictable = prometheus.value('vllm_kv_cache_evictable{job="otel"}')
+    assert 0 < evictable <= LIMIT and evictable % 128 == 0
+    (group,) = prometheus.query('vllm_kv_cache_block_evictable{job="otel"}')
+    assert group["metric"]["vllm_kv_cache_group_type"] == "full_attention"
+    assert float(group["value"][1]) * 128 == evictable
+    assert prometheus.value('vllm:kv_cache_evictable_tokens{job="vllm"}') == evictable
+
+
 def test_vllm_metrics_endpoint_carries_the_token_gauges(scraped_run):
     prometheus, window = scraped_run.prometheus, scraped_run.window()
     (limit,) = prometheus.query('vllm:kv_cache_limit_tokens{job="vllm"}')
