@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from schedulers import Stepper, build_scheduler, make_request
 
 from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout, occupancy, read_engine_identity, read_layout
@@ -29,18 +31,20 @@ def test_admitted_prompt_occupies_whole_blocks(tiny_model_dir):
     assert tokens.used_blocks == 3
 
 
-def test_utilization_equals_vllms_kv_cache_usage_bit_for_bit(tiny_model_dir):
-    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
+@pytest.mark.parametrize("sliding_window", [None, 32], ids=["one group", "hybrid with sliding window"])
+def test_utilization_equals_vllms_kv_cache_usage_bit_for_bit(tiny_model_dir, sliding_window):
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16, sliding_window=sliding_window)
     stepper = Stepper(scheduler)
-    for prompt, first in ((40, 0), (17, 1000), (33, 2000)):
-        scheduler.add_request(make_request(scheduler, prompt, max_tokens=30, first_token=first))
+    for prompt, first in ((100, 0), (17, 1000), (233, 2000)):
+        scheduler.add_request(make_request(scheduler, prompt, max_tokens=60, first_token=first))
     seen = set()
     while scheduler.has_requests():
         stepper.step()
         tokens = tokens_of(scheduler)
         assert tokens.utilization == stepper.stats[-1].kv_cache_usage
         assert tokens.used_tokens + tokens.free_tokens == tokens.limit_tokens
-        seen.add(tokens.used_tokens)
+        assert tokens.used_tokens == tokens.used_blocks * tokens.limit_tokens // 40
+        seen.add(tokens.used_blocks)
     assert len(seen) > 3, "the run should pass through several occupancies"
 
 
@@ -80,22 +84,6 @@ def test_hybrid_limit_is_vllms_group_aware_capacity(tiny_model_dir):
     # 40 blocks x 16 would say 640 tokens. A 2,048-token request needs 128 full-attention blocks and
     # 129 window blocks (the window plus a whole 2,048-token prefill chunk): 41 / 257 such requests fit.
     assert layout.limit_tokens == expected == 41 * 2048 // (128 + 129) < 40 * 16
-
-
-def test_hybrid_used_and_free_add_up_and_utilization_is_vllms(tiny_model_dir):
-    scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16, sliding_window=32)
-    stepper = Stepper(scheduler)
-    for first in (0, 1000, 2000):
-        scheduler.add_request(make_request(scheduler, 100, max_tokens=60, first_token=first))
-    seen = set()
-    while scheduler.has_requests():
-        stepper.step()
-        tokens = tokens_of(scheduler)
-        assert tokens.utilization == stepper.stats[-1].kv_cache_usage
-        assert tokens.used_tokens + tokens.free_tokens == tokens.limit_tokens
-        assert tokens.used_tokens == tokens.used_blocks * tokens.limit_tokens // 40
-        seen.add(tokens.used_blocks)
-    assert len(seen) > 3
 
 
 def test_admission_headroom_is_free_blocks_beyond_vllms_watermark(tiny_model_dir):
