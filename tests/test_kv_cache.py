@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from schedulers import Stepper, build_scheduler, make_request
 
 from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout, occupancy, read_engine_identity, read_layout
