@@ -35,7 +35,7 @@ def test_vllm_runs_it_with_two_kv_cache_groups(report):
 
 def test_every_step_agrees_with_what_vllm_publishes(report):
     """Limit = kv_cache_size_tokens, used + free = limit, utilization = kv_cache_usage_perc, blocks, evictable."""
-    assert report["steps"] > 500
+    assert report["steps"] > 300
     assert report["mismatches"] == []
     assert len(report["usages"]) > 5 and max(report["usages"]) > 0.5, "the pool should fill up and drain"
 

@@ -91,7 +91,9 @@ def test_relay_of_a_killed_owner_is_removed_by_the_next_owner(tmp_path):
     from otel_vllm_kv.ownership import remove_stale_relays
 
     owner_code = (
-        "from otel_vllm_kv import VLLMKVCacheInstrumentor; import os, sys, time\n"
+        "from otel_vllm_kv import VLLMKVCacheInstrumentor; import os, signal, sys, time\n"
+        # A shell's background job inherits SIGINT ignored; the owner must be interruptible all the same.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "VLLMKVCacheInstrumentor().instrument()\n"
         "print(os.environ['OTEL_PYTHON_VLLM_KV_OWNER'].partition(':')[2], flush=True); time.sleep(600)\n"
     )
@@ -111,5 +113,5 @@ def test_relay_of_a_killed_owner_is_removed_by_the_next_owner(tmp_path):
         assert not os.path.exists(relays[0]) and os.path.isdir(relays[1]), "a live owner's relay is kept"
     finally:
         alive.send_signal(signal.SIGINT)
-        alive.wait()
+        alive.wait(timeout=60)
     assert not os.path.exists(relays[1]), "an interrupted owner removes its own relay at exit"

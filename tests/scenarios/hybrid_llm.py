@@ -83,7 +83,7 @@ if __name__ == "__main__":
     llm = LLM(**engine_kwargs(sys.argv[1], disable_log_stats=False))
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
-    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=250, temperature=0, ignore_eos=True)
     mismatches, trace = [], []
     for index in range(4):
         engine.add_request(f"first-{index}", f"{PREFIX}request {index}: " + "x" * 200, params)
@@ -91,7 +91,7 @@ if __name__ == "__main__":
     idle = read_gauges(reader)[0]
     hits_before = published(llm)["prefix_cache_hits"]
 
-    engine.add_request("reuser", f"{PREFIX}a new request", SamplingParams(max_tokens=300, ignore_eos=True))
+    engine.add_request("reuser", f"{PREFIX}a new request", SamplingParams(max_tokens=100, ignore_eos=True))
     engine.step()
     trace.append(check_step(llm, reader, scheduler, mismatches, len(trace)))
     reusing = read_gauges(reader)[0]
