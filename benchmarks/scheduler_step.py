@@ -384,8 +384,8 @@ def hook_microbenchmark(model_dir: str, calls: int) -> list[list[str]]:
             scheduler.shutdown()
         return best
 
-    def pool_cycles() -> tuple[float, float]:
-        """ns per allocate-and-free of 8 new blocks, and per touch-and-free of 8 cached ones."""
+    def pool_cycles() -> tuple[float, float, float]:
+        """ns per allocate-and-free of 1 and of 8 new blocks, and per touch-and-free of 8 cached ones."""
         scheduler = build_scheduler(vllm_config, log_stats=False)
         scheduler.add_request(make_request(scheduler, 8 * BLOCK_SIZE + 1, 1))
         while scheduler.has_requests():
@@ -393,6 +393,9 @@ def hook_microbenchmark(model_dir: str, calls: int) -> list[list[str]]:
         pool = scheduler.kv_cache_manager.block_pool
         cached = [block for block in pool.free_block_queue.get_all_free_blocks() if block.block_hash is not None]
         check(len(cached) == 8, f"pool microbenchmark: {len(cached)} cached blocks, expected 8")
+
+        def allocate_and_free_one() -> None:  # a decoding request crossing into a new block
+            pool.free_blocks(reversed(pool.get_new_blocks(1)))
 
         def allocate_and_free() -> None:
             pool.free_blocks(reversed(pool.get_new_blocks(8)))
@@ -402,7 +405,8 @@ def hook_microbenchmark(model_dir: str, calls: int) -> list[list[str]]:
             pool.free_blocks(reversed(cached))
 
         # Allocation takes uncached blocks from the front of the queue; the cached ones stay at the tail.
-        results = per_call(allocate_and_free) - base, per_call(hit_and_free) - base
+        results = (per_call(allocate_and_free_one) - base, per_call(allocate_and_free) - base,
+                   per_call(hit_and_free) - base)
         check(all(block.block_hash is not None and block.ref_cnt == 0 for block in cached),
               "pool microbenchmark: the cached blocks must stay cached and free")
         scheduler.shutdown()
@@ -443,10 +447,15 @@ def hook_microbenchmark(model_dir: str, calls: int) -> list[list[str]]:
          f"{write:+.0f}"],
         ["per admission: `record_prefix_cache_stats` + 2 x `get_blocks`",
          f"{plain_admission:.0f}", f"{ours_admission:.0f}", f"{ours_admission - plain_admission:+.0f}"],
-        ["evictable count: `get_new_blocks(8)` + `free_blocks` (8 uncached blocks)",
-         f"{plain_pool[0]:.0f}", f"{ours_pool[0]:.0f}", f"{ours_pool[0] - plain_pool[0]:+.0f}"],
-        ["evictable count: prefix hit, `touch` + `free_blocks` (8 cached blocks)",
-         f"{plain_pool[1]:.0f}", f"{ours_pool[1]:.0f}", f"{ours_pool[1] - plain_pool[1]:+.0f}"],
+        *(
+            [f"evictable count: {what}", f"{plain:.0f}", f"{ours:.0f}", f"{ours - plain:+.0f}"]
+            for what, plain, ours in zip(
+                ("`get_new_blocks(1)` + `free_blocks` (1 uncached block)",
+                 "`get_new_blocks(8)` + `free_blocks` (8 uncached blocks)",
+                 "prefix hit, `touch` + `free_blocks` (8 cached blocks)"),
+                plain_pool, ours_pool,
+            )
+        ),
     ]
 
 

@@ -13,9 +13,10 @@ _CALLED = (("vllm.v1.core.block_pool", "BlockPool.get_num_free_blocks"),)
 
 def required() -> list[tuple[str, str]]:
     """(module, "Class.method" or "function") pairs that must exist in this vLLM."""
-    from otel_vllm_kv import probe, spans
+    from otel_vllm_kv import prefix_cache, probe, spans
 
-    return [(module, name) for module, name, _ in (*probe.PATCHES, *spans.PATCHES)] + list(_CALLED)
+    wrapped = [(module, name) for module, name, _ in (*probe.PATCHES, *spans.PATCHES)]
+    return wrapped + list(prefix_cache.REQUIRED) + list(_CALLED)
 
 
 def vllm_version() -> str:

@@ -12,7 +12,8 @@ inside ``BlockPool``:
 * ``evict_blocks`` (KV connectors) and ``reset_prefix_cache`` drop hashes.
 
 Each hook looks only at the blocks vLLM itself moves in that call, so the cost per step
-does not grow with the pool. The count starts from one scan of the free queue when the
+does not grow with the pool. A failing hook marks the count as no longer exact (the probe
+then stops reporting the engine) and lets vLLM's call run untouched. The count starts from one scan of the free queue when the
 probe attaches (at ``Scheduler.__init__``, the pool is still empty then). Hashes carry
 their KV-cache group, so hybrid models get a count per group.
 """
@@ -22,6 +23,9 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from opentelemetry.instrumentation.utils import unwrap
+from wrapt import wrap_function_wrapper
 
 BLOCK_POOL_MODULE = "vllm.v1.core.block_pool"
 
@@ -90,69 +94,83 @@ def _free_queue(pool: Any) -> Iterable[Any]:
         block = block.next_free_block
 
 
-#: By ``id(pool)``: a plain dict is the cheapest lookup on vLLM's hot path (a weak-keyed one
-#: builds a weak reference per call); ``watch`` drops the entry when the pool is collected.
-_counters: dict[int, EvictableBlocks] = {}
+_watched: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def watch(pool: Any, num_groups: int) -> EvictableBlocks:
-    counter = _counters[id(pool)] = EvictableBlocks(pool, num_groups)
-    weakref.finalize(pool, _forget_id, id(pool), counter)
+    """Start counting on ``pool``: its own methods are wrapped, so no other pool pays anything.
+
+    Wrapping the instance, not the class, also halves the cost of each call on this hot
+    path: wrapt need not bind the wrapper to the instance at every call.
+    """
+    counter = EvictableBlocks(pool, num_groups)
+    for name, wrapper in _wrappers(counter).items():
+        wrap_function_wrapper(pool, name, wrapper)
+    _watched.add(pool)
     return counter
 
 
-def _forget_id(key: int, counter: EvictableBlocks) -> None:
-    if _counters.get(key) is counter:
-        del _counters[key]
-
-
 def forget(pool: Any) -> None:
-    _counters.pop(id(pool), None)
+    if pool in _watched:
+        _watched.discard(pool)
+        for name in POOL_METHODS:
+            unwrap(pool, name)
 
 
 def clear() -> None:
-    _counters.clear()
+    for pool in list(_watched):
+        forget(pool)
 
 
-def _fail(counter: EvictableBlocks, pool: Any) -> None:
-    counter.failed = True
-    _forget_id(id(pool), counter)
+def _wrappers(counter: EvictableBlocks) -> dict[str, Callable]:
+    """Every ``BlockPool`` method the count wraps, with its wrapper bound to ``counter``."""
 
+    def released(argument: str) -> Callable:
+        """``free_blocks`` / ``unpin_blocks``: blocks whose ``ref_cnt`` fell to 0 joined the free queue."""
 
-def _after_release(name: str) -> Callable:
-    """``free_blocks`` / ``unpin_blocks``: blocks whose ``ref_cnt`` fell to 0 joined the free queue."""
+        def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+            if counter.failed:
+                return wrapped(*args, **kwargs)
+            # vLLM passes a one-shot iterator (``reversed(blocks)``): keep the blocks to look at them after.
+            blocks = args[0] if args else kwargs.pop(argument)
+            if not isinstance(blocks, list):
+                blocks = list(blocks)
+            result = wrapped(blocks, *args[1:], **kwargs)
+            try:
+                counter.add(counter.evictable(instance, blocks), 1)
+            except Exception:  # noqa: BLE001 - the engine must never see our failure
+                counter.failed = True
+            return result
 
-    def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        counter = _counters.get(id(instance))
-        if counter is None:
+        return wrapper
+
+    def leaving(select: Callable[..., list[Any]]) -> Callable:
+        """Removes the blocks ``select(counter, pool, *args)`` names, then calls vLLM."""
+
+        def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+            if not counter.failed:
+                try:
+                    counter.add(select(counter, instance, *args, **kwargs), -1)
+                except Exception:  # noqa: BLE001 - the engine must never see our failure
+                    counter.failed = True
             return wrapped(*args, **kwargs)
-        # vLLM passes a one-shot iterator (``reversed(blocks)``): keep the blocks to look at them after.
-        blocks = args[0] if args else kwargs.pop(name)
-        if not isinstance(blocks, list):
-            blocks = list(blocks)
-        result = wrapped(blocks, *args[1:], **kwargs)
-        try:
-            counter.add(counter.evictable(instance, blocks), 1)
-        except Exception:  # noqa: BLE001 - the engine must never see our failure
-            _fail(counter, instance)
+
+        return wrapper
+
+    def reset(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        result = wrapped(*args, **kwargs)
+        if result:
+            counter.clear()
         return result
 
-    return wrapper
-
-
-def _before(select: Callable[..., Iterable[Any]]) -> Callable:
-    """A wrapper that removes the blocks ``select(counter, pool, *args)`` names, then calls vLLM."""
-
-    def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        counter = _counters.get(id(instance))
-        if counter is not None:
-            try:
-                counter.add(select(counter, instance, *args, **kwargs), -1)
-            except Exception:  # noqa: BLE001 - the engine must never see our failure
-                _fail(counter, instance)
-        return wrapped(*args, **kwargs)
-
-    return wrapper
+    return {
+        "free_blocks": released("ordered_blocks"),
+        "unpin_blocks": released("blocks"),
+        "touch": leaving(_touched),
+        "get_new_blocks": leaving(_allocated),
+        "evict_blocks": leaving(_evicted),
+        "reset_prefix_cache": reset,
+    }
 
 
 def _touched(counter: EvictableBlocks, pool: Any, blocks: Iterable[Any]) -> list[Any]:
@@ -174,23 +192,10 @@ def _allocated(counter: EvictableBlocks, pool: Any, num_blocks: int) -> list[Any
 
 def _evicted(counter: EvictableBlocks, pool: Any, block_ids: Iterable[int]) -> list[Any]:
     blocks = pool.blocks
-    return counter.evictable(pool, (blocks[i] for i in block_ids if 0 <= i < len(blocks)))
+    return counter.evictable(pool, [blocks[i] for i in block_ids if 0 <= i < len(blocks)])
 
 
-def _reset_prefix_cache(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    result = wrapped(*args, **kwargs)
-    counter = _counters.get(id(instance))
-    if counter is not None and result:
-        counter.clear()
-    return result
-
-
-#: (module, "Class.method", wrapper): every vLLM function the count needs.
-PATCHES = (
-    (BLOCK_POOL_MODULE, "BlockPool.free_blocks", _after_release("ordered_blocks")),
-    (BLOCK_POOL_MODULE, "BlockPool.unpin_blocks", _after_release("blocks")),
-    (BLOCK_POOL_MODULE, "BlockPool.touch", _before(_touched)),
-    (BLOCK_POOL_MODULE, "BlockPool.get_new_blocks", _before(_allocated)),
-    (BLOCK_POOL_MODULE, "BlockPool.evict_blocks", _before(_evicted)),
-    (BLOCK_POOL_MODULE, "BlockPool.reset_prefix_cache", _reset_prefix_cache),
-)
+#: The ``BlockPool`` methods wrapped on each watched pool.
+POOL_METHODS = ("free_blocks", "unpin_blocks", "touch", "get_new_blocks", "evict_blocks", "reset_prefix_cache")
+#: (module, "Class.method") pairs the count needs in this vLLM.
+REQUIRED = tuple((BLOCK_POOL_MODULE, f"BlockPool.{name}") for name in POOL_METHODS)

@@ -185,7 +185,6 @@ PATCHES = (
     (SCHEDULER_MODULE, "Scheduler._preempt_request", _observe(admission.record_preemption)),
     (KV_CACHE_MANAGER_MODULE, "KVCacheManager.record_prefix_cache_stats", _observe(admission.record_prefix_hits)),
     (KV_CACHE_MANAGER_MODULE, "KVCacheManager.get_blocks", _observe(admission.record_admission)),
-    *prefix_cache.PATCHES,
 )
 
 

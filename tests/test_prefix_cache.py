@@ -11,14 +11,11 @@ from vllm.v1.request import RequestStatus
 
 from otel_vllm_kv import prefix_cache
 from otel_vllm_kv.kv_cache import occupancy, read_layout
-from otel_vllm_kv.patching import apply_patches, remove_patches
 
 
 @pytest.fixture
 def hooks():
-    apply_patches(prefix_cache.PATCHES)
     yield
-    remove_patches(prefix_cache.PATCHES)
     prefix_cache.clear()
 
 
@@ -99,7 +96,7 @@ def test_the_count_stays_exact_under_random_load(hooks, tiny_model_dir, sliding_
     assert counter.per_group == scanned(scheduler) == [0] * len(counter.per_group)
 
 
-def test_attaching_to_a_pool_in_use_starts_from_one_scan(tiny_model_dir):
+def test_attaching_to_a_pool_in_use_starts_from_one_scan(hooks, tiny_model_dir):
     scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16)
     scheduler.add_request(make_request(scheduler, 100, max_tokens=4))
     Stepper(scheduler).run_until_idle()
@@ -132,8 +129,21 @@ def test_a_collected_pool_leaves_no_counter_behind(hooks, tiny_model_dir):
     scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16)
     watched(scheduler)
     pool = weakref.ref(scheduler.kv_cache_manager.block_pool)
-    assert len(prefix_cache._counters) == 1
+    assert len(prefix_cache._watched) == 1
     del scheduler
     gc.collect()
     assert pool() is None, "the count must not keep vLLM's pool alive"
-    assert prefix_cache._counters == {}
+    assert len(prefix_cache._watched) == 0
+
+
+def test_only_watched_pools_are_wrapped_and_forgetting_restores_them(hooks, tiny_model_dir):
+    from vllm.v1.core.block_pool import BlockPool
+
+    watched_scheduler, other = (build_scheduler(tiny_model_dir, num_blocks=41, block_size=16) for _ in range(2))
+    pool, other_pool = watched_scheduler.kv_cache_manager.block_pool, other.kv_cache_manager.block_pool
+    watched(watched_scheduler)
+    for name in prefix_cache.POOL_METHODS:
+        assert hasattr(vars(pool)[name], "__wrapped__"), name
+        assert name not in vars(other_pool) and getattr(BlockPool, name) is vars(BlockPool)[name]
+    prefix_cache.forget(pool)
+    assert not any(hasattr(getattr(pool, name), "__wrapped__") for name in prefix_cache.POOL_METHODS)
