@@ -13,9 +13,9 @@ inside ``BlockPool``:
 
 Each hook looks only at the blocks vLLM itself moves in that call, so the cost per step
 does not grow with the pool. A failing hook marks the count as no longer exact (the probe
-then stops reporting the engine) and lets vLLM's call run untouched. The count starts from one scan of the free queue when the
-probe attaches (at ``Scheduler.__init__``, the pool is still empty then). Hashes carry
-their KV-cache group, so hybrid models get a count per group.
+then stops reporting the engine) and lets vLLM's call run untouched. The count starts from
+one scan of the free queue when the probe attaches (at ``Scheduler.__init__``, the pool is
+still empty then). Hashes carry their KV-cache group, so hybrid models get a count per group.
 """
 
 from __future__ import annotations
@@ -76,6 +76,11 @@ class EvictableBlocks:
         self.per_group = [0] * len(self.per_group)
         self.version += 1
 
+    def fail(self) -> None:
+        """A hook could not count: the number is no longer exact (the version tells the probe)."""
+        self.failed = True
+        self.version += 1
+
 
 def _group_reader() -> Callable[[Any], int]:
     from vllm.v1.core.kv_cache_utils import get_group_id
@@ -103,6 +108,7 @@ def watch(pool: Any, num_groups: int) -> EvictableBlocks:
     Wrapping the instance, not the class, also halves the cost of each call on this hot
     path: wrapt need not bind the wrapper to the instance at every call.
     """
+    forget(pool)  # never two counts on one pool
     counter = EvictableBlocks(pool, num_groups)
     for name, wrapper in _wrappers(counter).items():
         wrap_function_wrapper(pool, name, wrapper)
@@ -139,7 +145,7 @@ def _wrappers(counter: EvictableBlocks) -> dict[str, Callable]:
             try:
                 counter.add(counter.evictable(instance, blocks), 1)
             except Exception:  # noqa: BLE001 - the engine must never see our failure
-                counter.failed = True
+                counter.fail()
             return result
 
         return wrapper
@@ -152,7 +158,7 @@ def _wrappers(counter: EvictableBlocks) -> dict[str, Callable]:
                 try:
                     counter.add(select(counter, instance, *args, **kwargs), -1)
                 except Exception:  # noqa: BLE001 - the engine must never see our failure
-                    counter.failed = True
+                    counter.fail()
             return wrapped(*args, **kwargs)
 
         return wrapper
