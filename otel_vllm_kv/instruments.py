@@ -154,7 +154,8 @@ GAUGES: dict[str, tuple[str, str, Callable[[_Engine], Iterable[Observation]]]] =
     ),
     KV_CACHE_LIMIT: (
         "{token}", ("KV-cache token capacity: (blocks - 1 reserved null block) x block size; "
-                    "vLLM's group-aware kv_cache_size_tokens for hybrid models."), _per_engine(lambda o: o.limit_tokens),
+                    "vLLM's group-aware kv_cache_size_tokens for hybrid models."),
+        _per_engine(lambda o: o.limit_tokens),
     ),
     KV_CACHE_UTILIZATION: (
         "1", "Fraction of allocatable KV-cache blocks in use; equals vLLM's kv_cache_usage.",

@@ -34,8 +34,8 @@ def scanned(scheduler) -> list[int]:
 
 
 def evictable_tokens(scheduler, counter) -> int:
-    layout = read_layout(scheduler)
-    return occupancy(layout, scheduler.kv_cache_manager.block_pool.get_num_free_blocks(), counter.total).evictable_tokens
+    free_blocks = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    return occupancy(read_layout(scheduler), free_blocks, counter.total).evictable_tokens
 
 
 PREFIX = 160  # 10 blocks of 16

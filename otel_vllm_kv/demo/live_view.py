@@ -116,7 +116,7 @@ class RichView:
         table.add_column("utilization")
         table.add_column("", justify="right", min_width=6)
         for index, gauges in (sample.engines if sample else {}).items():
-            table.add_row(str(index), f"{gauges.used:,}", f"{gauges.free:,}", f"{gauges.evictable:,}", f"{gauges.limit:,}",
-                          ProgressBar(total=1.0, completed=gauges.utilization, width=30),
+            table.add_row(str(index), f"{gauges.used:,}", f"{gauges.free:,}", f"{gauges.evictable:,}",
+                          f"{gauges.limit:,}", ProgressBar(total=1.0, completed=gauges.utilization, width=30),
                           f"{gauges.utilization:.1%}")
         return Group(table, self._progress)
