@@ -155,6 +155,9 @@ def _wrappers(counter: EvictableBlocks) -> dict[str, Callable]:
 
         def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
             if not counter.failed:
+                # Looked at twice, by the count then by vLLM: a one-shot iterator becomes a list.
+                args = tuple(_reusable(value) for value in args)
+                kwargs = {key: _reusable(value) for key, value in kwargs.items()}
                 try:
                     counter.add(select(counter, instance, *args, **kwargs), -1)
                 except Exception:  # noqa: BLE001 - the engine must never see our failure
@@ -177,6 +180,10 @@ def _wrappers(counter: EvictableBlocks) -> dict[str, Callable]:
         "evict_blocks": leaving(_evicted),
         "reset_prefix_cache": reset,
     }
+
+
+def _reusable(value: Any) -> Any:
+    return value if isinstance(value, (int, list, tuple, set, frozenset)) else list(value)
 
 
 def _touched(counter: EvictableBlocks, pool: Any, blocks: Iterable[Any]) -> list[Any]:

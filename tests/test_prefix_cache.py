@@ -147,3 +147,18 @@ def test_only_watched_pools_are_wrapped_and_forgetting_restores_them(hooks, tiny
         assert name not in vars(other_pool) and getattr(BlockPool, name) is vars(BlockPool)[name]
     prefix_cache.forget(pool)
     assert not any(hasattr(getattr(pool, name), "__wrapped__") for name in prefix_cache.POOL_METHODS)
+
+
+def test_one_shot_iterators_still_reach_vllm_whole(hooks, tiny_model_dir):
+    """The count looks at the blocks before vLLM does; a generator must not arrive empty."""
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16)
+    counter = watched(scheduler)
+    scheduler.add_request(make_request(scheduler, 100, max_tokens=4))
+    Stepper(scheduler).run_until_idle()
+    pool = scheduler.kv_cache_manager.block_pool
+    cached = [block for block in pool.free_block_queue.get_all_free_blocks() if block.block_hash is not None]
+    pool.touch(block for block in cached[:2])
+    assert [block.ref_cnt for block in cached[:2]] == [1, 1]
+    assert counter.per_group == scanned(scheduler) == [4]
+    pool.evict_blocks(block.block_id for block in cached[2:4])
+    assert counter.per_group == scanned(scheduler) == [2]
