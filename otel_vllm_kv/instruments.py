@@ -52,9 +52,9 @@ class _Engine(NamedTuple):
     evictable_blocks: tuple[int, ...]
 
     def group_attributes(self) -> Iterable[tuple[dict, GroupLayout, int]]:
-        for index, group in enumerate(self.groups):
+        # The relay carries one evictable count per group.
+        for index, (group, evictable) in enumerate(zip(self.groups, self.evictable_blocks)):
             attributes = {**self.attributes, KV_CACHE_GROUP_INDEX: index, KV_CACHE_GROUP_TYPE: group.kind}
-            evictable = self.evictable_blocks[index] if index < len(self.evictable_blocks) else 0
             yield attributes, group, evictable
 
 

@@ -55,10 +55,6 @@ class PoolLayout:
     def allocatable_blocks(self) -> int:
         return self.num_blocks - 1
 
-    @property
-    def is_hybrid(self) -> bool:
-        return len(self.groups) > 1
-
     def tokens(self, blocks: int) -> int | None:
         """What ``blocks`` blocks hold, in tokens (see the module docstring)."""
         if self.limit_tokens is None or self.allocatable_blocks <= 0:

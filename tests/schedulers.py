@@ -9,7 +9,7 @@ import torch
 from vllm.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, VllmConfig
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
-from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.kv_cache_utils import get_group_id, get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
 from vllm.v1.outputs import ModelRunnerOutput
@@ -118,3 +118,17 @@ class Stepper:
                 return
             self.step()
         raise AssertionError("scheduler did not drain")
+
+
+def cached_free_blocks(scheduler: Scheduler) -> list:
+    """The prefix-cached blocks in vLLM's free queue (evictable), walking all of it."""
+    queue = scheduler.kv_cache_manager.block_pool.free_block_queue
+    return [block for block in queue.get_all_free_blocks() if block.block_hash is not None]
+
+
+def evictable_per_group(scheduler: Scheduler) -> list[int]:
+    """Ground truth for the evictable count: ``cached_free_blocks`` per KV-cache group."""
+    per_group = [0] * len(scheduler.kv_cache_manager.kv_cache_config.kv_cache_groups)
+    for block in cached_free_blocks(scheduler):
+        per_group[get_group_id(block.block_hash)] += 1
+    return per_group

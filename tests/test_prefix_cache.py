@@ -5,8 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from schedulers import Stepper, build_scheduler, make_request
-from vllm.v1.core.kv_cache_utils import get_group_id
+from schedulers import Stepper, build_scheduler, cached_free_blocks, evictable_per_group, make_request
 from vllm.v1.request import RequestStatus
 
 from otel_vllm_kv import prefix_cache
@@ -21,16 +20,6 @@ def hooks():
 
 def watched(scheduler) -> prefix_cache.EvictableBlocks:
     return prefix_cache.watch(scheduler.kv_cache_manager.block_pool, len(read_layout(scheduler).groups))
-
-
-def scanned(scheduler) -> list[int]:
-    """What the counter must equal: cached blocks in vLLM's free queue, per group, by walking all of it."""
-    pool = scheduler.kv_cache_manager.block_pool
-    per_group = [0] * len(read_layout(scheduler).groups)
-    for block in pool.free_block_queue.get_all_free_blocks():
-        if block.block_hash is not None:
-            per_group[get_group_id(block.block_hash)] += 1
-    return per_group
 
 
 def evictable_tokens(scheduler, counter) -> int:
@@ -49,20 +38,20 @@ def test_a_finished_shared_prefix_is_evictable_until_a_new_request_reuses_it(hoo
         scheduler.add_request(make_request(scheduler, PREFIX + 5, max_tokens=4, first_token=0)
                               if suffix == 0 else _with_prefix(scheduler, suffix))
     stepper.run_until_idle()
-    assert scanned(scheduler) == [10]
+    assert evictable_per_group(scheduler) == [10]
     assert counter.per_group == [10] and evictable_tokens(scheduler, counter) == PREFIX
 
     scheduler.add_request(_with_prefix(scheduler, 7, max_tokens=50))
     stepper.step()
     assert stepper.stats[-1].prefix_cache_stats.hits == PREFIX, "the new request hits the whole prefix"
-    assert counter.per_group == scanned(scheduler) == [0]
+    assert counter.per_group == evictable_per_group(scheduler) == [0]
     stepper.run_until_idle()
-    assert counter.per_group == scanned(scheduler) and counter.total > 10  # its own full blocks joined
+    assert counter.per_group == evictable_per_group(scheduler) and counter.total > 10  # its own full blocks joined
 
     # A long unrelated prompt takes all free blocks: vLLM evicts the cached ones for it.
     scheduler.add_request(make_request(scheduler, 40 * 16 - 10, max_tokens=2, first_token=50_000))
     stepper.step()
-    assert counter.per_group == scanned(scheduler) == [0]
+    assert counter.per_group == evictable_per_group(scheduler) == [0]
 
 
 def _with_prefix(scheduler, suffix: int, max_tokens: int = 4):
@@ -87,39 +76,43 @@ def test_the_count_stays_exact_under_random_load(hooks, tiny_model_dir, sliding_
             scheduler.finish_requests([rng.choice(scheduler.running).request_id], RequestStatus.FINISHED_ABORTED)
         if scheduler.has_requests():
             stepper.step()
-        assert counter.per_group == scanned(scheduler), f"step {step}"
+        assert counter.per_group == evictable_per_group(scheduler), f"step {step}"
     assert sum(request.num_preemptions for request in requests) > 0, "the pool should be small enough to preempt"
     assert sum(stats.prefix_cache_stats.hits for stats in stepper.stats) > 0
     stepper.run_until_idle()
-    assert counter.per_group == scanned(scheduler) and counter.total > 0
+    assert counter.per_group == evictable_per_group(scheduler) and counter.total > 0
     assert scheduler.reset_prefix_cache()
-    assert counter.per_group == scanned(scheduler) == [0] * len(counter.per_group)
+    assert counter.per_group == evictable_per_group(scheduler) == [0] * len(counter.per_group)
 
 
 def test_attaching_to_a_pool_in_use_starts_from_one_scan(hooks, tiny_model_dir):
     scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16)
     scheduler.add_request(make_request(scheduler, 100, max_tokens=4))
     Stepper(scheduler).run_until_idle()
-    assert watched(scheduler).per_group == scanned(scheduler) == [6]
+    assert watched(scheduler).per_group == evictable_per_group(scheduler) == [6]
 
 
-def test_connector_evictions_and_unpinned_blocks_are_counted(hooks, tiny_model_dir):
-    """Paths KV connectors and offloading take: ``evict_blocks`` drops hashes, ``unpin_blocks`` releases."""
+def after_one_finished_request(tiny_model_dir: str):
+    """A watched pool once a 100-token request finished: 6 full blocks stay cached (and free)."""
     scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16)
     counter = watched(scheduler)
     scheduler.add_request(make_request(scheduler, 100, max_tokens=4))
     Stepper(scheduler).run_until_idle()
-    pool = scheduler.kv_cache_manager.block_pool
-    cached = [block for block in pool.free_block_queue.get_all_free_blocks() if block.block_hash is not None]
-    assert counter.per_group == scanned(scheduler) == [6]
+    return scheduler, counter, scheduler.kv_cache_manager.block_pool, cached_free_blocks(scheduler)
+
+
+def test_connector_evictions_and_unpinned_blocks_are_counted(hooks, tiny_model_dir):
+    """Paths KV connectors and offloading take: ``evict_blocks`` drops hashes, ``unpin_blocks`` releases."""
+    scheduler, counter, pool, cached = after_one_finished_request(tiny_model_dir)
+    assert counter.per_group == evictable_per_group(scheduler) == [6]
 
     pool.evict_blocks({cached[0].block_id, cached[1].block_id, 40})  # block 40 was never cached
-    assert counter.per_group == scanned(scheduler) == [4]
+    assert counter.per_group == evictable_per_group(scheduler) == [4]
 
     pool.touch(cached[2:4])  # a reader pins two cached blocks ...
-    assert counter.per_group == scanned(scheduler) == [2]
+    assert counter.per_group == evictable_per_group(scheduler) == [2]
     pool.unpin_blocks(cached[2:4], on_reuse=lambda block: None)  # ... and lets them go
-    assert counter.per_group == scanned(scheduler) == [4]
+    assert counter.per_group == evictable_per_group(scheduler) == [4]
 
 
 def test_a_collected_pool_leaves_no_counter_behind(hooks, tiny_model_dir):
@@ -151,14 +144,9 @@ def test_only_watched_pools_are_wrapped_and_forgetting_restores_them(hooks, tiny
 
 def test_one_shot_iterators_still_reach_vllm_whole(hooks, tiny_model_dir):
     """The count looks at the blocks before vLLM does; a generator must not arrive empty."""
-    scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16)
-    counter = watched(scheduler)
-    scheduler.add_request(make_request(scheduler, 100, max_tokens=4))
-    Stepper(scheduler).run_until_idle()
-    pool = scheduler.kv_cache_manager.block_pool
-    cached = [block for block in pool.free_block_queue.get_all_free_blocks() if block.block_hash is not None]
+    scheduler, counter, pool, cached = after_one_finished_request(tiny_model_dir)
     pool.touch(block for block in cached[:2])
     assert [block.ref_cnt for block in cached[:2]] == [1, 1]
-    assert counter.per_group == scanned(scheduler) == [4]
+    assert counter.per_group == evictable_per_group(scheduler) == [4]
     pool.evict_blocks(block.block_id for block in cached[2:4])
-    assert counter.per_group == scanned(scheduler) == [2]
+    assert counter.per_group == evictable_per_group(scheduler) == [2]

@@ -12,6 +12,7 @@ import sys
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from schedulers import evictable_per_group
 from telemetry import read_gauges
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
@@ -32,17 +33,6 @@ def published(llm) -> dict:
         elif metric.name == "vllm:prefix_cache_hits":
             values["prefix_cache_hits"] = metric.value
     return values
-
-
-def evictable_per_group(scheduler) -> list[int]:
-    """Ground truth for the evictable count: a full walk of vLLM's free queue."""
-    from vllm.v1.core.kv_cache_utils import get_group_id
-
-    per_group = [0] * len(scheduler.kv_cache_manager.kv_cache_config.kv_cache_groups)
-    for block in scheduler.kv_cache_manager.block_pool.free_block_queue.get_all_free_blocks():
-        if block.block_hash is not None:
-            per_group[get_group_id(block.block_hash)] += 1
-    return per_group
 
 
 def check_step(llm, reader, scheduler, mismatches: list, step: int) -> dict:
