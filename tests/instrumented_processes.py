@@ -15,6 +15,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from otel_vllm_kv.demo.tiny_model import server_arguments
+
 OPENTELEMETRY_INSTRUMENT = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -95,9 +97,8 @@ def instrumented_server(
     """The OpenAI server on the tiny model under ``opentelemetry-instrument``, healthy, stopped at exit."""
     port = free_port()
     command = [
-        OPENTELEMETRY_INSTRUMENT, *exporter_args, sys.executable, *program, "--model", model_dir,
-        "--served-model-name", "tiny", "--load-format", "dummy", "--max-model-len", "2048",
-        "--num-gpu-blocks-override", "64", "--enforce-eager", "--port", str(port), *vllm_args,
+        OPENTELEMETRY_INSTRUMENT, *exporter_args, sys.executable, *program, *server_arguments(model_dir),
+        "--port", str(port), *vllm_args,
     ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     server = ServerProcess(process, port)

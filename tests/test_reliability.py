@@ -27,6 +27,7 @@ def test_greedy_outputs_are_identical_with_instrumentation_and_tracing(tiny_mode
         assert result.returncode == 0, result.stderr[-4000:]
         vllm_spans = [recorded.span for recorded in receiver.drain_spans() if recorded.span.name == "llm_request"]
     runs = json.loads(result.stdout.strip().splitlines()[-1])
+    assert runs["dtypes"] == ["torch.float32"] * 2, "the CPU path every machine can run (docs/cpu-paths.md)"
     assert len(runs["plain"]) == len(runs["instrumented"]) == 50
     assert all(len(tokens) == 24 for tokens in runs["plain"])
     assert runs["instrumented"] == runs["plain"], "not one generated token differs"

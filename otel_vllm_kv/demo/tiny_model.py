@@ -104,6 +104,14 @@ def _write_tokenizer(directory: Path) -> None:
 #: Cache blocks the demo and the tests give the engine: 63 allocatable blocks of 128 tokens on CPU.
 NUM_GPU_BLOCKS = 64
 
+#: The one dtype of every engine on the tiny model (the demo, the tests, the examples, the
+#: benchmarks). vLLM's ``dtype="auto"`` turns a float32 config into bfloat16 on CPU, and in
+#: bfloat16 on an Intel CPU with AMX, vLLM's attention takes its AMX kernel, whose tile
+#: instructions need a Linux permission that vLLM never asks for (only oneDNN does, lazily):
+#: the worker then dies with SIGILL at random. float32 selects the vector kernel on every
+#: CPU. Evidence and details: docs/cpu-paths.md.
+DTYPE = "float32"
+
 
 def engine_kwargs(directory: str | Path, served_model_name: str = "tiny", **overrides) -> dict:
     """Arguments for ``LLM`` / ``EngineArgs`` that start the tiny model quickly with a small cache."""
@@ -113,11 +121,27 @@ def engine_kwargs(directory: str | Path, served_model_name: str = "tiny", **over
         load_format="dummy",
         max_model_len=MAX_MODEL_LEN,
         num_gpu_blocks_override=NUM_GPU_BLOCKS,
+        dtype=DTYPE,
         enforce_eager=True,
         seed=0,
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def server_arguments(directory: str | Path, served_model_name: str = "tiny", **overrides) -> list[str]:
+    """``engine_kwargs`` as command-line options of ``vllm serve`` and vLLM's OpenAI server module.
+
+    A flag set to False is left out: vLLM's flags such as ``--disable-log-stats`` are off by default.
+    """
+    arguments = []
+    for name, value in engine_kwargs(directory, served_model_name, **overrides).items():
+        option = "--" + name.replace("_", "-")
+        if value is True:
+            arguments.append(option)
+        elif value is not False:
+            arguments += [option, str(value)]
+    return arguments
 
 
 def build_tiny_model(directory: str | Path, max_model_len: int = MAX_MODEL_LEN, hybrid: bool = False) -> Path:

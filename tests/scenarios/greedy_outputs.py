@@ -2,7 +2,8 @@
 
 Each engine is a default ``LLM`` (spawned engine core) on the tiny model; the second runs
 with this package instrumented, a recording span around the batch and vLLM's own tracing
-exporting OTLP/HTTP to the endpoint given. Prints one JSON line: the token ids of both runs.
+exporting OTLP/HTTP to the endpoint given. Prints one JSON line: the token ids of both runs
+and the dtype each engine resolved.
 """
 
 import json
@@ -39,6 +40,7 @@ if __name__ == "__main__":
 
     model_dir, traces_endpoint = sys.argv[1], sys.argv[2]
     llm = LLM(**engine_kwargs(model_dir))
+    dtypes = [str(llm.llm_engine.model_config.dtype)]
     plain = generate(llm)
     llm.llm_engine.engine_core.shutdown()
     del llm
@@ -51,9 +53,10 @@ if __name__ == "__main__":
     os.environ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
     # vLLM's request tracing needs its request stats (do_tracing asserts them): stats on.
     llm = LLM(**engine_kwargs(model_dir, otlp_traces_endpoint=traces_endpoint, disable_log_stats=False))
+    dtypes.append(str(llm.llm_engine.model_config.dtype))
     with provider.get_tracer("test").start_as_current_span("greedy batch"):
         instrumented = generate(llm)
     llm.llm_engine.engine_core.shutdown()
     (span,) = exporter.get_finished_spans()
     admitted = [event for event in span.events if event.name == names.EVENT_ADMITTED]
-    print(json.dumps({"plain": plain, "instrumented": instrumented, "admitted": len(admitted)}))
+    print(json.dumps({"plain": plain, "instrumented": instrumented, "admitted": len(admitted), "dtypes": dtypes}))
