@@ -49,7 +49,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SanityError, check, run_child, command_line, markdown_table, median, print_header
+from _common import SanityError, check, command_line, markdown_table, median, print_header, run_child
 
 ALL_VARIANTS = ("plain", "ours", "vllm-tracing", "vllm-tracing+ours")
 WARMUP_SPAN = "benchmark warm-up batch"
@@ -139,7 +139,7 @@ def child(args: argparse.Namespace) -> int:
         problems.append(f"generated {sum(generated)} tokens, expected {sum(expected)} "
                         f"({sum(g != e for g, e in zip(generated, expected))} requests differ)")
     if ours:
-        from otel_vllm_kv import spans
+        from otel_vllm_kv.frontend import spans
 
         if spans.annotator.requests:
             problems.append(f"{len(spans.annotator.requests)} requests still tracked in the frontend")

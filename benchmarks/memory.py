@@ -44,7 +44,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SanityError, run_child, command_line, markdown_table, print_header
+from _common import SanityError, command_line, markdown_table, print_header, run_child
 
 VARIANTS = ("ours", "plain")
 MIB = 1024 * 1024
@@ -166,7 +166,7 @@ def child(args: argparse.Namespace) -> int:
 
     summary = {"variant": spec["variant"], "pid": os.getpid(), "engine_pid": engine_pid, "checkpoints": checkpoints}
     if ours:
-        from otel_vllm_kv import spans
+        from otel_vllm_kv.frontend import spans
 
         summary["tracked_requests"] = len(spans.annotator.requests)
         if spans.annotator.requests:

@@ -184,7 +184,7 @@ class Bench:
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
         from otel_vllm_kv import VLLMKVCacheInstrumentor
-        from otel_vllm_kv.kv_events import RELAY_KEY
+        from otel_vllm_kv.admission_records import TRACE_HEADER_KEY
 
         args = self.args
         result = Run(config.name, variant)
@@ -230,7 +230,7 @@ class Bench:
                 result.preemptions += len(scheduler_output.preempted_req_ids or ())
                 for outputs in engine_core_outputs.values():
                     for output in outputs.outputs:
-                        if output.trace_headers and RELAY_KEY in output.trace_headers:
+                        if output.trace_headers and TRACE_HEADER_KEY in output.trace_headers:
                             result.relay_outputs += 1
                 if step >= args.warmup:
                     result.step_ns.append((t1 - t0) + (t3 - t2))
@@ -266,7 +266,7 @@ class Bench:
 
     @staticmethod
     def _check_gauges(data, scheduler, config: Config) -> None:
-        from otel_vllm_kv.instruments import KV_CACHE_LIMIT, KV_CACHE_STATE, KV_CACHE_USAGE
+        from otel_vllm_kv.exporter.gauges import KV_CACHE_LIMIT, KV_CACHE_STATE, KV_CACHE_USAGE
 
         values: dict[str, float] = {}
         for resource_metrics in data.resource_metrics if data else ():
@@ -342,7 +342,8 @@ def hook_microbenchmark(model_dir: str, calls: int) -> list[list[str]]:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    from otel_vllm_kv import VLLMKVCacheInstrumentor, probe
+    from otel_vllm_kv import VLLMKVCacheInstrumentor
+    from otel_vllm_kv.engine import probe
 
     vllm_config = build_vllm_config(model_dir, num_blocks=64, block_size=BLOCK_SIZE, max_num_seqs=16,
                                     max_num_batched_tokens=4096)
@@ -360,7 +361,7 @@ def hook_microbenchmark(model_dir: str, calls: int) -> list[list[str]]:
         return best
 
     def per_admission(instrumented: bool) -> float:
-        from otel_vllm_kv.kv_events import RELAY_KEY
+        from otel_vllm_kv.admission_records import TRACE_HEADER_KEY
 
         best = float("inf")
         for _ in range(5):
@@ -378,7 +379,7 @@ def hook_microbenchmark(model_dir: str, calls: int) -> list[list[str]]:
                 get_blocks(request.request_id)
             best = min(best, (time.perf_counter_ns() - start) / admissions)
             gc.enable()
-            recorded = sum(bool(request.trace_headers) and RELAY_KEY in request.trace_headers for request in requests)
+            recorded = sum(bool(request.trace_headers) and TRACE_HEADER_KEY in request.trace_headers for request in requests)
             check(recorded == (admissions if instrumented else 0),
                   f"admission microbenchmark: {recorded} of {admissions} requests got a record")
             scheduler.shutdown()

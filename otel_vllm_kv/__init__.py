@@ -13,16 +13,20 @@ Each engine then reports ``vllm.kv_cache.usage`` (``{token}``, ``vllm.kv_cache.s
 ``vllm.kv_cache.utilization`` (``1``), with ``vllm.engine.index`` and
 ``gen_ai.request.model`` on every point.
 
-The scheduler runs in vLLM's engine-core process. The process that instruments first
-(the *owner*) exports; engine processes it starts load this package through vLLM's
-``vllm.general_plugins`` entry point (and, under ``opentelemetry-instrument``, through
-auto-instrumentation), wrap the scheduler and publish into a shared-memory relay the
-owner reads at collection time. ``opentelemetry-instrument`` finds the instrumentor
-under the entry-point name ``vllm_kv``.
+The package runs in three kinds of process, one subpackage each: the **engine**
+(``engine``: vLLM's engine core, where the scheduler runs and the probe publishes into a
+shared-memory relay), the **frontend** (``frontend``: ``LLM``, ``AsyncLLM``, each API
+server; span annotation) and the **exporter** (``exporter``: the process that instruments
+first, the *owner*, which exports the gauges from the relay). Engine processes the
+exporter starts load this package through vLLM's ``vllm.general_plugins`` entry point
+(and, under ``opentelemetry-instrument``, through auto-instrumentation); ``roles`` decides
+which process is which. ``opentelemetry-instrument`` finds the instrumentor under the
+entry-point name ``vllm_kv``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from importlib.metadata import PackageNotFoundError, distribution
 from typing import Any
@@ -31,17 +35,33 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.metrics import get_meter
 from packaging.requirements import Requirement
 
-from otel_vllm_kv import child_exporters, compat, instruments, probe, spans, vllm_metrics
-from otel_vllm_kv.ownership import resolve_role
+from otel_vllm_kv import compat
+from otel_vllm_kv.engine import probe
+from otel_vllm_kv.exporter import gauges
+from otel_vllm_kv.frontend import metrics_endpoint, spans, unprobed_engines
 from otel_vllm_kv.package import _instruments_any
 from otel_vllm_kv.patching import apply_patches, remove_patches
 from otel_vllm_kv.relay import SnapshotReader
+from otel_vllm_kv.roles import resolve_role
 from otel_vllm_kv.settings import read_settings
 from otel_vllm_kv.version import __version__
 
 __all__ = ["VLLMKVCacheInstrumentor", "__version__"]
 
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
+
+
+def _keep_warnings_visible() -> None:
+    """Give the package's logger the WARNING level unless the application set one.
+
+    ``vllm serve`` imports ``model_hosting_container_standards``, which sets the root logger to
+    ERROR (unless ``LOG_LEVEL`` says otherwise); loggers that inherit the root's level would
+    then drop the few warnings this package logs (an engine without a probe, a probe that
+    gives up), which operators need to see.
+    """
+    package_logger = logging.getLogger(__name__)
+    if package_logger.level == logging.NOTSET:
+        package_logger.setLevel(logging.WARNING)
 
 
 class VLLMKVCacheInstrumentor(BaseInstrumentor):
@@ -58,6 +78,7 @@ class VLLMKVCacheInstrumentor(BaseInstrumentor):
         return _instruments_any[:1]
 
     def _instrument(self, **kwargs: Any) -> None:
+        _keep_warnings_visible()
         settings = read_settings()  # a bad value raises here, naming the variable, before any change
         reason = compat.unsupported_reason()
         if reason is not None:
@@ -66,19 +87,27 @@ class VLLMKVCacheInstrumentor(BaseInstrumentor):
         role = resolve_role(settings.relay_parent_directory)
         if role.is_owner:
             meter = get_meter(__name__, __version__, kwargs.get("meter_provider"), schema_url=_SCHEMA_URL)
-            instruments.create_instruments(meter)
-            instruments.set_source(SnapshotReader(role.relay_directory))
+            gauges.create_instruments(meter)
+            gauges.set_source(SnapshotReader(role.relay_directory))
             if settings.vllm_metrics:
-                vllm_metrics.register(SnapshotReader(role.relay_directory))
-            child_exporters.silence_child_exporters()
-            # Requests are submitted, and their outputs processed, in the owner.
-            apply_patches(spans.PATCHES)
+                metrics_endpoint.register(SnapshotReader(role.relay_directory))
+        # Every process may be a frontend (LLM, AsyncLLM, each of several API servers): the
+        # spans of the requests it submits are annotated there, and an API server serving a
+        # multiprocess /metrics adds the token gauges to it. Processes it starts keep their
+        # own exporters: only the OpenTelemetry KV gauges are the exporter's alone.
+        apply_patches(spans.PATCHES)
+        # A frontend also reports, from vLLM's statistics, the engines it sees running no probe.
+        unprobed_engines.directory.relay_directory = role.relay_directory
+        apply_patches(unprobed_engines.PATCHES)
+        if settings.vllm_metrics:
+            metrics_endpoint.serve_from_api_servers(role.relay_directory)
         probe.install_probe(role.relay_directory)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        child_exporters.restore_child_exporters()
-        vllm_metrics.unregister()
+        metrics_endpoint.unregister()
         remove_patches(spans.PATCHES)
         spans.annotator.clear()
+        remove_patches(unprobed_engines.PATCHES)
+        unprobed_engines.directory.clear()
         probe.remove_probe()
-        instruments.set_source(None)
+        gauges.set_source(None)

@@ -13,9 +13,11 @@ _CALLED = (("vllm.v1.core.block_pool", "BlockPool.get_num_free_blocks"),)
 
 def required() -> list[tuple[str, str]]:
     """(module, "Class.method" or "function") pairs that must exist in this vLLM."""
-    from otel_vllm_kv import prefix_cache, probe, spans
+    from otel_vllm_kv.engine import prefix_cache, probe
+    from otel_vllm_kv.frontend import spans, unprobed_engines
 
-    wrapped = [(module, name) for module, name, _ in (*probe.PATCHES, *spans.PATCHES)]
+    patches = (*probe.PATCHES, *spans.PATCHES, *unprobed_engines.PATCHES)
+    wrapped = [(module, name) for module, name, _ in patches]
     return wrapped + list(prefix_cache.REQUIRED) + list(_CALLED)
 
 

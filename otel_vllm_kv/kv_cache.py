@@ -46,8 +46,8 @@ class PoolLayout:
     limit_tokens: int | None
     """Token capacity: (N - 1) x B for one group, vLLM's ``kv_cache_size_tokens`` for several;
     None where neither is known (token values are then not reported)."""
-    watermark_blocks: int = 0
-    """Blocks vLLM keeps free when admitting a waiting request while others run."""
+    watermark_blocks: int | None = 0
+    """Blocks vLLM keeps free when admitting a waiting request while others run; None where unknown."""
     groups: tuple[GroupLayout, ...] = ()
     """The KV-cache groups sharing the pool, in vLLM's group order."""
 
@@ -70,8 +70,8 @@ class KVCacheOccupancy:
     limit_blocks: int
     used_blocks: int
     free_blocks: int
-    evictable_blocks: int
-    headroom_blocks: int
+    evictable_blocks: int | None
+    headroom_blocks: int | None
     limit_tokens: int | None
     used_tokens: int | None
     free_tokens: int | None
@@ -79,11 +79,15 @@ class KVCacheOccupancy:
     headroom_tokens: int | None
 
 
-def occupancy(layout: PoolLayout, free_blocks: int, evictable_blocks: int = 0) -> KVCacheOccupancy:
-    """The occupancy that ``free_blocks`` free (``evictable_blocks`` of them prefix-cached) describe."""
+def occupancy(layout: PoolLayout, free_blocks: int, evictable_blocks: int | None = 0) -> KVCacheOccupancy:
+    """The occupancy that ``free_blocks`` free (``evictable_blocks`` of them prefix-cached) describe.
+
+    Evictable blocks and the watermark may be unknown (None): so are then the values from them.
+    """
     allocatable = layout.allocatable_blocks
     used_blocks = allocatable - free_blocks
-    headroom_blocks = max(free_blocks - layout.watermark_blocks, 0)
+    watermark = layout.watermark_blocks
+    headroom_blocks = None if watermark is None else max(free_blocks - watermark, 0)
     # Same expression as BlockPool.get_usage, so the float is bit-identical.
     utilization = 1.0 - (free_blocks / allocatable) if allocatable else 0.0
     used_tokens = layout.tokens(used_blocks)
@@ -91,8 +95,12 @@ def occupancy(layout: PoolLayout, free_blocks: int, evictable_blocks: int = 0) -
     return KVCacheOccupancy(
         utilization, allocatable, used_blocks, free_blocks, evictable_blocks, headroom_blocks,
         limit, used_tokens, None if limit is None else limit - used_tokens,
-        layout.tokens(evictable_blocks), layout.tokens(headroom_blocks),
+        _tokens_or_none(layout, evictable_blocks), _tokens_or_none(layout, headroom_blocks),
     )
+
+
+def _tokens_or_none(layout: PoolLayout, blocks: int | None) -> int | None:
+    return None if blocks is None else layout.tokens(blocks)
 
 
 def read_layout(scheduler: Any) -> PoolLayout:

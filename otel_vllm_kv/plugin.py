@@ -7,7 +7,7 @@ import os
 
 def load_vllm_plugin() -> None:
     """Probe in processes started by an instrumented owner; change nothing anywhere else."""
-    from otel_vllm_kv.ownership import inherited_role
+    from otel_vllm_kv.roles import inherited_role
 
     role = inherited_role()
     if role is None or role.owner_pid == os.getpid():

@@ -1,11 +1,17 @@
-"""Shared-memory relay: each engine core publishes its pool snapshot, the exporting process reads it.
+"""Shared-memory relay: each engine publishes its pool snapshot, the exporter process reads it.
 
-One small file per engine (per scheduler) in the owner's private relay directory,
+One small file per engine (per scheduler) in the exporter's private relay directory,
 mapped into memory on both sides. The header is written once, before the file
 appears under its final name; the record after it is a seqlock (an odd sequence
 number while the writer is mid-update), so the reader never sees a torn record
 and neither side ever blocks on the other. A writer whose reader died keeps
 writing into memory nobody reads; a reader drops files whose writer died.
+
+Two kinds of file: ``engine-*``, written by an engine's probe (exact, with evictable
+blocks per group), and ``stats-*``, written by a frontend for an engine that runs no
+probe, from vLLM's own scheduler statistics (``unprobed_engines``): free blocks and the
+time they arrived, nothing else. Several frontends (API servers) may write one each for
+the same engine; the newest record wins. A probe's file always wins over them.
 """
 
 from __future__ import annotations
@@ -20,17 +26,21 @@ from dataclasses import dataclass
 from otel_vllm_kv.kv_cache import GroupLayout, KVCacheOccupancy, PoolLayout, occupancy
 
 _MAGIC = b"OVKV"
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 _MODEL_NAME_BYTES = 256
 _GROUPS_BYTES = 512
 # magic, format version, model name length, engine index, writer pid, N, limit tokens (-1: unknown),
-# watermark blocks, groups text length, number of groups, model name, groups ("kind:block_size;...")
-_HEADER = struct.Struct(f"<4sHHiIQqQII{_MODEL_NAME_BYTES}s{_GROUPS_BYTES}s")
+# watermark blocks (-1: unknown), groups text length, number of groups, model name,
+# groups ("kind:block_size;...")
+_HEADER = struct.Struct(f"<4sHHiIQqqII{_MODEL_NAME_BYTES}s{_GROUPS_BYTES}s")
 # The seqlock's sequence number, then the values that change: free blocks, evictable blocks per group.
 _SEQUENCE = struct.Struct("<Q")
 _SEQUENCE_OFFSET = _HEADER.size
 _VALUES_OFFSET = _SEQUENCE_OFFSET + _SEQUENCE.size
-_FILE_PREFIX = "engine-"
+_PROBE_PREFIX = "engine-"
+_STATS_PREFIX = "stats-"
+#: A stats file's record: free blocks, and when the statistics arrived (time.time_ns()).
+_STATS_VALUES = struct.Struct("<qq")
 _READ_ATTEMPTS = 64
 
 _file_counter = itertools.count()
@@ -62,26 +72,29 @@ class EngineSnapshot:
     pid: int
     layout: PoolLayout
     free_blocks: int
-    evictable_blocks: tuple[int, ...]
-    """Evictable prefix-cache blocks per KV-cache group (part of the free blocks)."""
+    evictable_blocks: tuple[int, ...] | None
+    """Evictable prefix-cache blocks per KV-cache group (part of the free blocks); None where
+    unknown (an engine reported from vLLM's statistics)."""
 
     def occupancy(self) -> KVCacheOccupancy:
-        return occupancy(self.layout, self.free_blocks, sum(self.evictable_blocks))
+        evictable = None if self.evictable_blocks is None else sum(self.evictable_blocks)
+        return occupancy(self.layout, self.free_blocks, evictable)
 
 
-class SnapshotWriter:
-    """Engine-core side: owns one relay file and rewrites its record in place."""
+class _RelayFile:
+    """One relay file: the header written once, then a record rewritten in place under a seqlock."""
 
     __slots__ = ("_map", "_path", "_sequence", "_values")
 
-    def __init__(self, directory: str, engine_index: int, model_name: str, layout: PoolLayout) -> None:
+    def __init__(self, directory: str, prefix: str, engine_index: int, model_name: str, layout: PoolLayout,
+                 values: struct.Struct) -> None:
         pid = os.getpid()
-        name = f"{_FILE_PREFIX}{engine_index}-{pid}-{time.time_ns()}-{next(_file_counter)}"
+        name = f"{prefix}{engine_index}-{pid}-{time.time_ns()}-{next(_file_counter)}"
         temporary = os.path.join(directory, f".{name}")
         self._path = os.path.join(directory, name)
         encoded = model_name.encode("utf-8")[:_MODEL_NAME_BYTES]
         groups = _encode_groups(layout)
-        self._values = _values_struct(len(layout.groups))
+        self._values = values
         size = _VALUES_OFFSET + self._values.size
         descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -90,18 +103,19 @@ class SnapshotWriter:
         finally:
             os.close(descriptor)
         limit = -1 if layout.limit_tokens is None else layout.limit_tokens
+        watermark = -1 if layout.watermark_blocks is None else layout.watermark_blocks
         _HEADER.pack_into(
             self._map, 0, _MAGIC, _FORMAT_VERSION, len(encoded), engine_index, pid, layout.num_blocks,
-            limit, layout.watermark_blocks, len(groups), len(layout.groups), encoded, groups,
+            limit, watermark, len(groups), len(layout.groups), encoded, groups,
         )
         self._sequence = 0
         os.rename(temporary, self._path)
 
-    def write(self, free_blocks: int, evictable_blocks: list[int]) -> None:
+    def _write_values(self, *values: int) -> None:
         """Publish one record; the odd sequence number marks it as being rewritten."""
         sequence = self._sequence + 1
         _SEQUENCE.pack_into(self._map, _SEQUENCE_OFFSET, sequence)
-        self._values.pack_into(self._map, _VALUES_OFFSET, free_blocks, *evictable_blocks)
+        self._values.pack_into(self._map, _VALUES_OFFSET, *values)
         self._sequence = sequence + 1
         _SEQUENCE.pack_into(self._map, _SEQUENCE_OFFSET, self._sequence)
 
@@ -113,10 +127,36 @@ class SnapshotWriter:
             pass
 
 
-class _MappedFile:
-    __slots__ = ("map", "engine_index", "model_name", "pid", "layout", "_values")
+class SnapshotWriter(_RelayFile):
+    """Engine side: the probe's file, free blocks and evictable blocks per group."""
 
-    def __init__(self, path: str) -> None:
+    __slots__ = ()
+
+    def __init__(self, directory: str, engine_index: int, model_name: str, layout: PoolLayout) -> None:
+        super().__init__(directory, _PROBE_PREFIX, engine_index, model_name, layout,
+                         _values_struct(len(layout.groups)))
+
+    def write(self, free_blocks: int, evictable_blocks: list[int]) -> None:
+        self._write_values(free_blocks, *evictable_blocks)
+
+
+class StatsSnapshotWriter(_RelayFile):
+    """Frontend side: an unprobed engine's free blocks, from vLLM's scheduler statistics."""
+
+    __slots__ = ()
+
+    def __init__(self, directory: str, engine_index: int, model_name: str, layout: PoolLayout) -> None:
+        super().__init__(directory, _STATS_PREFIX, engine_index, model_name, layout, _STATS_VALUES)
+
+    def write(self, free_blocks: int) -> None:
+        self._write_values(free_blocks, time.time_ns())
+
+
+class _MappedFile:
+    __slots__ = ("map", "engine_index", "model_name", "pid", "layout", "from_stats", "_values")
+
+    def __init__(self, path: str, from_stats: bool) -> None:
+        self.from_stats = from_stats
         with open(path, "rb") as handle:
             self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         try:
@@ -124,7 +164,7 @@ class _MappedFile:
              groups_length, num_groups, name, groups) = _HEADER.unpack_from(self.map, 0)
             if magic != _MAGIC or version != _FORMAT_VERSION:
                 raise ValueError(f"{path} is not a version {_FORMAT_VERSION} relay file")
-            self._values = _values_struct(num_groups)
+            self._values = _STATS_VALUES if from_stats else _values_struct(num_groups)
             if len(self.map) < _VALUES_OFFSET + self._values.size:
                 raise ValueError(f"{path} is truncated")
         except (ValueError, struct.error) as error:
@@ -132,10 +172,13 @@ class _MappedFile:
             raise ValueError(f"{path} is not a readable relay file") from error
         self.model_name = name[:name_length].decode("utf-8", "replace")
         layout_groups = _decode_groups(groups[:groups_length].decode("ascii", "replace"))
-        self.layout = PoolLayout(num_blocks, None if limit < 0 else limit, watermark, layout_groups)
+        self.layout = PoolLayout(
+            num_blocks, None if limit < 0 else limit, None if watermark < 0 else watermark, layout_groups
+        )
 
     def read_values(self) -> tuple[int, ...] | None:
-        """Read a consistent record (free blocks, evictable per group), or None if nothing was published yet."""
+        """Read a consistent record, or None if nothing was published yet: (free blocks, evictable
+        per group) from a probe, (free blocks, arrival time) from statistics."""
         for _ in range(_READ_ATTEMPTS):
             (before,) = _SEQUENCE.unpack_from(self.map, _SEQUENCE_OFFSET)
             if before & 1:
@@ -148,7 +191,7 @@ class _MappedFile:
 
 
 def _creation_order(name: str) -> tuple[int, int]:
-    """Files are named ``engine-<index>-<pid>-<time_ns>-<counter>``."""
+    """Files are named ``<kind>-<index>-<pid>-<time_ns>-<counter>``."""
     try:
         _, _, _, created_ns, counter = name.split("-")
         return int(created_ns), int(counter)
@@ -180,16 +223,18 @@ class SnapshotReader:
         self._files: dict[str, _MappedFile] = {}
 
     def read(self) -> list[EngineSnapshot]:
-        """One snapshot per live engine; the newest file wins where an engine index repeats."""
+        """One snapshot per live engine: the newest probe file where an engine index repeats, else
+        the newest record of statistics."""
         try:
             names = sorted(
-                (name for name in os.listdir(self.directory) if name.startswith(_FILE_PREFIX)),
+                (name for name in os.listdir(self.directory) if name.startswith((_PROBE_PREFIX, _STATS_PREFIX))),
                 key=_creation_order,
             )
         except OSError:
             names = []
         self._forget_missing(set(names))
-        newest: dict[tuple[int, str], EngineSnapshot] = {}
+        probed: dict[tuple[int, str], EngineSnapshot] = {}
+        from_stats: dict[tuple[int, str], tuple[int, EngineSnapshot]] = {}
         for name in names:
             mapped = self._open(name)
             if mapped is None:
@@ -201,10 +246,15 @@ class SnapshotReader:
             if values is None:
                 continue
             key = (mapped.engine_index, mapped.model_name)
-            newest[key] = EngineSnapshot(
-                mapped.engine_index, mapped.model_name, mapped.pid, mapped.layout, values[0], values[1:]
-            )
-        return list(newest.values())
+            if mapped.from_stats:
+                free_blocks, arrived_ns = values
+                if key not in from_stats or arrived_ns > from_stats[key][0]:
+                    snapshot = EngineSnapshot(*key, mapped.pid, mapped.layout, free_blocks, None)
+                    from_stats[key] = (arrived_ns, snapshot)
+            else:
+                probed[key] = EngineSnapshot(*key, mapped.pid, mapped.layout, values[0], values[1:])
+        unprobed = [snapshot for key, (_, snapshot) in from_stats.items() if key not in probed]
+        return [*probed.values(), *unprobed]
 
     def close(self) -> None:
         for name in list(self._files):
@@ -214,7 +264,8 @@ class SnapshotReader:
         mapped = self._files.get(name)
         if mapped is None:
             try:
-                mapped = self._files[name] = _MappedFile(os.path.join(self.directory, name))
+                path = os.path.join(self.directory, name)
+                mapped = self._files[name] = _MappedFile(path, from_stats=name.startswith(_STATS_PREFIX))
             except (OSError, ValueError):
                 return None
         return mapped

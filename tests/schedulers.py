@@ -93,6 +93,8 @@ class Stepper:
 
     scheduler: Scheduler
     stats: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    """Every ``EngineCoreOutputs`` the steps produced, as the engine core would send them."""
 
     def step(self) -> None:
         self.finish(self.scheduler.schedule())
@@ -109,6 +111,7 @@ class Stepper:
             pooler_output=[],
         )
         for engine_outputs in self.scheduler.update_from_output(output, runner_output).values():
+            self.outputs.append(engine_outputs)
             if engine_outputs.scheduler_stats is not None:
                 self.stats.append(engine_outputs.scheduler_stats)
 

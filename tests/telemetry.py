@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from otel_vllm_kv.instruments import (
+from otel_vllm_kv.exporter.gauges import (
     ENGINE_INDEX,
     KV_CACHE_ADMISSION_HEADROOM,
     KV_CACHE_BLOCK_EVICTABLE,

@@ -6,10 +6,11 @@ import gc
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-
-from otel_vllm_kv import VLLMKVCacheInstrumentor, admission
-from otel_vllm_kv.kv_events import ADMITTED, PREEMPTED, RELAY_KEY, RESUMED, decode
 from schedulers import Stepper, build_scheduler, make_request
+
+from otel_vllm_kv import VLLMKVCacheInstrumentor
+from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RESUMED, TRACE_HEADER_KEY, decode
+from otel_vllm_kv.engine import admission
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +22,7 @@ def instrumented():
 
 def events_of(request) -> list:
     headers = request.trace_headers or {}
-    return decode(headers[RELAY_KEY]) if RELAY_KEY in headers else []
+    return decode(headers[TRACE_HEADER_KEY]) if TRACE_HEADER_KEY in headers else []
 
 
 def test_each_admission_sees_the_pool_right_after_its_own_allocation(tiny_model_dir):
@@ -71,7 +72,7 @@ def test_records_leave_the_request_once_delivered(tiny_model_dir):
     stepper = Stepper(scheduler)
     output = scheduler.schedule()
     headers_in_flight = request.trace_headers
-    assert RELAY_KEY in headers_in_flight
+    assert TRACE_HEADER_KEY in headers_in_flight
     from vllm.v1.outputs import ModelRunnerOutput
 
     ids = list(output.num_scheduled_tokens)
@@ -79,7 +80,7 @@ def test_records_leave_the_request_once_delivered(tiny_model_dir):
         req_ids=ids, req_id_to_index={i: n for n, i in enumerate(ids)}, sampled_token_ids=[[7]] * len(ids),
         logprobs=None, prompt_logprobs_dict={}, pooler_output=[]))
     (emitted,) = outputs[0].outputs
-    assert emitted.trace_headers is headers_in_flight and RELAY_KEY in emitted.trace_headers
+    assert emitted.trace_headers is headers_in_flight and TRACE_HEADER_KEY in emitted.trace_headers
     assert request.trace_headers is None, "the caller's mapping (here: none) is back"
     stepper.run_until_idle()
 
@@ -151,12 +152,12 @@ def test_no_per_request_state_outlives_the_requests(tiny_model_dir):
 
 
 def test_records_round_trip_exactly_and_garbage_is_rejected():
-    from otel_vllm_kv.kv_events import KVCacheEvent, encode
+    from otel_vllm_kv.admission_records import AdmissionRecord, encode
 
     events = [
-        KVCacheEvent(ADMITTED, 1, 1_795_000_000_123_456_789, 3, 64, 63 * 128, 17, own_blocks=2, cached_tokens=256,
+        AdmissionRecord(ADMITTED, 1, 1_795_000_000_123_456_789, 3, 64, 63 * 128, 17, own_blocks=2, cached_tokens=256,
                      queue_seconds=0.012345678901234567, waiting=9),
-        KVCacheEvent(PREEMPTED, 2, 1_795_000_000_223_456_789, 3, 64, -1, 40, waiting=10),
+        AdmissionRecord(PREEMPTED, 2, 1_795_000_000_223_456_789, 3, 64, -1, 40, waiting=10),
     ]
     assert decode(encode(events)) == events
     for garbage in ("", "admitted,1,2", '[["admitted",1]]'):

@@ -16,7 +16,7 @@ from otel_vllm_kv.demo import engine as demo_engine
 from otel_vllm_kv.demo.__main__ import main
 from otel_vllm_kv.demo.options import build_parser
 from otel_vllm_kv.demo.otel_env import read_export_settings
-from otel_vllm_kv.instruments import KV_CACHE_LIMIT, KV_CACHE_USAGE
+from otel_vllm_kv.exporter.gauges import KV_CACHE_LIMIT, KV_CACHE_USAGE
 
 DEMO = [sys.executable, "-m", "otel_vllm_kv.demo"]
 LIMIT = 8064

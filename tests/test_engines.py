@@ -10,19 +10,19 @@ import sys
 import time
 
 import pytest
+from engine_load import BLOCK_SIZE, LIMIT, GaugePoller, assert_consistent, blocks_for, distinct_prompts
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from vllm import SamplingParams
-
-from engine_load import LIMIT, GaugePoller, assert_consistent, blocks_for, distinct_prompts, BLOCK_SIZE
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from telemetry import read_gauges
+from vllm import SamplingParams
 
-from otel_vllm_kv import VLLMKVCacheInstrumentor, spans
+from otel_vllm_kv import VLLMKVCacheInstrumentor
 from otel_vllm_kv import span_attributes as names
 from otel_vllm_kv.demo.tiny_model import engine_kwargs
-from telemetry import read_gauges
+from otel_vllm_kv.frontend import spans
 
 pytestmark = pytest.mark.engine
 HERE = os.path.dirname(__file__)

@@ -36,7 +36,7 @@ from example_queries import (
 )
 from prometheus_server import require_binary
 
-from otel_vllm_kv.instruments import (
+from otel_vllm_kv.exporter.gauges import (
     ENGINE_INDEX,
     GAUGES,
     KV_CACHE_ADMISSION_HEADROOM,
@@ -153,7 +153,7 @@ def test_zero_code_script_runs_the_documented_commands():
     script = (EXAMPLES / "zero_code.sh").read_text()
     assert "opentelemetry-instrument --traces_exporter otlp --metrics_exporter otlp" in script
     assert "--metrics_exporter prometheus" in script and "OTEL_EXPORTER_PROMETHEUS_PORT" in script
-    assert "python -m vllm.entrypoints.openai.api_server" in script
+    assert "vllm serve" in script
     assert "offline_batch.py" in script
 
 

@@ -12,12 +12,12 @@ import threading
 import time
 
 import pytest
-from opentelemetry.test._otlp_test_server import OtlpProtoTestServer
-
 from engine_load import LIMIT, distinct_prompts
 from instrumented_processes import free_port, instrumented_server, otel_environment, otlp_attributes
+from opentelemetry.test._otlp_test_server import OtlpProtoTestServer
+
 from otel_vllm_kv import span_attributes as names
-from otel_vllm_kv.instruments import KV_CACHE_LIMIT
+from otel_vllm_kv.exporter.gauges import KV_CACHE_LIMIT
 
 pytestmark = pytest.mark.engine
 

@@ -16,8 +16,10 @@ from telemetry import metric_units, new_reader, read_gauges
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
-from otel_vllm_kv import VLLMKVCacheInstrumentor, probe, spans
-from otel_vllm_kv.instruments import KV_CACHE_LIMIT, KV_CACHE_USAGE, KV_CACHE_UTILIZATION
+from otel_vllm_kv import VLLMKVCacheInstrumentor
+from otel_vllm_kv.engine import probe
+from otel_vllm_kv.exporter.gauges import KV_CACHE_LIMIT, KV_CACHE_USAGE, KV_CACHE_UTILIZATION
+from otel_vllm_kv.frontend import spans
 
 
 def patched_functions() -> dict[str, object]:
@@ -156,10 +158,10 @@ def test_scheduler_shutdown_withdraws_the_engine_at_once(reader, tiny_model_dir)
 
 def test_one_collection_reads_the_relay_once(reader, tiny_model_dir):
     """used, free, limit and utilization of one export come from the same engine step."""
-    from otel_vllm_kv import instruments
+    from otel_vllm_kv.exporter import gauges
 
     scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
-    usage, utilization = instruments.CALLBACKS[KV_CACHE_USAGE], instruments.CALLBACKS[KV_CACHE_UTILIZATION]
+    usage, utilization = gauges.CALLBACKS[KV_CACHE_USAGE], gauges.CALLBACKS[KV_CACHE_UTILIZATION]
     [used, _] = usage(None)
     scheduler.add_request(make_request(scheduler, num_prompt_tokens=40, max_tokens=100))
     Stepper(scheduler).step()  # the pool changes between two callbacks of one collection
@@ -251,7 +253,8 @@ def test_installed_but_not_instrumented_changes_nothing():
         from importlib.metadata import entry_points
         assert "otel_vllm_kv" in entry_points(group="vllm.general_plugins").names
         from vllm.v1.core.sched.scheduler import Scheduler
-        from otel_vllm_kv import probe, spans
+        from otel_vllm_kv.engine import probe
+        from otel_vllm_kv.frontend import spans
         import importlib
         for module, name, _ in (*probe.PATCHES, *spans.PATCHES):
             owner = importlib.import_module(module)
@@ -321,10 +324,10 @@ def _fail_after(calls: int, error: Exception):
 @pytest.mark.parametrize(
     ("target", "error"),
     [
-        ("otel_vllm_kv.probe.EngineProbe.free_blocks", RuntimeError("block pool changed")),  # the probe's read
+        ("otel_vllm_kv.engine.probe.EngineProbe.free_blocks", RuntimeError("block pool changed")),  # the probe's read
         ("otel_vllm_kv.relay.SnapshotWriter.write", OSError(28, "No space left on device")),  # a full relay
         # a block-pool hook of the evictable count, inside vLLM's free_blocks / touch / get_new_blocks
-        ("otel_vllm_kv.prefix_cache.EvictableBlocks.evictable", AttributeError("KVCacheBlock has no ref_cnt")),
+        ("otel_vllm_kv.engine.prefix_cache.EvictableBlocks.evictable", AttributeError("KVCacheBlock has no ref_cnt")),
     ],
 )
 def test_a_fault_mid_run_warns_once_and_withdraws_the_engine(target, error, reader, tiny_model_dir, monkeypatch,

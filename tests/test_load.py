@@ -9,14 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import time
 
 import aiohttp
 import psutil
 import pytest
+from instrumented_processes import instrumented_server, otel_environment, otlp_attributes
 from opentelemetry.test._otlp_test_server import OtlpProtoTestServer
 
-from instrumented_processes import instrumented_server, otel_environment, otlp_attributes
 from otel_vllm_kv import span_attributes as names
 
 pytestmark = pytest.mark.engine
@@ -83,7 +84,7 @@ def test_300_streams_with_aborts_leave_no_state_and_no_errors(tiny_model_dir):
             OTEL_BSP_MAX_EXPORT_BATCH_SIZE="4096",
         )
         exporters = ["--traces_exporter", "otlp", "--metrics_exporter", "otlp"]
-        with instrumented_server(tiny_model_dir, env, exporters, program=(INSPECTABLE_SERVER,)) as server:
+        with instrumented_server(tiny_model_dir, env, exporters, program=(sys.executable, INSPECTABLE_SERVER)) as server:
             for _ in range(ROUNDS):
                 started = time.monotonic()
                 outcomes = asyncio.run(one_round(server.port))

@@ -13,7 +13,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.test._otlp_test_server import OtlpProtoTestServer, RecordedMetric, RecordedSpan
 
 from otel_vllm_kv import span_attributes as names
-from otel_vllm_kv.instruments import KV_CACHE_LIMIT
+from otel_vllm_kv.exporter.gauges import KV_CACHE_LIMIT
 
 pytestmark = pytest.mark.engine
 CONCURRENT_REQUESTS = 6
@@ -42,7 +42,9 @@ def serve_and_load(model_dir: str, receiver: OtlpProtoTestServer, vllm_tracing: 
         spans=[item.span for item in recorded if isinstance(item, RecordedSpan)],
         metrics=[item for item in recorded if isinstance(item, RecordedMetric)],
         stderr=server.stderr,
-        exporting_resources=exporting_resources(recorded),
+        kv_exporters=exporting_resources(
+            [item for item in recorded if isinstance(item, RecordedMetric) and item.metric.name == KV_CACHE_LIMIT]
+        ),
     )
 
 
@@ -75,7 +77,7 @@ class ServerRun:
     spans: list
     metrics: list
     stderr: str
-    exporting_resources: set[tuple]
+    kv_exporters: set[tuple]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def assert_admission_attributes(attributes: dict) -> None:
 def test_server_spans_carry_the_admission_attributes(tiny_model_dir, receiver):
     run = serve_and_load(tiny_model_dir, receiver, vllm_tracing=False)
     results, spans, metrics, stderr = run.results, run.spans, run.metrics, run.stderr
-    assert len(run.exporting_resources) == 1, "engine processes export nothing themselves"
+    assert len(run.kv_exporters) == 1, "one process exports the gauges"
     assert [status for status, _ in results] == [200] * CONCURRENT_REQUESTS
     for _, body in results:
         assert "x-otel-vllm-kv" not in json.dumps(body), "nothing of the relay reaches a response"
@@ -117,7 +119,7 @@ def test_server_spans_carry_the_admission_attributes(tiny_model_dir, receiver):
 def test_vllm_request_spans_are_annotated_children_of_the_server_spans(tiny_model_dir, receiver):
     run = serve_and_load(tiny_model_dir, receiver, vllm_tracing=True)
     results, spans, stderr = run.results, run.spans, run.stderr
-    assert len(run.exporting_resources) == 1, "engine processes export nothing themselves"
+    assert len(run.kv_exporters) == 1, "one process exports the gauges"
     assert [status for status, _ in results] == [200] * CONCURRENT_REQUESTS
     server_spans = {span.span_id: span for span in completion_server_spans(spans)}
     vllm_spans = [s for s in spans if s.name == "llm_request"]

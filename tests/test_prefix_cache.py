@@ -8,7 +8,7 @@ import pytest
 from schedulers import Stepper, build_scheduler, cached_free_blocks, evictable_per_group, make_request
 from vllm.v1.request import RequestStatus
 
-from otel_vllm_kv import prefix_cache
+from otel_vllm_kv.engine import prefix_cache
 from otel_vllm_kv.kv_cache import occupancy, read_layout
 
 

@@ -8,10 +8,10 @@ import os
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
-from otel_vllm_kv import VLLMKVCacheInstrumentor
 from schedulers import Stepper, build_scheduler, make_request
 from telemetry import read_gauges
+
+from otel_vllm_kv import VLLMKVCacheInstrumentor
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_forked_child_exports_nothing(reader, tiny_model_dir):
 def test_a_dead_owner_named_in_the_environment_is_ignored(tmp_path, monkeypatch):
     """An engine started after its instrumenting parent died, or with a stale variable, stays unpatched."""
     from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_OWNER
-    from otel_vllm_kv.ownership import inherited_role
+    from otel_vllm_kv.roles import inherited_role
 
     child = multiprocessing.get_context("spawn").Process(target=os.getpid)
     child.start()
@@ -88,7 +88,7 @@ def test_relay_of_a_killed_owner_is_removed_by_the_next_owner(tmp_path):
     import subprocess
     import sys
 
-    from otel_vllm_kv.ownership import remove_stale_relays
+    from otel_vllm_kv.roles import remove_stale_relays
 
     owner_code = (
         "from otel_vllm_kv import VLLMKVCacheInstrumentor; import os, signal, sys, time\n"

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from instrumented_processes import otel_environment, otlp_attributes
 from opentelemetry.test._otlp_test_server import OtlpProtoTestServer
 
-from instrumented_processes import otel_environment, otlp_attributes
 from otel_vllm_kv import span_attributes as names
 
 HERE = os.path.dirname(__file__)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 from prometheus_client import REGISTRY, generate_latest
@@ -10,19 +14,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from schedulers import Stepper, build_scheduler, make_request
 from telemetry import new_reader
 
-from otel_vllm_kv import VLLMKVCacheInstrumentor, vllm_metrics
+from otel_vllm_kv import VLLMKVCacheInstrumentor
+from otel_vllm_kv.frontend import metrics_endpoint
 from otel_vllm_kv.relay import SnapshotReader
 
-
 FAMILIES = (
-    vllm_metrics.USAGE_TOKENS, vllm_metrics.LIMIT_TOKENS, vllm_metrics.EVICTABLE_TOKENS, vllm_metrics.HEADROOM_TOKENS,
+    metrics_endpoint.USAGE_TOKENS, metrics_endpoint.LIMIT_TOKENS, metrics_endpoint.EVICTABLE_TOKENS, metrics_endpoint.HEADROOM_TOKENS,
 )
 
 
-def scrape() -> dict[tuple, float]:
+def scrape(registry=REGISTRY) -> dict[tuple, float]:
     """What vLLM's /metrics would serve now, for the package's families: {(name, labels...): value}."""
     samples = {}
-    for family in text_string_to_metric_families(generate_latest(REGISTRY).decode()):
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
         for sample in family.samples:
             if sample.name in FAMILIES:
                 samples[(sample.name, *sorted(sample.labels.items()))] = sample.value
@@ -50,11 +54,11 @@ def test_registry_serves_tokens_per_engine_with_vllms_labels(instrumented, tiny_
     stepper.step()
     labels = (("engine", "0"), ("model_name", "tiny"))
     assert scrape() == {
-        (vllm_metrics.USAGE_TOKENS, *labels, ("state", "used")): 48.0,
-        (vllm_metrics.USAGE_TOKENS, *labels, ("state", "free")): 112.0,
-        (vllm_metrics.LIMIT_TOKENS, *labels): 160.0,
-        (vllm_metrics.EVICTABLE_TOKENS, *labels): 32.0,
-        (vllm_metrics.HEADROOM_TOKENS, *labels): (7 - 2) * 16.0,  # watermark: int(0.2 x 11) = 2 blocks
+        (metrics_endpoint.USAGE_TOKENS, *labels, ("state", "used")): 48.0,
+        (metrics_endpoint.USAGE_TOKENS, *labels, ("state", "free")): 112.0,
+        (metrics_endpoint.LIMIT_TOKENS, *labels): 160.0,
+        (metrics_endpoint.EVICTABLE_TOKENS, *labels): 32.0,
+        (metrics_endpoint.HEADROOM_TOKENS, *labels): (7 - 2) * 16.0,  # watermark: int(0.2 x 11) = 2 blocks
     }
 
 
@@ -86,3 +90,47 @@ def test_a_failing_relay_never_breaks_the_endpoint(instrumented, tiny_model_dir,
             assert scrape() == {}  # and generate_latest did not raise: the rest of /metrics is served
     warnings = [r for r in caplog.records if r.name.startswith("otel_vllm_kv")]
     assert len(warnings) == 1 and "/metrics" in warnings[0].getMessage()
+
+
+API_SERVER_SCRAPE = """
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from schedulers import build_scheduler
+from vllm.entrypoints.serve.instrumentator.metrics import attach_router
+from otel_vllm_kv import VLLMKVCacheInstrumentor
+
+VLLMKVCacheInstrumentor().instrument()
+schedulers = [build_scheduler(sys.argv[1], num_blocks=11, block_size=16, served_model_name="tiny",
+                              data_parallel_index=index) for index in (0, 1)]
+app = FastAPI()
+attach_router(app)  # what each API server does; in multiprocess mode /metrics reads the directory
+client = TestClient(app)
+def scrape():
+    text = client.get("/metrics").text
+    return sorted([sample.name, sorted(sample.labels.items()), sample.value]
+                  for family in text_string_to_metric_families(text) for sample in family.samples
+                  if sample.name.startswith("vllm:kv_cache_") and sample.name.endswith("_tokens"))
+first = scrape()
+VLLMKVCacheInstrumentor().uninstrument()
+VLLMKVCacheInstrumentor().instrument()
+print(json.dumps([first, scrape()]))
+"""
+
+
+def test_several_api_servers_serve_every_engine_from_the_multiprocess_directory(tiny_model_dir, tmp_path):
+    """With several API servers vLLM sets ``PROMETHEUS_MULTIPROC_DIR`` (before any import of
+    prometheus_client, hence a process of its own here) and serves only the directory's files."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    env.pop("OTEL_PYTHON_VLLM_KV_OWNER", None)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-c", API_SERVER_SCRAPE, tiny_model_dir, tests],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, after_reinstrument = json.loads(result.stdout.splitlines()[-1])
+    limits = {dict(sample[1])["engine"]: sample[2] for sample in first if sample[0] == metrics_endpoint.LIMIT_TOKENS}
+    assert limits == {"0": 160.0, "1": 160.0}
+    assert len(first) == 2 * 5, "per engine: used, free, limit, evictable, headroom"
+    assert after_reinstrument == first, "instrumented twice: each engine still once"

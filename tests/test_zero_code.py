@@ -11,7 +11,7 @@ from engine_load import LIMIT
 from instrumented_processes import EXAMPLES, exporting_resources, otel_environment, otlp_attributes, run_instrumented
 from otlp_grpc_receiver import OtlpGrpcReceiver
 
-from otel_vllm_kv.instruments import KV_CACHE_LIMIT, KV_CACHE_STATE, KV_CACHE_USAGE
+from otel_vllm_kv.exporter.gauges import KV_CACHE_LIMIT, KV_CACHE_STATE, KV_CACHE_USAGE
 
 pytestmark = pytest.mark.engine
 
@@ -39,7 +39,8 @@ def test_offline_script_exports_the_gauges_over_grpc_from_one_process(tmp_path):
     for failure in ("Failed to auto initialize", "Traceback", "Address already in use"):
         assert failure not in result.stderr, result.stderr[-4000:]
 
-    assert len(exporting_resources(metrics)) == 1, "the engine core (auto-instrumented too) exports nothing itself"
+    kv_metrics = [recorded for recorded in metrics if recorded.metric.name == KV_CACHE_LIMIT]
+    assert len(exporting_resources(kv_metrics)) == 1, "the engine core (auto-instrumented too) exports no gauges"
     assert {point.as_int for point in _points(metrics, KV_CACHE_LIMIT)} == {LIMIT}
     used = [
         point.as_int for point in _points(metrics, KV_CACHE_USAGE)

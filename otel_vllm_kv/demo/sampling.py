@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from otel_vllm_kv.instruments import (
+from otel_vllm_kv.exporter.gauges import (
     ENGINE_INDEX,
     KV_CACHE_EVICTABLE,
     KV_CACHE_LIMIT,

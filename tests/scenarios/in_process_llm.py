@@ -7,13 +7,13 @@ the real pool of the in-process scheduler. Prints one JSON line for the test to 
 import json
 import sys
 
+from engine_load import BLOCK_SIZE, assert_consistent, blocks_for, distinct_prompts
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from telemetry import read_gauges
 
-from engine_load import BLOCK_SIZE, assert_consistent, blocks_for, distinct_prompts
 from otel_vllm_kv import VLLMKVCacheInstrumentor
 from otel_vllm_kv.demo.tiny_model import engine_kwargs
-from telemetry import read_gauges
 
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams

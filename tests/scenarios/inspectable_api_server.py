@@ -9,7 +9,7 @@ if __name__ == "__main__":
     import psutil
     from vllm.entrypoints.launchers.api_server import entry
 
-    from otel_vllm_kv import spans
+    from otel_vllm_kv.frontend import spans
 
     build_app = entry.build_app
 

@@ -1,4 +1,4 @@
-"""The KV-cache gauges, exported only by the owning process from the relay's latest snapshots.
+"""Exporter: the KV-cache gauges, exported only by the owning process from the relay's latest snapshots.
 
 Definitions (per engine; see ``kv_cache`` for the why): N blocks, one reserved null block,
 F free of which E are evictable prefix-cache blocks, W the admission watermark, and
@@ -49,11 +49,11 @@ class _Engine(NamedTuple):
     attributes: dict
     occupancy: KVCacheOccupancy
     groups: tuple[GroupLayout, ...]
-    evictable_blocks: tuple[int, ...]
+    evictable_blocks: tuple[int, ...] | None
 
     def group_attributes(self) -> Iterable[tuple[dict, GroupLayout, int]]:
-        # The relay carries one evictable count per group.
-        for index, (group, evictable) in enumerate(zip(self.groups, self.evictable_blocks)):
+        # A probe's relay file carries one evictable count per group; statistics carry no groups.
+        for index, (group, evictable) in enumerate(zip(self.groups, self.evictable_blocks or ())):
             attributes = {**self.attributes, KV_CACHE_GROUP_INDEX: index, KV_CACHE_GROUP_TYPE: group.kind}
             yield attributes, group, evictable
 

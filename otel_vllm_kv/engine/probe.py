@@ -1,4 +1,4 @@
-"""Engine-core side: wrap the V1 scheduler so every engine publishes its pool after each change.
+"""Engine: wrap the V1 scheduler so every engine publishes its pool after each change.
 
 ``Scheduler.__init__`` publishes the empty pool as soon as the engine exists, and
 ``Scheduler.shutdown`` withdraws it as soon as vLLM stops the engine (its process may
@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from otel_vllm_kv import admission, prefix_cache
+from otel_vllm_kv.engine import admission, prefix_cache
 from otel_vllm_kv.kv_cache import PoolLayout, free_block_reader, read_engine_identity, read_layout
 from otel_vllm_kv.patching import apply_patches, remove_patches
 from otel_vllm_kv.relay import SnapshotWriter

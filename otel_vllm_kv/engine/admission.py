@@ -1,4 +1,4 @@
-"""Engine-core side: record each request's admission and preemptions for its span.
+"""Engine: record each request's admission and preemptions for its span.
 
 Hooks, each called by vLLM once per event (never per running request per step):
 
@@ -10,7 +10,7 @@ Hooks, each called by vLLM once per event (never per running request per step):
   prompt tokens found in the local prefix cache.
 * ``Scheduler._preempt_request``: after the request's blocks went back to the pool.
 
-Records travel in ``request.trace_headers`` (``kv_events``) and are delivered with the
+Records travel in ``request.trace_headers`` (``admission_records``) and are delivered with the
 request's next output; once delivered, the request gets its original mapping back. Every
 table is keyed weakly by vLLM's ``Request``, so nothing outlives the request.
 """
@@ -22,7 +22,7 @@ import time
 import weakref
 from typing import Any
 
-from otel_vllm_kv.kv_events import ADMITTED, PREEMPTED, RELAY_KEY, RESUMED, KVCacheEvent, encode
+from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RESUMED, TRACE_HEADER_KEY, AdmissionRecord, encode
 
 
 @functools.cache
@@ -39,7 +39,7 @@ class _RequestRecords:
 
     def __init__(self, original_headers: Any) -> None:
         self.original_headers = original_headers
-        self.pending: list[KVCacheEvent] = []
+        self.pending: list[AdmissionRecord] = []
         self.sequence = 0
         self.outputs_at_record = 0
         self.preempted_at: float | None = None
@@ -58,19 +58,19 @@ def _records_of(request: Any) -> _RequestRecords:
     return records
 
 
-def _event(probe: Any, kind: str, records: _RequestRecords, **fields: Any) -> KVCacheEvent:
+def _event(probe: Any, kind: str, records: _RequestRecords, **fields: Any) -> AdmissionRecord:
     layout = probe.layout
     records.sequence += 1
-    return KVCacheEvent(
+    return AdmissionRecord(
         kind, records.sequence, time.time_ns(), probe.engine_index,
         layout.num_blocks, probe.limit_tokens, probe.free_blocks(), **fields,
     )
 
 
-def _append(request: Any, records: _RequestRecords, event: KVCacheEvent) -> None:
+def _append(request: Any, records: _RequestRecords, event: AdmissionRecord) -> None:
     records.pending.append(event)
     headers = dict(records.original_headers or {})
-    headers[RELAY_KEY] = encode(records.pending)
+    headers[TRACE_HEADER_KEY] = encode(records.pending)
     # A new mapping, never a mutation: outputs already built keep the one they reference.
     request.trace_headers = headers
     records.outputs_at_record = request.num_output_tokens

@@ -14,14 +14,14 @@ from typing import NamedTuple
 from otel_vllm_kv import span_attributes as names
 from otel_vllm_kv.kv_cache import PoolLayout, occupancy
 
-RELAY_KEY = "x-otel-vllm-kv"
+TRACE_HEADER_KEY = "x-otel-vllm-kv"
 
 ADMITTED = "admitted"
 RESUMED = "resumed"
 PREEMPTED = "preempted"
 
 
-class KVCacheEvent(NamedTuple):
+class AdmissionRecord(NamedTuple):
     """One record; a tuple, so it is cheap to build in the engine and encodes as a JSON array."""
 
     kind: str
@@ -74,19 +74,19 @@ class KVCacheEvent(NamedTuple):
 # than json here); records are separated by ";", fields by ",", the kind is a fixed word.
 _FORMAT = "%s,%d,%d,%d,%d,%d,%d,%d,%d,%r,%d"
 _PARSERS = tuple(str if name == "kind" else float if name == "queue_seconds" else int
-                 for name in KVCacheEvent._fields)
+                 for name in AdmissionRecord._fields)
 
 
-def encode(events: list[KVCacheEvent]) -> str:
+def encode(events: list[AdmissionRecord]) -> str:
     return ";".join([_FORMAT % event for event in events])
 
 
-def decode(text: str) -> list[KVCacheEvent]:
+def decode(text: str) -> list[AdmissionRecord]:
     """The records of ``encode``; raises ValueError on anything else."""
     events = []
     for record in text.split(";"):
         fields = record.split(",")
         if len(fields) != len(_PARSERS):
             raise ValueError(f"not a KV-cache record: {record!r}")
-        events.append(KVCacheEvent(*(parse(field) for parse, field in zip(_PARSERS, fields))))
+        events.append(AdmissionRecord(*(parse(field) for parse, field in zip(_PARSERS, fields))))
     return events

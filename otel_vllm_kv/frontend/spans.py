@@ -1,8 +1,8 @@
-"""Frontend side: put each request's admission records on the spans the user sees.
+"""Frontend: put each request's admission records on the spans the user sees.
 
 vLLM's ``OutputProcessor`` runs in the process that submits requests (``LLM``,
 ``AsyncLLM``, the OpenAI server). At ``add_request`` the span current in the caller's
-context is remembered; records arriving on the request's outputs (``kv_events``) are
+context is remembered; records arriving on the request's outputs (``admission_records``) are
 applied to it: attributes if it submitted this one request, one event per request if
 it submitted several (a batch ``LLM.generate``). vLLM's own ``llm_request`` span,
 created at finish by ``do_tracing`` through ``instrument_manual``, gets the admission
@@ -20,7 +20,7 @@ from typing import Any
 from opentelemetry import trace
 
 from otel_vllm_kv import span_attributes as names
-from otel_vllm_kv.kv_events import ADMITTED, PREEMPTED, RELAY_KEY, KVCacheEvent, decode
+from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, TRACE_HEADER_KEY, AdmissionRecord, decode
 
 _logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class _Annotator:
                 tracked.last_sequence = event.sequence
                 self._apply_event(tracked, event)
 
-    def _apply_event(self, tracked: _TrackedRequest, event: KVCacheEvent) -> None:
+    def _apply_event(self, tracked: _TrackedRequest, event: AdmissionRecord) -> None:
         attributes = event.attributes()
         if event.kind == ADMITTED:
             tracked.admission = attributes
@@ -123,10 +123,10 @@ def _around_process_outputs(wrapped: Callable, instance: Any, args: tuple, kwarg
         try:
             for output in outputs:
                 headers = output.trace_headers
-                if headers and RELAY_KEY in headers:
+                if headers and TRACE_HEADER_KEY in headers:
                     tracked = requests.get(output.request_id)
                     if tracked is not None:
-                        annotator.apply(tracked, headers[RELAY_KEY])
+                        annotator.apply(tracked, headers[TRACE_HEADER_KEY])
         except Exception:  # noqa: BLE001
             annotator.warn_once()
     result = wrapped(*args, **kwargs)

@@ -1,10 +1,12 @@
-"""Which process exports: the first to instrument owns the relay; its engine processes probe.
+"""Which role this process plays: the first to instrument is the exporter and owns the relay;
+the processes it starts are engines (they probe) or frontends, never a second exporter.
 
 vLLM starts engine cores (and workers) as child processes, by ``spawn`` on CPU. A
 spawned child re-imports the user's main module and, under ``opentelemetry-instrument``,
 is auto-instrumented again, so ``instrument()`` runs there too. The owner therefore
 records itself in an environment variable before any engine starts; a process that
-inherits the variable from a live owner only probes and never exports.
+inherits the variable from a live owner probes (an engine) or annotates spans (a frontend),
+and never exports the gauges.
 """
 
 from __future__ import annotations

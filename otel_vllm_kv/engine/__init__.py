@@ -1,0 +1,6 @@
+"""Code that runs in vLLM's **engine** processes (the engine core, where the scheduler lives).
+
+The probe wraps the V1 scheduler and its block pool, publishes each engine's pool into the
+relay and records admissions on the requests' ``trace_headers``. It exports nothing and
+never raises into vLLM.
+"""

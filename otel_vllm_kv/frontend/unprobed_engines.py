@@ -1,0 +1,173 @@
+"""Frontend: report the engines that run no probe, from the statistics vLLM already sends.
+
+An engine whose process tree nobody instrumented (``vllm serve --headless`` started without
+``opentelemetry-instrument`` on another node, a Ray actor that did not inherit the exporter's
+variables) has no probe. Its frontend still learns from vLLM:
+
+* at start, each engine's ``EngineCoreReadyResponse`` (decoded by
+  ``MPClient._apply_ready_response``): its data-parallel rank, N (``num_gpu_blocks``), the
+  block size, the decode-context-parallel size and ``kv_cache_size_tokens``;
+* with statistics on (``vllm serve``'s default; ``LLM`` turns them off), the
+  ``SchedulerStats`` of every engine step, on the outputs of one of the frontends
+  (``Scheduler.update_from_output``): ``kv_cache_usage`` is ``BlockPool.get_usage()``,
+  1 - F / (N - 1), so F = round((1 - usage) * (N - 1)) exactly.
+
+Whether an engine runs a probe is read off its outputs, never assumed: the output that ends a
+request's first prefill (the one with ``prefill_stats``) carries the admission record of a
+probed engine (``admission``). An engine seen without one is reported from its statistics,
+written into the relay by this frontend with their arrival time (the exporter keeps the
+newest, as several API servers each receive some steps' statistics), and one warning names
+it. vLLM's statistics have no evictable count, no watermark and no groups: those series are
+not reported for such an engine, and its requests' spans carry no admission attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from otel_vllm_kv.admission_records import TRACE_HEADER_KEY
+from otel_vllm_kv.kv_cache import PoolLayout
+from otel_vllm_kv.relay import StatsSnapshotWriter
+
+_logger = logging.getLogger(__name__)
+
+CORE_CLIENT_MODULE = "vllm.v1.engine.core_client"
+
+
+class _Engine:
+    """What one frontend knows of one engine; ``probed`` is None until its first prefill ends."""
+
+    __slots__ = ("index", "model_name", "layout", "probed", "writer")
+
+    def __init__(self, index: int, model_name: str, layout: PoolLayout) -> None:
+        self.index = index
+        self.model_name = model_name
+        self.layout = layout
+        self.probed: bool | None = None
+        self.writer: StatsSnapshotWriter | None = None
+
+    def publish(self, kv_cache_usage: float) -> None:
+        allocatable = self.layout.allocatable_blocks
+        free_blocks = min(max(round((1.0 - kv_cache_usage) * allocatable), 0), allocatable)
+        self.writer.write(free_blocks)
+
+
+class _Directory:
+    """The engines of each engine-core client (``MPClient``) of this process, by engine index."""
+
+    def __init__(self) -> None:
+        self.relay_directory: str | None = None
+        self.clients: weakref.WeakKeyDictionary[Any, dict[int, _Engine]] = weakref.WeakKeyDictionary()
+        self._warned = False
+
+    def add_engine(self, client: Any, payload: bytes) -> None:
+        if not payload or self.relay_directory is None:
+            return
+        import msgspec
+        from vllm.v1.engine import EngineCoreReadyResponse
+
+        response = msgspec.msgpack.decode(payload, type=EngineCoreReadyResponse)
+        model_config = client.vllm_config.model_config
+        served = model_config.served_model_name
+        model_name = str(served[0] if isinstance(served, (list, tuple)) else served)
+        engines = self.clients.setdefault(client, {})
+        engines[response.data_parallel_rank] = _Engine(
+            response.data_parallel_rank, model_name, layout_from_ready_response(response, model_config)
+        )
+
+    def observe(self, client: Any, outputs: Any) -> None:
+        engines = self.clients.get(client)
+        engine = engines.get(outputs.engine_index) if engines else None
+        if engine is None or engine.probed:
+            return
+        if engine.probed is None:
+            for output in outputs.outputs:
+                if output.prefill_stats is not None:
+                    headers = output.trace_headers
+                    engine.probed = bool(headers) and TRACE_HEADER_KEY in headers
+                    if not engine.probed:
+                        self._report_from_stats(client, engine)
+                    break
+        stats = outputs.scheduler_stats
+        if engine.writer is not None and stats is not None:
+            engine.publish(stats.kv_cache_usage)
+
+    def _report_from_stats(self, client: Any, engine: _Engine) -> None:
+        engine.writer = StatsSnapshotWriter(self.relay_directory, engine.index, engine.model_name, engine.layout)
+        weakref.finalize(client, engine.writer.close)
+        _logger.warning(
+            "otel-vllm-kv: vLLM engine %d (data-parallel rank %d) runs no probe: its process tree was "
+            "started without otel-vllm-kv instrumentation. Its KV-cache gauges are derived from vLLM's "
+            "scheduler statistics (used, free, limit, utilization, blocks; no evictable, headroom or "
+            "per-group series) and its requests' spans carry no admission attributes. Start that node "
+            "under opentelemetry-instrument to probe it (docs/topologies.md).", engine.index, engine.index,
+        )
+
+    def warn_once(self) -> None:
+        if not self._warned:
+            self._warned = True
+            _logger.warning("otel-vllm-kv could not read vLLM's engine outputs; engines are unaffected",
+                            exc_info=True)
+
+    def clear(self) -> None:
+        for engines in self.clients.values():
+            for engine in engines.values():
+                if engine.writer is not None:
+                    engine.writer.close()
+        self.clients = weakref.WeakKeyDictionary()
+
+
+directory = _Directory()
+
+
+def layout_from_ready_response(response: Any, model_config: Any) -> PoolLayout:
+    """N and the token capacity of an engine, as its ready response and the model config give them.
+
+    One KV-cache group (a model whose layers all use one attention type) holds
+    (N - 1) x block size x DCP size tokens, exactly as a probe computes it. Hybrid models
+    (several groups) take vLLM's group-aware ``kv_cache_size_tokens``. The watermark is unknown.
+    """
+    num_blocks = response.num_gpu_blocks
+    layer_types = getattr(model_config.hf_text_config, "layer_types", None) or ()
+    if not model_config.is_hybrid and len(set(layer_types)) <= 1:
+        block_size = response.block_size * max(response.decode_context_parallel_size, 1)
+        limit = (num_blocks - 1) * block_size
+    else:
+        limit = getattr(response, "kv_cache_size_tokens", None)
+    return PoolLayout(num_blocks, limit, watermark_blocks=None)
+
+
+def _after_ready_response(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    result = wrapped(*args, **kwargs)
+    try:
+        directory.add_engine(instance, args[0] if args else kwargs["payload"])
+    except Exception:  # noqa: BLE001 - the frontend must never see our failure
+        directory.warn_once()
+    return result
+
+
+def _observed(outputs: Any, client: Any) -> Any:
+    try:
+        directory.observe(client, outputs)
+    except Exception:  # noqa: BLE001
+        directory.warn_once()
+    return outputs
+
+
+def _after_get_output(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    return _observed(wrapped(*args, **kwargs), instance)
+
+
+async def _after_get_output_async(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    return _observed(await wrapped(*args, **kwargs), instance)
+
+
+#: (module, "Class.method", wrapper): every vLLM function the frontend's engine directory wraps.
+PATCHES = (
+    (CORE_CLIENT_MODULE, "MPClient._apply_ready_response", _after_ready_response),
+    (CORE_CLIENT_MODULE, "SyncMPClient.get_output", _after_get_output),
+    (CORE_CLIENT_MODULE, "AsyncMPClient.get_output_async", _after_get_output_async),
+)
