@@ -58,6 +58,17 @@ class ServerProcess:
     def stderr(self) -> str:
         return "".join(self.stderr_lines)
 
+    def wait_healthy(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, "server exited:\n" + "".join(self.stderr_lines[-60:])
+            try:
+                urllib.request.urlopen(self.url("/health"), timeout=2)
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(1)
+
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
@@ -93,21 +104,17 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def vllm_process(command: list[str], env: dict[str, str], port: int | None = None) -> Iterator[ServerProcess]:
-    """Run ``command``, its stderr collected; healthy on ``port`` first if one is given; stopped at exit."""
+def vllm_process(
+    command: list[str], env: dict[str, str], port: int | None = None, wait: bool = True
+) -> Iterator[ServerProcess]:
+    """Run ``command``, its stderr collected; healthy on ``port`` first if one is given (and
+    ``wait``); stopped at exit."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     server = ServerProcess(process, port)
     threading.Thread(target=lambda: server.stderr_lines.extend(process.stderr), daemon=True).start()
     try:
-        deadline = time.monotonic() + 240
-        while port is not None:
-            assert process.poll() is None, "server exited:\n" + "".join(server.stderr_lines[-60:])
-            try:
-                urllib.request.urlopen(server.url("/health"), timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(1)
+        if port is not None and wait:
+            server.wait_healthy()
         yield server
     finally:
         _stop(process)

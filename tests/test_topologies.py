@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
@@ -72,8 +73,8 @@ def serve(model_dir: str, receiver: OtlpProtoTestServer, topology: Topology,
           with_package: bool) -> Run:
     """``vllm serve`` under ``opentelemetry-instrument``: traces over OTLP/HTTP, metrics over OTLP or Prometheus.
 
-    A topology with ``headless_vllm_args`` runs a second process tree beside it, a ``--headless``
-    "node" with its own relay, as a second host would.
+    A topology with ``second_node_args`` runs a second process tree beside it, a "node" with its
+    own relay, as a second host would: ``--headless``, or a second server (external load balancing).
     """
     metrics_exporter = topology.metrics_exporter
     prometheus_port = free_port()
@@ -90,15 +91,21 @@ def serve(model_dir: str, receiver: OtlpProtoTestServer, topology: Topology,
     rpc_port = str(free_port())
     with contextlib.ExitStack() as stack:
         nodes = []
-        if topology.headless_vllm_args:
-            headless = [VLLM, "serve", *server_arguments(model_dir), *topology.headless_args(rpc_port)]
-            if topology.headless_instrumented:
-                headless = [OPENTELEMETRY_INSTRUMENT, *exporters, *headless]
-            nodes.append(stack.enter_context(vllm_process(headless, env)))
+        if topology.second_node_args is not None:
+            command = [VLLM, "serve", *server_arguments(model_dir), *topology.second_args(rpc_port)]
+            port = free_port() if topology.second_node_serves_http else None
+            if port is not None:
+                command += ["--port", str(port)]
+            if topology.second_node_instrumented:
+                command = [OPENTELEMETRY_INSTRUMENT, *exporters, *command]
+            nodes.append(stack.enter_context(vllm_process(command, env, port, wait=False)))
         server = stack.enter_context(
             instrumented_server(model_dir, env, exporters, topology.args(rpc_port))
         )
-        results = server.complete_concurrently(PROMPTS, max_tokens=16)
+        http_servers = [server, *(node for node in nodes if node.port is not None)]
+        for node in http_servers[1:]:
+            node.wait_healthy()
+        results = _complete_across(http_servers, PROMPTS)
         time.sleep(2.5)  # a metric export or two
         # Each scrape may reach another API server (they share the port).
         vllm_metrics_limits = [_vllm_metrics_limits(server.url("/metrics")) for _ in range(VLLM_METRICS_SCRAPES)]
@@ -134,6 +141,14 @@ def serve(model_dir: str, receiver: OtlpProtoTestServer, topology: Topology,
         vllm_metrics_limits=vllm_metrics_limits,
         stderr=server.stderr + "".join(node.stderr for node in nodes),
     )
+
+
+def _complete_across(servers: list, prompts: list[str]) -> list:
+    """Send the prompts concurrently, spread over ``servers`` as an external load balancer would."""
+    shares = [prompts[index::len(servers)] for index in range(len(servers))]
+    with ThreadPoolExecutor(len(servers)) as pool:
+        results = pool.map(lambda server, share: server.complete_concurrently(share, max_tokens=16), servers, shares)
+        return [result for server_results in results for result in server_results]
 
 
 def _vllm_metrics_limits(url: str) -> dict[int, list[int]]:
@@ -175,18 +190,22 @@ class Topology:
     """Process trees that export KV gauges: one per "node"."""
     vllm_metrics_engines: int | None = None
     """Engines on the /metrics the server answers on; default: all."""
-    headless_vllm_args: tuple[str, ...] = ()
-    """A second node: ``vllm serve --headless`` with these arguments."""
-    headless_instrumented: bool = True
+    second_node_args: tuple[str, ...] | None = None
+    """A second node: ``vllm serve`` with these arguments, a process tree of its own; None: none."""
+    second_node_instrumented: bool = True
     """Whether the second node runs under ``opentelemetry-instrument`` (else plain ``vllm serve``)."""
+    second_node_serves_http: bool = False
+    """Whether the second node is a server too (external load balancing) rather than ``--headless``."""
+    instances: int = 1
+    """Process trees that each report every engine index (independent instances)."""
     probed_engines: int | None = None
     """Engines that run a probe, hence whose requests' spans are annotated; default: all."""
 
     def args(self, rpc_port: str) -> list[str]:
         return [argument.replace(RPC_PORT, rpc_port) for argument in self.vllm_args]
 
-    def headless_args(self, rpc_port: str) -> list[str]:
-        return [argument.replace(RPC_PORT, rpc_port) for argument in self.headless_vllm_args]
+    def second_args(self, rpc_port: str) -> list[str]:
+        return [argument.replace(RPC_PORT, rpc_port) for argument in self.second_node_args]
 
 
 #: Stands for the head's data-parallel RPC port, a free port chosen per run.
@@ -206,13 +225,19 @@ TOPOLOGIES = {
     # runs engine 0; the headless node runs engine 1 and exports it itself.
     "head and headless node, OTLP": Topology(
         _HEAD, "otlp", engines=2, server_spans=REQUESTS, process_trees=2, vllm_metrics_engines=1,
-        headless_vllm_args=_HEADLESS,
+        second_node_args=_HEADLESS,
     ),
     # The headless node started without opentelemetry-instrument (as a node someone forgot to
     # wrap): its engine has no probe, and the head reports it from vLLM's scheduler statistics.
     "head and uninstrumented headless node, OTLP": Topology(
-        _HEAD, "otlp", engines=2, server_spans=REQUESTS, headless_vllm_args=_HEADLESS,
-        headless_instrumented=False, probed_engines=1,
+        _HEAD, "otlp", engines=2, server_spans=REQUESTS, second_node_args=_HEADLESS,
+        second_node_instrumented=False, probed_engines=1,
+    ),
+    # Two independent instances behind a load balancer, each its own process tree: both report
+    # engine 0, told apart by their resources (service.instance.id).
+    "two independent instances, OTLP": Topology(
+        (), "otlp", engines=1, server_spans=REQUESTS, process_trees=2, instances=2, second_node_args=(),
+        second_node_serves_http=True,
     ),
 }
 #: The warning that names an engine without a probe.
@@ -260,9 +285,10 @@ def test_no_telemetry_is_taken_away(runs):
 def test_each_engine_is_exported_once_with_its_limit(runs):
     without, with_package, topology = runs
     assert without.limits == {}
-    assert with_package.limits == {index: [LIMIT] for index in range(topology.engines)}
+    instances = topology.instances
+    assert with_package.limits == {index: [LIMIT] * instances for index in range(topology.engines)}
     if topology.metrics_exporter == "otlp":
-        assert with_package.kv_exporters_by_engine == {index: 1 for index in range(topology.engines)}
+        assert with_package.kv_exporters_by_engine == {index: instances for index in range(topology.engines)}
         assert with_package.drained_used == {index: 0 for index in range(topology.engines)}, "idle: nothing used"
 
 
