@@ -35,7 +35,7 @@ _GROUPS_BYTES = 512
 _HEADER = struct.Struct(f"<4sHHiIQqqII{_MODEL_NAME_BYTES}s{_GROUPS_BYTES}s")
 # The seqlock's sequence number, then the values that change: free blocks, evictable blocks per group.
 _SEQUENCE = struct.Struct("<Q")
-_SEQUENCE_OFFSET = _HEADER.size
+_SEQUENCE_OFFSET = _HEADER.size  # a multiple of 8: the sequence number is one aligned store
 _VALUES_OFFSET = _SEQUENCE_OFFSET + _SEQUENCE.size
 _PROBE_PREFIX = "engine-"
 _STATS_PREFIX = "stats-"
@@ -112,12 +112,18 @@ class _RelayFile:
         os.rename(temporary, self._path)
 
     def _write_values(self, *values: int) -> None:
-        """Publish one record; the odd sequence number marks it as being rewritten."""
+        """Publish one record; the odd sequence number marks it as being rewritten.
+
+        The sequence number is copied in whole (slice assignment, one aligned 8-byte store):
+        ``struct.pack_into`` zeroes its target before it packs, and a reader that saw that 0
+        would take the engine for one that published nothing yet. The values may be packed in
+        place: the odd sequence number guards them.
+        """
         sequence = self._sequence + 1
-        _SEQUENCE.pack_into(self._map, _SEQUENCE_OFFSET, sequence)
+        self._map[_SEQUENCE_OFFSET:_VALUES_OFFSET] = _SEQUENCE.pack(sequence)
         self._values.pack_into(self._map, _VALUES_OFFSET, *values)
         self._sequence = sequence + 1
-        _SEQUENCE.pack_into(self._map, _SEQUENCE_OFFSET, self._sequence)
+        self._map[_SEQUENCE_OFFSET:_VALUES_OFFSET] = _SEQUENCE.pack(self._sequence)
 
     def close(self) -> None:
         """Withdraw the file: the reader stops reporting this engine."""
@@ -153,10 +159,11 @@ class StatsSnapshotWriter(_RelayFile):
 
 
 class _MappedFile:
-    __slots__ = ("map", "engine_index", "model_name", "pid", "layout", "from_stats", "_values")
+    __slots__ = ("map", "engine_index", "model_name", "pid", "layout", "from_stats", "_values", "_last")
 
     def __init__(self, path: str, from_stats: bool) -> None:
         self.from_stats = from_stats
+        self._last: tuple[int, ...] | None = None
         with open(path, "rb") as handle:
             self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         try:
@@ -178,7 +185,12 @@ class _MappedFile:
 
     def read_values(self) -> tuple[int, ...] | None:
         """Read a consistent record, or None if nothing was published yet: (free blocks, evictable
-        per group) from a probe, (free blocks, arrival time) from statistics."""
+        per group) from a probe, (free blocks, arrival time) from statistics.
+
+        A writer that rewrites the record during every attempt leaves the last consistent
+        record this reader saw (at most the writes of those attempts old): an engine that
+        published is never reported as absent.
+        """
         for _ in range(_READ_ATTEMPTS):
             (before,) = _SEQUENCE.unpack_from(self.map, _SEQUENCE_OFFSET)
             if before & 1:
@@ -186,8 +198,11 @@ class _MappedFile:
             values = self._values.unpack_from(self.map, _VALUES_OFFSET)
             (after,) = _SEQUENCE.unpack_from(self.map, _SEQUENCE_OFFSET)
             if before == after:
-                return values if before else None
-        return None
+                if before:
+                    self._last = values
+                    return values
+                return None
+        return self._last
 
 
 def _creation_order(name: str) -> tuple[int, int]:

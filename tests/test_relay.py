@@ -131,3 +131,52 @@ def test_an_unknown_capacity_travels_as_none(tmp_path):
     SnapshotWriter(str(tmp_path), engine_index=0, model_name="m", layout=layout).write(4, [0, 0])
     (snapshot,) = SnapshotReader(str(tmp_path)).read()
     assert snapshot.layout == layout and snapshot.occupancy().used_tokens is None
+
+
+def test_statistics_files_newest_arrival_wins_and_a_probe_wins_over_them(tmp_path):
+    from otel_vllm_kv.relay import StatsSnapshotWriter
+
+    directory = str(tmp_path)
+    layout = PoolLayout(num_blocks=64, limit_tokens=63 * 128, watermark_blocks=None)
+    first, second = (StatsSnapshotWriter(directory, 1, "tiny", layout) for _ in range(2))
+    second.write(50)
+    first.write(20)  # arrived last, in the older file: several API servers each get some steps
+    (snapshot,) = SnapshotReader(directory).read()
+    assert (snapshot.engine_index, snapshot.free_blocks, snapshot.evictable_blocks) == (1, 20, None)
+    assert (snapshot.layout.watermark_blocks, snapshot.occupancy().headroom_tokens) == (None, None)
+    SnapshotWriter(directory, engine_index=1, model_name="tiny", layout=LAYOUT).write(7, [0])
+    (snapshot,) = SnapshotReader(directory).read()
+    assert (snapshot.free_blocks, snapshot.evictable_blocks) == (7, (0,)), "the probe's file wins"
+
+
+def _write_forever(directory: str, ready) -> None:
+    writer = SnapshotWriter(directory, engine_index=0, model_name="tiny", layout=LAYOUT)
+    writer.write(1, [0])
+    ready.set()
+    free = 0
+    while True:
+        free = (free + 1) % 63
+        writer.write(free, [0])
+
+
+def test_a_reader_never_loses_a_published_engine_to_a_concurrent_write(tmp_path):
+    """``struct.pack_into`` zeroes its target before it packs: a sequence number written with it
+    reads as 0 ("nothing published yet") for an instant. A reader must never see that."""
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    writer = context.Process(target=_write_forever, args=(str(tmp_path), ready), daemon=True)
+    writer.start()
+    try:
+        assert ready.wait(60)
+        reader = SnapshotReader(str(tmp_path))
+        reader.read()
+        (mapped,) = reader._files.values()
+        lost, reads, deadline = 0, 0, time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            for _ in range(1000):
+                lost += mapped.read_values() is None
+            reads += 1000
+    finally:
+        writer.kill()
+        writer.join()
+    assert reads > 100_000 and lost == 0, f"{lost} of {reads} reads lost the engine"

@@ -101,7 +101,8 @@ def test_one_group_limit_matches_a_probe_and_hybrid_takes_vllms_capacity(tiny_mo
 
     one = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16)
     response = msgspec.msgpack.decode(ready_payload(one, 0), type=EngineCoreReadyResponse)
-    assert layout_from_ready_response(response, one.vllm_config.model_config).limit_tokens == read_layout(one).limit_tokens
+    layout = layout_from_ready_response(response, one.vllm_config.model_config)
+    assert layout.limit_tokens == read_layout(one).limit_tokens == 40 * 16
 
     hybrid = build_scheduler(hybrid_model_dir, num_blocks=41, block_size=16, sliding_window=32)
     response = msgspec.msgpack.decode(ready_payload(hybrid, 0), type=EngineCoreReadyResponse)

@@ -18,9 +18,7 @@ from otel_vllm_kv import VLLMKVCacheInstrumentor
 from otel_vllm_kv.frontend import metrics_endpoint
 from otel_vllm_kv.relay import SnapshotReader
 
-FAMILIES = (
-    metrics_endpoint.USAGE_TOKENS, metrics_endpoint.LIMIT_TOKENS, metrics_endpoint.EVICTABLE_TOKENS, metrics_endpoint.HEADROOM_TOKENS,
-)
+FAMILIES = tuple(metrics_endpoint.FAMILIES)
 
 
 def scrape(registry=REGISTRY) -> dict[tuple, float]:

@@ -160,8 +160,12 @@ def _refresh_before_collect(wrapped: Callable, instance: Any, args: tuple, kwarg
 
 
 def _wrap_multiprocess_collector(module: Any) -> None:
-    if _api_server_relay is not None and not isinstance(module.MultiProcessCollector.collect, ObjectProxy):
-        wrap_function_wrapper(module, "MultiProcessCollector.collect", _refresh_before_collect)
+    # Runs inside the import of prometheus_client.multiprocess: it must never fail that import.
+    try:
+        if _api_server_relay is not None and not isinstance(module.MultiProcessCollector.collect, ObjectProxy):
+            wrap_function_wrapper(module, "MultiProcessCollector.collect", _refresh_before_collect)
+    except Exception:  # noqa: BLE001
+        _logger.warning("otel-vllm-kv: cannot add the token gauges to vLLM's /metrics", exc_info=True)
 
 
 def serve_from_api_servers(relay_directory: str) -> None:

@@ -99,8 +99,8 @@ class _Directory:
         engine.writer = StatsSnapshotWriter(self.relay_directory, engine.index, engine.model_name, engine.layout)
         weakref.finalize(client, engine.writer.close)
         _logger.warning(
-            "otel-vllm-kv: vLLM engine %d (data-parallel rank %d) runs no probe: its process tree was "
-            "started without otel-vllm-kv instrumentation. Its KV-cache gauges are derived from vLLM's "
+            "otel-vllm-kv: vLLM engine %d (data-parallel rank %d) runs no probe: its node was started "
+            "without otel-vllm-kv instrumentation (or its probe stopped). Its KV-cache gauges are derived from vLLM's "
             "scheduler statistics (used, free, limit, utilization, blocks; no evictable, headroom or "
             "per-group series) and its requests' spans carry no admission attributes. Start that node "
             "under opentelemetry-instrument to probe it (docs/topologies.md).", engine.index, engine.index,
