@@ -19,7 +19,9 @@ from prometheus_server import SCRAPE_INTERVAL_SECONDS, Prometheus, require_binar
 
 pytestmark = pytest.mark.engine
 
-REQUESTS, PROMPT_TOKENS, OUTPUT_TOKENS = 16, 300, 500
+# Long enough that the cache stays full across several 1 s scrapes on a fast CPU: in float32 the
+# tiny model served 16 x (300 + 500) tokens in 1.7 s, and a scrape could miss the peak.
+REQUESTS, PROMPT_TOKENS, OUTPUT_TOKENS = 16, 300, 1500
 ALERT_RULES = os.path.join(EXAMPLES, "prometheus", "alert-rules.yml")
 # The OpenTelemetry Prometheus exporter registers in prometheus_client's default registry,
 # which vLLM's /metrics also serves: its series appear under both jobs; read the exporter's.
