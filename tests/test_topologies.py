@@ -1,10 +1,11 @@
-"""``vllm serve`` with several API-server processes, under ``opentelemetry-instrument``, each run
-with and without this package (``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=vllm_kv``).
+"""``vllm serve`` in the topologies operators run (README, Topologies), under
+``opentelemetry-instrument``, each run with and without this package
+(``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=vllm_kv``) against a real OTLP receiver.
 
 The package must take no telemetry away: the same HTTP server spans and the same number of
 exporting processes per signal with and without it. With it, each engine's KV gauges are
-exported once, by the process ``opentelemetry-instrument`` started, and every API server
-annotates the spans of the requests it served.
+exported once per process tree that runs it, every API server annotates the spans of the
+requests its probed engines served, and vLLM's own /metrics carries the token gauges.
 """
 
 from __future__ import annotations
