@@ -26,7 +26,6 @@ entry-point name ``vllm_kv``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Collection
 from importlib.metadata import PackageNotFoundError, distribution
 from typing import Any
@@ -39,6 +38,7 @@ from otel_vllm_kv import compat
 from otel_vllm_kv.engine import probe
 from otel_vllm_kv.exporter import gauges
 from otel_vllm_kv.frontend import metrics_endpoint, spans, unprobed_engines
+from otel_vllm_kv.logs import keep_warnings_visible
 from otel_vllm_kv.package import _instruments_any
 from otel_vllm_kv.patching import apply_patches, remove_patches
 from otel_vllm_kv.relay import SnapshotReader
@@ -49,19 +49,6 @@ from otel_vllm_kv.version import __version__
 __all__ = ["VLLMKVCacheInstrumentor", "__version__"]
 
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
-
-
-def _keep_warnings_visible() -> None:
-    """Give the package's logger the WARNING level unless the application set one.
-
-    ``vllm serve`` imports ``model_hosting_container_standards``, which sets the root logger to
-    ERROR (unless ``LOG_LEVEL`` says otherwise); loggers that inherit the root's level would
-    then drop the few warnings this package logs (an engine without a probe, a probe that
-    gives up), which operators need to see.
-    """
-    package_logger = logging.getLogger(__name__)
-    if package_logger.level == logging.NOTSET:
-        package_logger.setLevel(logging.WARNING)
 
 
 class VLLMKVCacheInstrumentor(BaseInstrumentor):
@@ -78,7 +65,7 @@ class VLLMKVCacheInstrumentor(BaseInstrumentor):
         return _instruments_any[:1]
 
     def _instrument(self, **kwargs: Any) -> None:
-        _keep_warnings_visible()
+        keep_warnings_visible()
         settings = read_settings()  # a bad value raises here, naming the variable, before any change
         reason = compat.unsupported_reason()
         if reason is not None:

@@ -252,7 +252,7 @@ def test_a_frontend_fault_leaves_requests_and_outputs_intact(llm, monkeypatch, c
         raise ValueError("truncated record")
 
     monkeypatch.setattr(spans, "decode", broken)
-    monkeypatch.setattr(spans.annotator, "_warned", False)
+    monkeypatch.setattr(spans.annotator.warn_once, "warned", False)
     with caplog.at_level(logging.WARNING, logger="otel_vllm_kv"):
         span, outputs = user_span_around(llm, prompts, params)
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]

@@ -26,6 +26,7 @@ from typing import Any
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import ObjectProxy, register_post_import_hook, wrap_function_wrapper
 
+from otel_vllm_kv.logs import WarnOnce
 from otel_vllm_kv.relay import SnapshotReader
 
 USAGE_TOKENS = "vllm:kv_cache_usage_tokens"
@@ -67,15 +68,9 @@ def _label_names(name: str) -> list[str]:
     return [*_LABELS, extra] if extra else list(_LABELS)
 
 
-class _WarnOnce:
-    def __init__(self) -> None:
-        self._warned = False
-
-    def __call__(self) -> None:
-        # A failure here must not turn vLLM's whole /metrics into an error.
-        if not self._warned:
-            self._warned = True
-            _logger.warning("otel-vllm-kv: cannot read the KV-cache relay for /metrics", exc_info=True)
+def _warn_once() -> WarnOnce:
+    # A failure here must not turn vLLM's whole /metrics into an error.
+    return WarnOnce(_logger, "otel-vllm-kv: cannot read the KV-cache relay for /metrics")
 
 
 class RelayCollector:
@@ -84,7 +79,7 @@ class RelayCollector:
     def __init__(self, reader: SnapshotReader) -> None:
         self._reader = reader
         self._registering_pid = os.getpid()
-        self._warn = _WarnOnce()
+        self._warn = _warn_once()
 
     def describe(self) -> list:
         # Nothing to check against other collectors' names at registration; collect() is cheap anyway.
@@ -118,7 +113,7 @@ class _MultiprocessGauges:
                         multiprocess_mode="livemostrecent")
             for name, (help_text, _, _) in FAMILIES.items()
         }
-        self._warn = _WarnOnce()
+        self._warn = _warn_once()
 
     def refresh(self) -> None:
         try:

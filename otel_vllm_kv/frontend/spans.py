@@ -21,6 +21,7 @@ from opentelemetry import trace
 
 from otel_vllm_kv import span_attributes as names
 from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, TRACE_HEADER_KEY, AdmissionRecord, decode
+from otel_vllm_kv.logs import WarnOnce
 
 _logger = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ class _Annotator:
         self.requests: dict[str, _TrackedRequest] = {}
         self.submissions: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.tracing: _TrackedRequest | None = None
-        self._warned = False
+        self.warn_once = WarnOnce(
+            _logger, "otel-vllm-kv could not annotate a request span; requests are unaffected"
+        )
 
     def track(self, output_processor: Any, request: Any) -> None:
         span = trace.get_current_span()
@@ -88,12 +91,6 @@ class _Annotator:
     def forget(self, request_ids: Any) -> None:
         for request_id in request_ids:
             self.requests.pop(request_id, None)
-
-    def warn_once(self) -> None:
-        if not self._warned:
-            self._warned = True
-            _logger.warning("otel-vllm-kv could not annotate a request span; requests are unaffected",
-                            exc_info=True)
 
     def clear(self) -> None:
         self.requests.clear()

@@ -30,6 +30,7 @@ from typing import Any
 
 from otel_vllm_kv.admission_records import TRACE_HEADER_KEY
 from otel_vllm_kv.kv_cache import PoolLayout
+from otel_vllm_kv.logs import WarnOnce
 from otel_vllm_kv.relay import StatsSnapshotWriter
 
 _logger = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ class _Directory:
     def __init__(self) -> None:
         self.relay_directory: str | None = None
         self.clients: weakref.WeakKeyDictionary[Any, dict[int, _Engine]] = weakref.WeakKeyDictionary()
-        self._warned = False
+        self.warn_once = WarnOnce(
+            _logger, "otel-vllm-kv could not read vLLM's engine outputs; engines are unaffected"
+        )
 
     def add_engine(self, client: Any, payload: bytes) -> None:
         if not payload or self.relay_directory is None:
@@ -105,12 +108,6 @@ class _Directory:
             "per-group series) and its requests' spans carry no admission attributes. Start that node "
             "under opentelemetry-instrument to probe it (docs/topologies.md).", engine.index, engine.index,
         )
-
-    def warn_once(self) -> None:
-        if not self._warned:
-            self._warned = True
-            _logger.warning("otel-vllm-kv could not read vLLM's engine outputs; engines are unaffected",
-                            exc_info=True)
 
     def clear(self) -> None:
         for engines in self.clients.values():
