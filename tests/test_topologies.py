@@ -107,7 +107,7 @@ def serve(model_dir: str, receiver: OtlpProtoTestServer, topology: Topology,
         for node in http_servers[1:]:
             node.wait_healthy()
         results = _complete_across(http_servers, PROMPTS)
-        time.sleep(2.5)  # a metric export or two
+        spans, metrics = _settled(receiver)
         # Each scrape may reach another API server (they share the port).
         vllm_metrics_limits = [_vllm_metrics_limits(server.url("/metrics")) for _ in range(VLLM_METRICS_SCRAPES)]
         families = set()
@@ -119,8 +119,8 @@ def serve(model_dir: str, receiver: OtlpProtoTestServer, topology: Topology,
                     if family.name == PROMETHEUS_LIMIT:
                         for sample in family.samples:
                             limits[int(sample.labels[PROMETHEUS_ENGINE_INDEX])].append(int(sample.value))
-    spans = receiver.drain_spans()
-    metrics = receiver.drain_metrics()
+    spans += receiver.drain_spans()
+    metrics += receiver.drain_metrics()
     kv_exporters_by_engine: dict[int, int] = defaultdict(int)
     drained_used = {index: value for recorded in _latest(metrics, KV_CACHE_USAGE, "used").values()
                     for index, value in recorded.items()}
@@ -142,6 +142,26 @@ def serve(model_dir: str, receiver: OtlpProtoTestServer, topology: Topology,
         vllm_metrics_limits=vllm_metrics_limits,
         stderr=server.stderr + "".join(node.stderr for node in nodes),
     )
+
+
+def _settled(receiver: OtlpProtoTestServer, quiet: float = 3.0, limit: float = 20.0) -> tuple[list, list]:
+    """What the receiver got once the set of exporting processes stopped growing for ``quiet`` s.
+
+    On 2 busy cores an API server's periodic export can lag a few seconds behind the load; a
+    count taken too early would compare exporters that had not reported yet.
+    """
+    spans, metrics = receiver.drain_spans(), receiver.drain_metrics()
+    exporters, steady_since, deadline = None, time.monotonic(), time.monotonic() + limit
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        spans += receiver.drain_spans()
+        metrics += receiver.drain_metrics()
+        now = (len(exporting_resources(spans)), len(exporting_resources(metrics)))
+        if now != exporters:
+            exporters, steady_since = now, time.monotonic()
+        elif time.monotonic() - steady_since >= quiet:
+            break
+    return spans, metrics
 
 
 def _complete_across(servers: list, prompts: list[str]) -> list:
