@@ -59,10 +59,10 @@ def build_scheduler(vllm_config: VllmConfig, log_stats: bool) -> Scheduler:
     )
 
 
-def make_request(scheduler: Scheduler, num_prompt_tokens: int, max_tokens: int) -> Request:
-    """A request whose first prompt token is a serial number: no two requests share a cached block."""
+def make_request(scheduler: Scheduler, num_prompt_tokens: int, max_tokens: int, prefix: tuple[int, ...] = ()) -> Request:
+    """A request of ``prefix`` then a serial number: no two requests share a block past ``prefix``."""
     serial = next(_serials)
-    prompt = [serial, *range(1, num_prompt_tokens)]
+    prompt = [*prefix, serial, *range(1, num_prompt_tokens - len(prefix))]
     return Request(
         f"bench-{serial}", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), None,
         block_hasher=get_request_block_hasher(scheduler.block_size, sha256),

@@ -18,7 +18,7 @@ def required() -> list[tuple[str, str]]:
 
     patches = (*probe.PATCHES, *spans.PATCHES, *unprobed_engines.PATCHES)
     wrapped = [(module, name) for module, name, _ in patches]
-    return wrapped + list(prefix_cache.REQUIRED) + list(_CALLED)
+    return wrapped + list(probe.REQUIRED) + list(prefix_cache.REQUIRED) + list(_CALLED)
 
 
 def vllm_version() -> str:

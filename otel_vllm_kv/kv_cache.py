@@ -148,9 +148,17 @@ def _group_aware_capacity(vllm_config: Any, kv_cache_config: Any) -> int | None:
     return int(concurrency * vllm_config.model_config.max_model_len)
 
 
-def free_block_reader(scheduler: Any):
-    """Return the pool's bound ``get_num_free_blocks``: the per-step read is this one call."""
-    return scheduler.kv_cache_manager.block_pool.get_num_free_blocks
+def free_block_queue(scheduler: Any) -> Any:
+    """The pool's free queue, whose ``num_free_blocks`` is what ``BlockPool.get_num_free_blocks`` returns.
+
+    Reading the attribute is the per-step read (no call). Checked once against vLLM's method,
+    so a vLLM that counts elsewhere fails here, at attach time, not with wrong numbers.
+    """
+    pool = scheduler.kv_cache_manager.block_pool
+    queue = pool.free_block_queue
+    if queue.num_free_blocks != pool.get_num_free_blocks():
+        raise RuntimeError("BlockPool.get_num_free_blocks no longer reads free_block_queue.num_free_blocks")
+    return queue
 
 
 def read_engine_identity(scheduler: Any) -> tuple[int, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -10,7 +11,7 @@ from schedulers import Stepper, build_scheduler, make_request
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
 from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RESUMED, TRACE_HEADER_KEY, decode
-from otel_vllm_kv.engine import admission
+from otel_vllm_kv.engine import admission, probe
 
 
 @pytest.fixture(autouse=True)
@@ -145,10 +146,13 @@ def test_no_per_request_state_outlives_the_requests(tiny_model_dir):
 
     scheduler.finish_requests([requests[0].request_id, requests[5].request_id], RequestStatus.FINISHED_ABORTED)
     stepper.run_until_idle()
+    assert any(admission.STATE_ATTRIBUTE in vars(request) for request in requests), "requests had records"
+    assert probe.registry.attach(scheduler).recorder.undelivered == [], "every record was delivered"
+    alive = [weakref.ref(request) for request in requests]
     del requests
+    stepper.outputs.clear()
     gc.collect()
-    assert admission.tracked_requests() == 0
-    assert len(admission._undelivered) == 0
+    assert [ref for ref in alive if ref() is not None] == [], "the state went with the requests"
 
 
 def test_records_round_trip_exactly_and_garbage_is_rejected():
@@ -156,7 +160,7 @@ def test_records_round_trip_exactly_and_garbage_is_rejected():
 
     events = [
         AdmissionRecord(ADMITTED, 1, 1_795_000_000_123_456_789, 3, 64, 63 * 128, 17, own_blocks=2, cached_tokens=256,
-                     queue_seconds=0.012345678901234567, waiting=9),
+                     queue_ns=12_345_678, waiting=9),
         AdmissionRecord(PREEMPTED, 2, 1_795_000_000_223_456_789, 3, 64, -1, 40, waiting=10),
     ]
     assert decode(encode(events)) == events

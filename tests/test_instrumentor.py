@@ -324,10 +324,10 @@ def _fail_after(calls: int, error: Exception):
 @pytest.mark.parametrize(
     ("target", "error"),
     [
-        ("otel_vllm_kv.engine.probe.EngineProbe.free_blocks", RuntimeError("block pool changed")),  # the probe's read
+        ("otel_vllm_kv.engine.probe.EngineProbe.publish", RuntimeError("block pool changed")),  # the probe's read
         ("otel_vllm_kv.relay.SnapshotWriter.write", OSError(28, "No space left on device")),  # a full relay
         # a block-pool hook of the evictable count, inside vLLM's free_blocks / touch / get_new_blocks
-        ("otel_vllm_kv.engine.prefix_cache.EvictableBlocks.evictable", AttributeError("KVCacheBlock has no ref_cnt")),
+        ("otel_vllm_kv.engine.prefix_cache.EvictableBlocks.changed", AttributeError("KVCacheBlock has no ref_cnt")),
     ],
 )
 def test_a_fault_mid_run_warns_once_and_withdraws_the_engine(target, error, reader, tiny_model_dir, monkeypatch,

@@ -1,135 +1,179 @@
 """Engine: record each request's admission and preemptions for its span.
 
-Hooks, each called by vLLM once per event (never per running request per step):
+Hooks on one scheduler's own methods (``probe``), each called by vLLM once per event
+(never per running request per step):
 
 * ``KVCacheManager.get_blocks``: the scheduler calls it for a request it admits, right
   after popping it from the waiting queue and allocating its blocks, while its status is
   still WAITING (first admission) or PREEMPTED (resumption). The pool then holds exactly
-  the occupancy "right after its blocks were allocated".
+  the occupancy "right after its blocks were allocated". vLLM calls it for other reasons
+  too; those return after one lookup and one comparison.
 * ``KVCacheManager.record_prefix_cache_stats``: called just before, at admission, with the
   prompt tokens found in the local prefix cache.
 * ``Scheduler._preempt_request``: after the request's blocks went back to the pool.
 
 Records travel in ``request.trace_headers`` (``admission_records``) and are delivered with the
-request's next output; once delivered, the request gets its original mapping back. Every
-table is keyed weakly by vLLM's ``Request``, so nothing outlives the request.
+request's next output; once delivered, the request gets its original mapping back. The
+per-request state lives on vLLM's ``Request`` itself (one attribute, as OpenTelemetry's
+instrumentations keep a span on the object they trace), so it goes with the request and
+costs no weak reference; the only table is the recorder's list of requests whose records
+are not delivered yet, emptied at the end of the step that delivers them.
+
+This runs at every admission, so it is written for the interpreter: records are
+formatted straight into their text (no record object), and each hook is one frame.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
-from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RESUMED, TRACE_HEADER_KEY, AdmissionRecord, encode
+from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RECORD_FORMAT, RECORD_SEPARATOR, RESUMED, TRACE_HEADER_KEY
+
+#: The attribute holding our state on a vLLM ``Request``.
+STATE_ATTRIBUTE = "_otel_vllm_kv_records"
 
 
-@functools.cache
-def _statuses() -> tuple[Any, Any]:
-    """vLLM's WAITING and PREEMPTED statuses (imported late: importing this package imports no vLLM)."""
-    from vllm.v1.request import RequestStatus
+class RequestRecords:
+    """What the engine keeps about one request, between its events."""
 
-    return RequestStatus.WAITING, RequestStatus.PREEMPTED
-
-
-class _RequestRecords:
-    __slots__ = ("original_headers", "pending", "sequence", "outputs_at_record", "preempted_at",
+    __slots__ = ("original_headers", "pending", "sequence", "outputs_at_record", "preempted_ns",
                  "prefix_hits", "admitted_generation")
 
     def __init__(self, original_headers: Any) -> None:
         self.original_headers = original_headers
-        self.pending: list[AdmissionRecord] = []
+        #: Encoded records not delivered yet.
+        self.pending: list[str] = []
         self.sequence = 0
         self.outputs_at_record = 0
-        self.preempted_at: float | None = None
+        self.preempted_ns = 0
         self.prefix_hits = 0
         self.admitted_generation = -1
 
 
-_records: weakref.WeakKeyDictionary[Any, _RequestRecords] = weakref.WeakKeyDictionary()
-_undelivered: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def _records_of(request: Any) -> _RequestRecords:
-    records = _records.get(request)
+def records_of(request: Any) -> RequestRecords:
+    state = vars(request)
+    records = state.get(STATE_ATTRIBUTE)
     if records is None:
-        records = _records[request] = _RequestRecords(request.trace_headers)
+        records = state[STATE_ATTRIBUTE] = RequestRecords(request.trace_headers)
     return records
 
 
-def _event(probe: Any, kind: str, records: _RequestRecords, **fields: Any) -> AdmissionRecord:
-    layout = probe.layout
-    records.sequence += 1
-    return AdmissionRecord(
-        kind, records.sequence, time.time_ns(), probe.engine_index,
-        layout.num_blocks, probe.limit_tokens, probe.free_blocks(), **fields,
-    )
+class AdmissionRecorder:
+    """One engine's admission, preemption and delivery bookkeeping (its probe owns it)."""
 
+    __slots__ = ("undelivered", "_scheduler", "_queue", "_engine_index", "_num_blocks", "_limit_tokens",
+                 "_single_group", "_waiting", "_preempted")
 
-def _append(request: Any, records: _RequestRecords, event: AdmissionRecord) -> None:
-    records.pending.append(event)
-    headers = dict(records.original_headers or {})
-    headers[TRACE_HEADER_KEY] = encode(records.pending)
-    # A new mapping, never a mutation: outputs already built keep the one they reference.
-    request.trace_headers = headers
-    records.outputs_at_record = request.num_output_tokens
-    _undelivered.add(request)
+    def __init__(self, scheduler: Any, engine_index: int, num_blocks: int, limit_tokens: int) -> None:
+        from vllm.v1.request import RequestStatus
 
+        #: Requests that carry records not yet delivered.
+        self.undelivered: list[Any] = []
+        self._scheduler = weakref.ref(scheduler)
+        self._queue = scheduler.kv_cache_manager.block_pool.free_block_queue
+        self._engine_index, self._num_blocks, self._limit_tokens = engine_index, num_blocks, limit_tokens
+        self._single_group = len(scheduler.kv_cache_manager.kv_cache_config.kv_cache_groups) == 1
+        self._waiting, self._preempted = RequestStatus.WAITING, RequestStatus.PREEMPTED
 
-def record_prefix_hits(probe: Any, result: Any, request: Any, num_hits: int, *args: Any, **kwargs: Any) -> None:
-    _records_of(request).prefix_hits = num_hits
+    def wrappers(self, give_up: Callable[[], None]) -> tuple[dict, dict]:
+        """The wrappers of the scheduler's and the manager's own methods, one frame each."""
+        recorder = self
 
+        def preempt_request(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+            result = wrapped(*args, **kwargs)
+            try:
+                recorder.preemption(args[0] if args else kwargs["request"])
+            except Exception:  # noqa: BLE001 - the engine must never see our failure
+                give_up()
+            return result
 
-def record_admission(probe: Any, blocks: Any, request_id: str, *args: Any, **kwargs: Any) -> None:
-    scheduler = probe.scheduler()
-    request = scheduler.requests.get(request_id) if scheduler is not None else None
-    waiting_status, preempted_status = _statuses()
-    if request is None or (request.status != waiting_status and request.status != preempted_status):
-        return
-    records = _records_of(request)
-    if records.admitted_generation == request.num_preemptions:
-        return  # a KV connector asked first, for the same admission
-    records.admitted_generation = request.num_preemptions
-    resumed = request.status == preempted_status
-    since = records.preempted_at if resumed and records.preempted_at is not None else request.arrival_time
-    own_blocks = sum(1 for group in blocks.get_block_ids() for block_id in group if block_id)
-    _, waiting = scheduler.get_request_counts()
-    event = _event(
-        probe, RESUMED if resumed else ADMITTED, records,
-        own_blocks=own_blocks, cached_tokens=records.prefix_hits,
-        queue_seconds=max(0.0, time.time() - since), waiting=waiting,
-    )
-    records.prefix_hits = 0
-    _append(request, records, event)
+        def record_prefix_cache_stats(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+            result = wrapped(*args, **kwargs)
+            try:
+                request, num_hits = args if len(args) == 2 else (kwargs["request"], kwargs["num_hits"])
+                if num_hits:
+                    records_of(request).prefix_hits = num_hits
+            except Exception:  # noqa: BLE001
+                give_up()
+            return result
 
+        def get_blocks(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+            blocks = wrapped(*args, **kwargs)
+            try:
+                request = recorder._scheduler().requests.get(args[0] if args else kwargs["request_id"])
+                if request is not None:
+                    status = request.status
+                    if status == recorder._waiting or status == recorder._preempted:
+                        recorder.admission(request, blocks, status == recorder._preempted)
+            except Exception:  # noqa: BLE001
+                give_up()
+            return blocks
 
-def record_preemption(probe: Any, result: Any, request: Any, *args: Any, **kwargs: Any) -> None:
-    scheduler = probe.scheduler()
-    records = _records_of(request)
-    records.preempted_at = time.time()
-    waiting = scheduler.get_request_counts()[1] if scheduler is not None else 0
-    _append(request, records, _event(probe, PREEMPTED, records, waiting=waiting))
+        return {"_preempt_request": preempt_request}, {
+            "record_prefix_cache_stats": record_prefix_cache_stats, "get_blocks": get_blocks,
+        }
 
+    def admission(self, request: Any, blocks: Any, resumed: bool) -> None:
+        records = records_of(request)
+        generation = request.num_preemptions
+        if records.admitted_generation == generation:
+            return  # a KV connector asked first, for the same admission
+        records.admitted_generation = generation
+        now_ns = time.time_ns()
+        since_ns = records.preempted_ns if resumed else int(request.arrival_time * 1e9)
+        if self._single_group:
+            own_blocks = len(blocks.blocks[0])  # a full-attention group holds no null block
+        else:
+            own_blocks = 0
+            for group in blocks.get_block_ids():
+                own_blocks += len(group) - group.count(0)  # block 0 is vLLM's null block (outside a window)
+        records.sequence += 1
+        self._append(request, records, RECORD_FORMAT % (
+            RESUMED if resumed else ADMITTED, records.sequence, now_ns, self._engine_index, self._num_blocks,
+            self._limit_tokens, self._queue.num_free_blocks, own_blocks, records.prefix_hits,
+            max(0, now_ns - since_ns), self._scheduler().get_request_counts()[1],
+        ))
+        records.prefix_hits = 0
 
-def deliver_pending() -> None:
-    """At the end of a step: requests that produced an output have had their records sent."""
-    if not _undelivered:
-        return
-    for request in list(_undelivered):
-        records = _records.get(request)
-        if records is None or request.is_finished() or request.num_output_tokens > records.outputs_at_record:
-            _undelivered.discard(request)
-            if records is not None:
+    def preemption(self, request: Any) -> None:
+        records = records_of(request)
+        now_ns = records.preempted_ns = time.time_ns()
+        records.sequence += 1
+        self._append(request, records, RECORD_FORMAT % (
+            PREEMPTED, records.sequence, now_ns, self._engine_index, self._num_blocks, self._limit_tokens,
+            self._queue.num_free_blocks, 0, 0, 0, self._scheduler().get_request_counts()[1],
+        ))
+
+    def _append(self, request: Any, records: RequestRecords, record: str) -> None:
+        pending = records.pending
+        pending.append(record)
+        headers = dict(records.original_headers or ())
+        headers[TRACE_HEADER_KEY] = record if len(pending) == 1 else RECORD_SEPARATOR.join(pending)
+        # A new mapping, never a mutation: outputs already built keep the one they reference.
+        request.trace_headers = headers
+        records.outputs_at_record = request.num_output_tokens
+        if len(pending) == 1:
+            self.undelivered.append(request)
+
+    def deliver(self) -> None:
+        """At the end of a step: requests that produced an output (or finished) have had their records sent."""
+        waiting = []
+        for request in self.undelivered:
+            records = vars(request)[STATE_ATTRIBUTE]
+            if request.num_output_tokens > records.outputs_at_record or request.is_finished():
                 records.pending = []
                 request.trace_headers = records.original_headers
+            else:
+                waiting.append(request)
+        self.undelivered = waiting
 
-
-def clear() -> None:
-    _records.clear()
-    _undelivered.clear()
-
-
-def tracked_requests() -> int:
-    """Requests with per-request state in this process (for leak tests)."""
-    return len(_records)
+    def clear(self) -> None:
+        """Give every request still holding records its own headers back (the probe is going)."""
+        for request in self.undelivered:
+            records = vars(request)[STATE_ATTRIBUTE]
+            records.pending = []
+            request.trace_headers = records.original_headers
+        self.undelivered = []

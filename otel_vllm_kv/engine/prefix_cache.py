@@ -24,8 +24,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from opentelemetry.instrumentation.utils import unwrap
-from wrapt import wrap_function_wrapper
+from otel_vllm_kv.patching import unwrap_methods, wrap_methods
 
 BLOCK_POOL_MODULE = "vllm.v1.core.block_pool"
 
@@ -33,26 +32,25 @@ BLOCK_POOL_MODULE = "vllm.v1.core.block_pool"
 class EvictableBlocks:
     """The evictable blocks of one ``BlockPool``, per KV-cache group."""
 
-    __slots__ = ("per_group", "version", "failed", "_group_of", "_owned")
+    __slots__ = ("per_group", "total", "version", "failed", "single_group", "blocks_know_pool", "_group_of")
 
     def __init__(self, pool: Any, num_groups: int) -> None:
         self.per_group = [0] * max(num_groups, 1)
+        #: The sum of ``per_group``: while it is 0, an allocation cannot take an evictable block.
+        self.total = 0
         #: Bumped at every change, so the probe publishes only when something moved.
         self.version = 0
         #: Set when a hook could not count: the number is no longer exact.
         self.failed = False
-        self._group_of = _group_reader() if num_groups > 1 else None
+        self.single_group = num_groups <= 1
+        self._group_of = None if self.single_group else _group_reader()
         # Blocks know their pool where deferred frees may mix pools (``free_blocks`` forwards those).
-        self._owned = hasattr(pool.null_block, "pool")
+        self.blocks_know_pool = hasattr(pool.null_block, "pool")
         self.add(_free_queue(pool), 1)
-
-    @property
-    def total(self) -> int:
-        return sum(self.per_group)
 
     def evictable(self, pool: Any, blocks: Iterable[Any]) -> list[Any]:
         """Those of ``blocks`` that are cached, unreferenced and ``pool``'s (vLLM's null block has no hash)."""
-        if self._owned:
+        if self.blocks_know_pool:
             return [b for b in blocks if b.ref_cnt == 0 and b.block_hash is not None and b.pool is pool]
         return [b for b in blocks if b.ref_cnt == 0 and b.block_hash is not None]
 
@@ -63,17 +61,27 @@ class EvictableBlocks:
             count = len(blocks) if isinstance(blocks, list) else sum(1 for _ in blocks)
             if count:
                 self.per_group[0] += sign * count
+                self.total += sign * count
                 self.version += 1
             return
         changed = False
         for block in blocks:
             self.per_group[group_of(block.block_hash)] += sign
+            self.total += sign
             changed = True
         if changed:
             self.version += 1
 
+    def changed(self, count: int) -> None:
+        """One group: ``count`` more (or, negative, fewer) evictable blocks."""
+        if count:
+            self.per_group[0] += count
+            self.total += count
+            self.version += 1
+
     def clear(self) -> None:
         self.per_group = [0] * len(self.per_group)
+        self.total = 0
         self.version += 1
 
     def fail(self) -> None:
@@ -110,8 +118,7 @@ def watch(pool: Any, num_groups: int) -> EvictableBlocks:
     """
     forget(pool)  # never two counts on one pool
     counter = EvictableBlocks(pool, num_groups)
-    for name, wrapper in _wrappers(counter).items():
-        wrap_function_wrapper(pool, name, wrapper)
+    wrap_methods(pool, _wrappers(counter))
     _watched.add(pool)
     return counter
 
@@ -119,8 +126,7 @@ def watch(pool: Any, num_groups: int) -> EvictableBlocks:
 def forget(pool: Any) -> None:
     if pool in _watched:
         _watched.discard(pool)
-        for name in POOL_METHODS:
-            unwrap(pool, name)
+        unwrap_methods(pool, POOL_METHODS)
 
 
 def clear() -> None:
@@ -130,6 +136,9 @@ def clear() -> None:
 
 def _wrappers(counter: EvictableBlocks) -> dict[str, Callable]:
     """Every ``BlockPool`` method the count wraps, with its wrapper bound to ``counter``."""
+
+    single = counter.single_group
+    owned = counter.blocks_know_pool
 
     def released(argument: str) -> Callable:
         """``free_blocks`` / ``unpin_blocks``: blocks whose ``ref_cnt`` fell to 0 joined the free queue."""
@@ -143,7 +152,15 @@ def _wrappers(counter: EvictableBlocks) -> dict[str, Callable]:
                 blocks = list(blocks)
             result = wrapped(blocks, *args[1:], **kwargs)
             try:
-                counter.add(counter.evictable(instance, blocks), 1)
+                if single:  # the common case, counted in this frame
+                    count = 0
+                    for block in blocks:
+                        if block.ref_cnt == 0 and block.block_hash is not None and (
+                                not owned or block.pool is instance):
+                            count += 1
+                    counter.changed(count)
+                else:
+                    counter.add(counter.evictable(instance, blocks), 1)
             except Exception:  # noqa: BLE001 - the engine must never see our failure
                 counter.fail()
             return result
@@ -151,7 +168,7 @@ def _wrappers(counter: EvictableBlocks) -> dict[str, Callable]:
         return wrapper
 
     def leaving(select: Callable[..., list[Any]]) -> Callable:
-        """Removes the blocks ``select(counter, pool, *args)`` names, then calls vLLM."""
+        """Removes the blocks ``select(counter, pool, *args)`` names, then calls vLLM (rare calls)."""
 
         def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
             if not counter.failed:
@@ -166,6 +183,41 @@ def _wrappers(counter: EvictableBlocks) -> dict[str, Callable]:
 
         return wrapper
 
+    def allocating(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        """``get_new_blocks(n)`` pops the first n blocks of the free queue; nothing to count while none is evictable."""
+        if counter.total and not counter.failed:
+            try:
+                num_blocks = args[0] if args else kwargs["num_blocks"]
+                queue = instance.free_block_queue
+                if num_blocks <= queue.num_free_blocks:  # else vLLM raises, nothing moves
+                    cached = []
+                    block = queue.fake_free_list_head.next_free_block
+                    for _ in range(num_blocks):
+                        if block.block_hash is not None:
+                            cached.append(block)
+                        block = block.next_free_block
+                    if single:
+                        counter.changed(-len(cached))
+                    else:
+                        counter.add(cached, -1)
+            except Exception:  # noqa: BLE001 - the engine must never see our failure
+                counter.fail()
+        return wrapped(*args, **kwargs)
+
+    def touching(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        """``touch(blocks)``, a prefix hit: nothing to count while no block is evictable."""
+        if counter.total and not counter.failed:
+            # Looked at twice, by the count then by vLLM: a one-shot iterator becomes a list.
+            blocks = args[0] if args else kwargs.pop("blocks")
+            if not isinstance(blocks, (list, tuple)):
+                blocks = list(blocks)
+            args = (blocks, *args[1:])
+            try:
+                counter.add(counter.evictable(instance, blocks), -1)
+            except Exception:  # noqa: BLE001 - the engine must never see our failure
+                counter.fail()
+        return wrapped(*args, **kwargs)
+
     def reset(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         result = wrapped(*args, **kwargs)
         if result:
@@ -175,8 +227,8 @@ def _wrappers(counter: EvictableBlocks) -> dict[str, Callable]:
     return {
         "free_blocks": released("ordered_blocks"),
         "unpin_blocks": released("blocks"),
-        "touch": leaving(_touched),
-        "get_new_blocks": leaving(_allocated),
+        "touch": touching,
+        "get_new_blocks": allocating,
         "evict_blocks": leaving(_evicted),
         "reset_prefix_cache": reset,
     }
@@ -184,23 +236,6 @@ def _wrappers(counter: EvictableBlocks) -> dict[str, Callable]:
 
 def _reusable(value: Any) -> Any:
     return value if isinstance(value, (int, list, tuple, set, frozenset)) else list(value)
-
-
-def _touched(counter: EvictableBlocks, pool: Any, blocks: Iterable[Any]) -> list[Any]:
-    return counter.evictable(pool, blocks)
-
-
-def _allocated(counter: EvictableBlocks, pool: Any, num_blocks: int) -> list[Any]:
-    """The evictable blocks among the first ``num_blocks`` of the free queue, which ``get_new_blocks`` pops."""
-    if num_blocks > pool.get_num_free_blocks():
-        return []  # vLLM raises, nothing moves
-    cached = []
-    block = pool.free_block_queue.fake_free_list_head.next_free_block
-    for _ in range(num_blocks):
-        if block.block_hash is not None:
-            cached.append(block)
-        block = block.next_free_block
-    return cached
 
 
 def _evicted(counter: EvictableBlocks, pool: Any, block_ids: Iterable[int]) -> list[Any]:

@@ -1,0 +1,124 @@
+"""The tables of ``instructions.py``, from the counted intervals of its processes.
+
+Figures are marginal instructions per unit: ``(large - small) / (large units - small units)``.
+vLLM's own figure for a step takes out the synthetic ``ModelRunnerOutput`` (the ``harness``
+workloads); a preemption's is the preemption unit minus a plain decode step of 16.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import _callgrind
+from _common import markdown_table
+
+#: Rows of the main table: (workload, unit, harness or baseline workload subtracted, units per figure).
+ROWS = (
+    ("decode 16", "decode step, 16 running", "harness 16", 1),
+    ("decode 64", "decode step, 64 running", "harness 64", 1),
+    ("decode 256", "decode step, 256 running", "harness 256", 1),
+    ("decode 16 (stats on)", "decode step, 16 running, stats on", "harness 16", 1),
+    ("admission", "admitted request (4 per step)", None, 4),
+    ("admission, prefix hits", "admitted request, 48 of 64 tokens cached", None, 4),
+    ("preemption + resumption", "preemption with its resumption", "decode 16", 1),
+)
+
+
+def _marginals(results: list[dict], variant: str, name: str, units: dict) -> list[float]:
+    small, large = units[name]
+    return [(r["counts"][f"{name}|large"] - r["counts"][f"{name}|small"]) / (large - small)
+            for r in results if r["variant"] == variant and f"{name}|large" in r["counts"]]
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return "n/a"
+    mean = statistics.fmean(values)
+    return f"{(max(values) - min(values)) / abs(mean) * 100:.4f}%" if mean else "0"
+
+
+def _number(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def cost_table(results: list[dict], units: dict) -> str:
+    rows = []
+    for name, unit, baseline, per in ROWS:
+        plain, ours = _marginals(results, "plain", name, units), _marginals(results, "ours", name, units)
+        if not plain or not ours:
+            continue
+        base_plain = statistics.fmean(_marginals(results, "plain", baseline, units)) if baseline else 0.0
+        base_ours = statistics.fmean(_marginals(results, "ours", baseline, units)) if baseline else 0.0
+        if baseline in UNITS_OF_OURS_ONLY_BASELINE:
+            base_ours_added = base_ours - base_plain
+        else:
+            base_ours_added = 0.0  # the harness is the same code in both variants
+        vllm = (statistics.fmean(plain) - base_plain) / per
+        added = (statistics.fmean(ours) - statistics.fmean(plain) - base_ours_added) / per
+        rows.append([unit, _number(vllm), _number(added), f"{added / vllm * 100:+.3f}%",
+                     _spread(plain), _spread(ours)])
+    collection_plain = _marginals(results, "plain", "collection", units)
+    collection_ours = _marginals(results, "ours", "collection", units)
+    if collection_plain and collection_ours:
+        added = statistics.fmean(collection_ours) - statistics.fmean(collection_plain)
+        rows.append(["metric collection (exporter process; plain: the SDK with no instrument)",
+                     _number(statistics.fmean(collection_plain)), _number(added), "n/a",
+                     _spread(collection_plain), _spread(collection_ours)])
+    return markdown_table(
+        ["per", "vLLM's own instructions", "added by otel-vllm-kv", "ratio - 1", "repeat spread plain",
+         "repeat spread ours"], rows)
+
+
+#: Baselines that are themselves instrumented workloads (their added cost is taken out too).
+UNITS_OF_OURS_ONLY_BASELINE = ("decode 16",)
+
+
+def toggle_table(results: list[dict], units: dict) -> str:
+    toggles = [r for r in results if r["variant"] == "toggle"]
+    if not toggles:
+        return ""
+    small, large = units["toggle"]
+    fresh_plain = statistics.fmean(_marginals(results, "plain", "decode 16", units) or [float("nan")])
+    fresh_ours = statistics.fmean(_marginals(results, "ours", "decode 16", units) or [float("nan")])
+    rows = []
+    phases = [label.split("|")[0] for label in toggles[0]["counts"] if label.endswith("|large")]
+    for phase in phases:
+        values = [(r["counts"][f"{phase}|large"] - r["counts"][f"{phase}|small"]) / (large - small) for r in toggles]
+        per_step = statistics.fmean(values)
+        reference = fresh_ours if phase.endswith("ours") else fresh_plain
+        rows.append([phase, _number(per_step), f"{(per_step / reference - 1) * 100:+.3f}%", _spread(values)])
+    return markdown_table(["block on one live scheduler", "instructions per decode step (16 running)",
+                           "vs a fresh scheduler of the same variant", "repeat spread"], rows)
+
+
+def profile_table(results: list[dict], name: str, units: dict, per: int = 1, top: int = 12) -> str:
+    """Where our instructions go: self cost per function, ours minus plain, per unit (first repeat)."""
+    def per_function(variant: str) -> dict[str, float]:
+        result = next(r for r in results if r["variant"] == variant and f"{name}|large" in r["counts"])
+        small = _callgrind.self_cost_by_function(_callgrind.dump_for(result["out_file"], result["marks"], f"{name}|small"))
+        large = _callgrind.self_cost_by_function(_callgrind.dump_for(result["out_file"], result["marks"], f"{name}|large"))
+        span = (units[name][1] - units[name][0]) * per
+        return {function: (large.get(function, 0) - small.get(function, 0)) / span for function in set(small) | set(large)}
+
+    plain, ours = per_function("plain"), per_function("ours")
+    deltas = {function: ours.get(function, 0.0) - plain.get(function, 0.0) for function in set(plain) | set(ours)}
+    total = sum(deltas.values())
+    rows = [[function, _number(delta), f"{delta / total * 100:.1f}%" if total else "n/a"]
+            for function, delta in sorted(deltas.items(), key=lambda item: -item[1])[:top]]
+    return markdown_table([f"function (C level; Python code runs in _PyEval_EvalFrameDefault)",
+                           "added instructions per unit", "share of the added"], rows)
+
+
+def report(results: list[dict], units: dict) -> str:
+    parts = ["## Instructions per unit (marginal)", "", cost_table(results, units), "",
+             "vLLM's own: plain, minus the synthetic model output (harness) for steps, minus a plain decode step "
+             "for a preemption. ratio - 1: added / vLLM's own. repeat spread: (max - min) / mean of the "
+             "marginal figure over the processes of each variant."]
+    toggles = toggle_table(results, units)
+    if toggles:
+        parts += ["", "## Instrumenting and uninstrumenting a live scheduler", "", toggles]
+    for name, per in (("decode 16", 1), ("admission", 4)):
+        if any(f"{name}|large" in r["counts"] for r in results if r["variant"] == "ours"):
+            parts += ["", f"## Where the added instructions go: {name} (per {'admitted request' if per > 1 else 'step'})",
+                      "", profile_table(results, name, units, per)]
+    return "\n".join(parts)

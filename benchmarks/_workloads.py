@@ -1,0 +1,220 @@
+"""Fixed, seeded workloads on a real vLLM ``Scheduler`` (no model), in units the instruction count divides by.
+
+Each workload builds its scheduler, warms it up to a steady state, then runs ``unit()``
+as often as asked. A unit is what a figure is quoted per: one decode step, one step
+admitting ``ADMISSIONS_PER_STEP`` requests, one preemption with its resumption, one
+metric collection. Everything is deterministic: no randomness, no wall-clock branch,
+the same requests in the same order in every process.
+
+A step is ``schedule()``, a synthetic ``ModelRunnerOutput`` (``_scheduler.fake_runner_output``)
+and ``update_from_output()``, which calls ``make_stats``, as ``EngineCore.step`` does. The
+``harness`` workloads count the synthetic output alone, so it can be taken out of vLLM's figure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from _common import check
+
+BLOCK_SIZE = 16
+ADMISSIONS_PER_STEP = 4
+#: Prompt tokens shared by every request of the prefix-hit workload: three full blocks.
+SHARED_PREFIX = tuple(range(1000, 1000 + 3 * BLOCK_SIZE))
+PROMPT_MIN, PROMPT_MAX = 16, 80
+
+
+@dataclass
+class Tally:
+    """What the units did, so runs with and without the package can be checked to do the same."""
+
+    scheduled_tokens: int = 0
+    admitted: int = 0
+    cached_tokens: int = 0
+    preempted: int = 0
+    records: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+class Workload:
+    """A scheduler in a steady state; ``unit()`` advances it by one unit."""
+
+    name = ""
+    warmup_units = 20
+
+    def __init__(self, model_dir: str, log_stats: bool = False) -> None:
+        from _scheduler import build_scheduler, build_vllm_config
+
+        self.tally = Tally()
+        self.log_stats = log_stats
+        self.vllm_config = build_vllm_config(
+            model_dir, num_blocks=self.num_blocks(), block_size=BLOCK_SIZE, max_num_seqs=512,
+            max_num_batched_tokens=8192,
+        )
+        self.scheduler = build_scheduler(self.vllm_config, log_stats=log_stats)
+        self.start()
+        for _ in range(self.warmup_units):
+            self.unit()
+        self.tally = Tally()  # the steady state only: what the counted units did
+
+    def num_blocks(self) -> int:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Add the requests the workload starts with."""
+
+    def unit(self) -> None:
+        raise NotImplementedError
+
+    def add(self, num_prompt_tokens: int, max_tokens: int, prefix: tuple[int, ...] = ()) -> None:
+        from _scheduler import make_request
+
+        self.scheduler.add_request(make_request(self.scheduler, num_prompt_tokens, max_tokens, prefix))
+
+    def step(self) -> None:
+        from _scheduler import fake_runner_output
+
+        from otel_vllm_kv.admission_records import TRACE_HEADER_KEY
+
+        scheduler_output = self.scheduler.schedule()
+        outputs = self.scheduler.update_from_output(scheduler_output, fake_runner_output(scheduler_output))
+        tally = self.tally
+        tally.scheduled_tokens += scheduler_output.total_num_scheduled_tokens
+        tally.admitted += len(scheduler_output.scheduled_new_reqs)
+        tally.cached_tokens += sum(request.num_computed_tokens for request in scheduler_output.scheduled_new_reqs)
+        for engine_outputs in outputs.values():
+            for output in engine_outputs.outputs:
+                if output.trace_headers and TRACE_HEADER_KEY in output.trace_headers:
+                    tally.records += 1
+        self.last_output = scheduler_output
+
+    def close(self) -> None:
+        self.scheduler.shutdown()
+
+
+class Decode(Workload):
+    """``running`` requests decoding one token per step; none arrives, none finishes."""
+
+    def __init__(self, model_dir: str, running: int, max_units: int, log_stats: bool = False) -> None:
+        self.running = running
+        self.max_tokens = self.warmup_units + max_units + 8
+        self.name = f"decode {running}" + (" (stats on)" if log_stats else "")
+        super().__init__(model_dir, log_stats)
+
+    def prompt_length(self, index: int) -> int:
+        # Spread over 16..80 tokens, so some request crosses into a new block at most steps.
+        return PROMPT_MIN + (index * 37) % (PROMPT_MAX - PROMPT_MIN + 1)
+
+    def num_blocks(self) -> int:
+        return self.running * -(-(PROMPT_MAX + self.max_tokens) // BLOCK_SIZE) + 32
+
+    def start(self) -> None:
+        for index in range(self.running):
+            self.add(self.prompt_length(index), self.max_tokens)
+        self.step()  # admit them all
+
+    def unit(self) -> None:
+        self.step()
+        if len(self.scheduler.running) != self.running:
+            self.tally.problems.append(f"{self.name}: {len(self.scheduler.running)} running")
+
+
+class Admission(Workload):
+    """Each unit: ``ADMISSIONS_PER_STEP`` new 64-token requests, admitted and finished in one step.
+
+    With ``prefix_hits`` every prompt starts with ``SHARED_PREFIX``, found in the prefix
+    cache. The pool is small enough that the warm-up wraps its free queue: from then on
+    every allocation evicts a cached block, as in a long-running engine.
+    """
+
+    warmup_units = 40
+
+    def __init__(self, model_dir: str, prefix_hits: bool) -> None:
+        self.prefix = SHARED_PREFIX if prefix_hits else ()
+        self.name = "admission, prefix hits" if prefix_hits else "admission"
+        super().__init__(model_dir)
+
+    def num_blocks(self) -> int:
+        return 256
+
+    def unit(self) -> None:
+        for _ in range(ADMISSIONS_PER_STEP):
+            self.add(64, 1, self.prefix)
+        self.step()
+        if self.scheduler.running or self.scheduler.waiting:
+            self.tally.problems.append(f"{self.name}: requests left after the step")
+
+
+class Preemption(Decode):
+    """16 running; each unit preempts the oldest running request, then a step resumes it.
+
+    vLLM preempts from ``schedule()`` when a running request cannot grow; calling its own
+    ``_preempt_request`` directly makes one preemption per unit, independent of pool size.
+    """
+
+    def __init__(self, model_dir: str, max_units: int) -> None:
+        super().__init__(model_dir, 16, max_units)
+        self.name = "preemption + resumption"
+
+    def unit(self) -> None:
+        scheduler = self.scheduler
+        request = scheduler.running.pop(0)
+        scheduler._preempt_request(request, time.monotonic())
+        self.tally.preempted += 1
+        self.step()
+
+
+class Collection(Decode):
+    """One metric collection (``InMemoryMetricReader.get_metrics_data``) of the process's meter provider.
+
+    In the exporter process this is what every export interval runs; the scheduler beside
+    it (16 running) only gives the relay an engine to report.
+    """
+
+    def __init__(self, model_dir: str, reader: object) -> None:
+        self.reader = reader
+        super().__init__(model_dir, 16, 0)
+        self.name = "collection"
+        self.points = 0
+
+    def unit(self) -> None:
+        data = self.reader.get_metrics_data()
+        self.points = sum(len(metric.data.data_points) for resource in (data.resource_metrics if data else ())
+                          for scope in resource.scope_metrics for metric in scope.metrics)
+
+
+class Harness(Decode):
+    """The synthetic ``ModelRunnerOutput`` of one decode step of ``running`` requests, alone."""
+
+    def __init__(self, model_dir: str, running: int) -> None:
+        super().__init__(model_dir, running, 0)
+        self.name = f"harness {running}"
+
+    def unit(self) -> None:
+        from _scheduler import fake_runner_output
+
+        fake_runner_output(self.last_output)
+
+
+def build(name: str, model_dir: str, max_units: int, reader: object) -> Workload:
+    factories: dict[str, Callable[[], Workload]] = {
+        "decode 16": lambda: Decode(model_dir, 16, max_units),
+        "decode 64": lambda: Decode(model_dir, 64, max_units),
+        "decode 256": lambda: Decode(model_dir, 256, max_units),
+        "decode 16 (stats on)": lambda: Decode(model_dir, 16, max_units, log_stats=True),
+        "admission": lambda: Admission(model_dir, prefix_hits=False),
+        "admission, prefix hits": lambda: Admission(model_dir, prefix_hits=True),
+        "preemption + resumption": lambda: Preemption(model_dir, max_units),
+        "collection": lambda: Collection(model_dir, reader),
+        "harness 16": lambda: Harness(model_dir, 16),
+        "harness 64": lambda: Harness(model_dir, 64),
+        "harness 256": lambda: Harness(model_dir, 256),
+    }
+    check(name in factories, f"unknown workload {name!r}")
+    return factories[name]()
+
+
+NAMES = ("decode 16", "decode 64", "decode 256", "decode 16 (stats on)", "admission", "admission, prefix hits",
+         "preemption + resumption", "collection", "harness 16", "harness 64", "harness 256")

@@ -1,0 +1,253 @@
+"""What the instrumentation costs the engine, in instructions: deterministic, so a repeated run gives the same figure.
+
+Command (from the repository root)::
+
+    .venv/bin/python benchmarks/instructions.py            # full run, ~15 min on 2 cores
+    .venv/bin/python benchmarks/instructions.py --smoke    # sanity only, no valgrind, ~1 min
+
+Each variant runs in its own process under ``valgrind --tool=callgrind`` with
+``PYTHONHASHSEED=0`` and the garbage collector off while counting (``_callgrind``):
+
+* ``plain``: vLLM, not instrumented;
+* ``ours``: ``VLLMKVCacheInstrumentor().instrument(meter_provider=...)`` before any
+  scheduler is built (as in an engine core, where the probe attaches at ``Scheduler.__init__``);
+* ``toggle``: one live scheduler, instrumented and uninstrumented in turn (what a user
+  toggling instrumentation runs): plain, ours, plain, ours, plain blocks on it.
+
+Every workload (``_workloads``: real ``Scheduler`` and ``KVCacheManager``, no model) runs a
+small and a large number of units in two counted intervals; the figure per unit is the
+**marginal** ``(large - small) / (large units - small units)``, so set-up and interval
+edges cancel. Each variant runs ``--repeat`` times (default 2) to show the figures repeat.
+
+Reported: instructions per decode step at 16 / 64 / 256 running (stats off, as ``LLM``
+runs; and 16 with stats on, as ``vllm serve`` runs), per admitted request (with and without
+prefix-cache hits), per preemption with its resumption, per metric collection; vLLM's own
+figure (the synthetic model output taken out), ours, and the ratio; and where our
+instructions go (callgrind's per-function self cost, ours minus plain).
+
+Sanity checks (any failure exits non-zero, in smoke mode too): every variant schedules
+the same tokens, admits the same requests with the same prefix hits and preempts the same;
+the instrumented runs deliver exactly one record-carrying output per admission and
+resumption and report gauges; plain runs carry none. Counts are never checked in smoke mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _callgrind
+from _common import SanityError, check, command_line, markdown_table, print_header, tiny_model_dir
+
+VARIANTS = ("plain", "ours")
+#: Units in the small and the large interval of each workload (the full run).
+UNITS = {
+    "decode 16": (200, 600), "decode 64": (100, 300), "decode 256": (25, 75), "decode 16 (stats on)": (200, 600),
+    "admission": (100, 300), "admission, prefix hits": (100, 300), "preemption + resumption": (100, 300),
+    "collection": (100, 300), "harness 16": (200, 600), "harness 64": (100, 300), "harness 256": (25, 75),
+}
+#: Requests in the small and the large batch of the end-to-end ``LLM`` run.
+ENGINE_UNITS = (8, 24)
+SMOKE_UNITS = (3, 6)
+TOGGLE_PHASES = ("plain", "ours", "plain", "ours", "plain")
+TOGGLE_UNITS = (60, 180)
+
+
+# -- the measured process -------------------------------------------------------------------
+
+class Instrumentation:
+    """Instrument and uninstrument this process, with an in-memory reader for the gauges."""
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        from otel_vllm_kv import VLLMKVCacheInstrumentor
+
+        self.reader = InMemoryMetricReader()
+        self.provider = MeterProvider(metric_readers=[self.reader])
+        self.instrumentor = VLLMKVCacheInstrumentor()
+
+    def on(self) -> None:
+        self.instrumentor.instrument(meter_provider=self.provider)
+
+    def off(self) -> None:
+        self.instrumentor.uninstrument()
+
+
+def counted(workload, label: str, units: tuple[int, int]) -> None:
+    """The workload's two counted intervals, ``label|small`` and ``label|large``."""
+    gc.collect()
+    gc.disable()
+    for size, count in zip(("small", "large"), units):
+        _callgrind.mark(f"{label}|{size}")
+        for _ in range(count):
+            workload.unit()
+    _callgrind.mark(f"{label}|after")
+    gc.enable()
+
+
+def child(spec: dict) -> dict:
+    import _workloads
+
+    variant, units = spec["variant"], spec["units"]
+    if spec.get("engine"):
+        import _engine_run
+
+        return _engine_run.run(spec)
+    instrumentation = Instrumentation()
+    tallies = {}
+    if variant == "toggle":
+        workload = _workloads.Decode(spec["model_dir"], 16, len(TOGGLE_PHASES) * (2 + sum(TOGGLE_UNITS)))
+        for index, phase in enumerate(TOGGLE_PHASES):
+            if index:
+                instrumentation.on() if phase == "ours" else instrumentation.off()
+            workload.unit()  # two uncounted steps after each switch
+            workload.unit()
+            counted(workload, f"{index + 1}. {phase}", units["toggle"])
+        workload.close()
+        tallies["toggle"] = vars(workload.tally)
+    else:
+        if variant == "ours":
+            instrumentation.on()
+        for name in spec["workloads"]:
+            workload = _workloads.build(name, spec["model_dir"], sum(units[name]), instrumentation.reader)
+            counted(workload, name, units[name])
+            workload.close()
+            tallies[name] = vars(workload.tally) | {"points": getattr(workload, "points", 0)}
+    _callgrind.mark("exit")
+    return {"variant": variant, "marks": _callgrind.labels(), "tallies": tallies}
+
+
+# -- the parent ---------------------------------------------------------------------------
+
+def run_variant(variant: str, spec: dict, directory: str, under_valgrind: bool, repeat: int) -> dict:
+    """Start the measured process (under callgrind unless smoke); return its result and counts."""
+    out_file = os.path.join(directory, f"callgrind.{variant}.{repeat}")
+    command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec | {"variant": variant})]
+    if under_valgrind:
+        command = _callgrind.valgrind_command(out_file) + command
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(PYTHONHASHSEED="0", OMP_NUM_THREADS="1", VLLM_LOGGING_LEVEL="WARNING")
+    return {"process": subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
+            "out_file": out_file, "variant": variant, "valgrind": under_valgrind}
+
+
+def finish(started: dict) -> dict:
+    stdout, stderr = started["process"].communicate()
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if started["process"].returncode != 0 or not lines:
+        raise SanityError(f"{started['variant']}: exit {started['process'].returncode}; end of stderr:\n{stderr[-3000:]}")
+    result = json.loads(lines[-1])
+    if started["valgrind"]:
+        result["counts"] = _callgrind.read_intervals(started["out_file"], result["marks"])
+        result["out_file"] = started["out_file"]
+    return result
+
+
+def check_tallies(results: list[dict]) -> None:
+    plain = next(result for result in results if result["variant"] == "plain")["tallies"]
+    for result in results:
+        for name, tally in result["tallies"].items():
+            check(not tally["problems"], f"{result['variant']} {name}: {'; '.join(tally['problems'])}")
+            if result["variant"] == "toggle":
+                continue
+            same = ("scheduled_tokens", "admitted", "cached_tokens", "preempted")
+            check(all(tally[key] == plain[name][key] for key in same),
+                  f"{name}: {result['variant']} did {[tally[k] for k in same]}, plain {[plain[name][k] for k in same]}")
+            if result["variant"] == "plain":
+                check(tally["records"] == 0 and tally["points"] == 0, f"{name}: plain carried records or points")
+            else:
+                check(tally["records"] == tally["admitted"] + tally["preempted"],
+                      f"{name}: {tally['records']} outputs carried records for {tally['admitted']} admissions "
+                      f"and {tally['preempted']} resumptions")
+                if name == "collection":
+                    check(tally["points"] >= 4, f"collection: ours reported {tally['points']} points")
+        if "admission, prefix hits" in result["tallies"]:
+            tally = result["tallies"]["admission, prefix hits"]
+            check(tally["cached_tokens"] == tally["admitted"] * 48, "prefix-hit workload: not every prompt hit 48 tokens")
+
+
+def check_engine_runs(results: list[dict]) -> None:
+    if not results:
+        return
+    plain = next(result for result in results if result["variant"] == "plain")
+    ours = next(result for result in results if result["variant"] == "ours")
+    check(ours["tokens"] == plain["tokens"], "end to end: the instrumented engine generated other tokens")
+    check(plain["annotated_spans"] == 0 and plain["spans"] == ours["spans"] > 0,
+          f"end to end: spans plain {plain['spans']}, ours {ours['spans']}")
+    requests = 4 + sum(len(batch) for batch in ours["tokens"])
+    check(ours["annotated_spans"] == requests,
+          f"end to end: {ours['annotated_spans']} admission annotations for {requests} requests")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    units = {name: SMOKE_UNITS if args.smoke else UNITS[name] for name in UNITS}
+    units["toggle"] = SMOKE_UNITS if args.smoke else TOGGLE_UNITS
+    units["engine"] = SMOKE_UNITS if args.smoke else ENGINE_UNITS
+    print_header("Instructions per unit of work, plain vLLM vs instrumented (callgrind)", command_line(), {
+        "repeat": args.repeat, "units (small, large)": "smoke" if args.smoke else json.dumps(UNITS),
+        "PYTHONHASHSEED": 0, "gc": "off while counting", "block size": 16,
+    })
+    directory = tempfile.mkdtemp(prefix="otel-vllm-kv-callgrind-")
+    spec = {"model_dir": tiny_model_dir(), "workloads": args.workloads, "units": units}
+    variants = (*VARIANTS, "toggle") if args.toggle else VARIANTS
+    jobs = [(variant, "engine", spec | {"engine": True}) for variant in VARIANTS] if args.engine else []
+    jobs += [(variant, repeat, spec) for repeat in range(1 if args.smoke else args.repeat) for variant in variants]
+    results: list[dict] = []
+    try:
+        for start in range(0, len(jobs), args.jobs):
+            batch = [run_variant(variant, job_spec, directory, not args.smoke, repeat)
+                     for variant, repeat, job_spec in jobs[start:start + args.jobs]]
+            results.extend(finish(started) for started in batch)
+            print(f"{len(results)}/{len(jobs)} processes done", file=sys.stderr, flush=True)
+        with open(os.path.join(directory, "results.json"), "w", encoding="utf-8") as handle:
+            json.dump({"results": results, "units": units}, handle)
+        check_tallies([result for result in results if "tallies" in result])
+        check_engine_runs([result for result in results if "tokens" in result])
+        if not args.smoke:
+            import _instruction_report
+
+            print(_instruction_report.report(results, units))
+        print("All sanity checks passed.")
+    finally:
+        if args.keep:
+            print(f"callgrind dumps kept in {directory}", file=sys.stderr)
+        else:
+            for result in results:
+                if "out_file" in result:
+                    _callgrind.remove_dumps(result["out_file"])
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=2, help="processes per variant (default 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="processes run at once (default 2)")
+    parser.add_argument("--workloads", type=lambda text: text.split(","), default=list(UNITS),
+                        help="comma-separated workloads (default: all): " + ", ".join(UNITS))
+    parser.add_argument("--no-engine", dest="engine", action="store_false", help="skip the end-to-end LLM runs")
+    parser.add_argument("--no-toggle", dest="toggle", action="store_false", help="skip the toggling process")
+    parser.add_argument("--keep", action="store_true", help="keep the callgrind dumps (their directory is printed)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, no valgrind: sanity checks only")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SanityError as error:
+        print(f"SANITY CHECK FAILED: {error}", file=sys.stderr)
+        sys.exit(1)
