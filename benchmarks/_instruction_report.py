@@ -12,14 +12,16 @@ import statistics
 import _callgrind
 from _common import markdown_table
 
-#: Rows of the main table: (workload, unit, harness or baseline workload subtracted, units per figure).
+#: Rows of the main table: (workload, unit, baseline, units per figure). A ``harness`` baseline
+#: (the synthetic model output) is taken out of vLLM's figure only; a workload baseline (the
+#: decode step inside a preemption unit) out of both vLLM's figure and the added one.
 ROWS = (
     ("decode 16", "decode step, 16 running", "harness 16", 1),
     ("decode 64", "decode step, 64 running", "harness 64", 1),
     ("decode 256", "decode step, 256 running", "harness 256", 1),
     ("decode 16 (stats on)", "decode step, 16 running, stats on", "harness 16", 1),
-    ("admission", "admitted request (4 per step)", None, 4),
-    ("admission, prefix hits", "admitted request, 48 of 64 tokens cached", None, 4),
+    ("admission", "admitted request (4 per step, 1 output token)", None, 4),
+    ("admission with prefix hits", "admitted request, 48 of 64 prompt tokens cached", None, 4),
     ("preemption + resumption", "preemption with its resumption", "decode 16", 1),
 )
 
@@ -37,6 +39,10 @@ def _spread(values: list[float]) -> str:
     return f"{(max(values) - min(values)) / abs(mean) * 100:.4f}%" if mean else "0"
 
 
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
 def _number(value: float) -> str:
     return f"{value:,.0f}"
 
@@ -47,12 +53,10 @@ def cost_table(results: list[dict], units: dict) -> str:
         plain, ours = _marginals(results, "plain", name, units), _marginals(results, "ours", name, units)
         if not plain or not ours:
             continue
-        base_plain = statistics.fmean(_marginals(results, "plain", baseline, units)) if baseline else 0.0
-        base_ours = statistics.fmean(_marginals(results, "ours", baseline, units)) if baseline else 0.0
-        if baseline in UNITS_OF_OURS_ONLY_BASELINE:
-            base_ours_added = base_ours - base_plain
-        else:
-            base_ours_added = 0.0  # the harness is the same code in both variants
+        base_plain = _mean(_marginals(results, "plain", baseline, units)) if baseline else 0.0
+        base_ours_added = 0.0  # the harness is the same code in both variants
+        if baseline and not baseline.startswith("harness"):
+            base_ours_added = _mean(_marginals(results, "ours", baseline, units)) - base_plain
         vllm = (statistics.fmean(plain) - base_plain) / per
         added = (statistics.fmean(ours) - statistics.fmean(plain) - base_ours_added) / per
         rows.append([unit, _number(vllm), _number(added), f"{added / vllm * 100:+.3f}%",
@@ -67,10 +71,6 @@ def cost_table(results: list[dict], units: dict) -> str:
     return markdown_table(
         ["per", "vLLM's own instructions", "added by otel-vllm-kv", "ratio - 1", "repeat spread plain",
          "repeat spread ours"], rows)
-
-
-#: Baselines that are themselves instrumented workloads (their added cost is taken out too).
-UNITS_OF_OURS_ONLY_BASELINE = ("decode 16",)
 
 
 def toggle_table(results: list[dict], units: dict) -> str:
@@ -109,11 +109,45 @@ def profile_table(results: list[dict], name: str, units: dict, per: int = 1, top
                            "added instructions per unit", "share of the added"], rows)
 
 
+def calls_table(results: list[dict]) -> str:
+    """Our Python functions called per unit: the same at 16, 64 and 256 running means nothing per request."""
+    counted = next((r["calls"] for r in results if r["variant"] == "calls"), None)
+    if not counted:
+        return ""
+    workloads = [name for name, *_ in ROWS if name in counted] + [n for n in ("collection",) if n in counted]
+    functions = sorted({function for name in workloads for function in counted[name]})
+    rows = [[function, *(f"{counted[name].get(function, 0):.2f}" for name in workloads)] for function in functions]
+    rows.append(["all", *(f"{sum(counted[name].values()):.2f}" for name in workloads)])
+    return markdown_table(["function of otel_vllm_kv (calls per unit)", *workloads], rows)
+
+
+def engine_table(results: list[dict], units: dict) -> str:
+    plain = _marginals(results, "plain", "engine", units)
+    ours = _marginals(results, "ours", "engine", units)
+    if not plain or not ours:
+        return ""
+    engine = next(r for r in results if r["variant"] == "ours" and "tokens" in r)
+    tokens = sum(len(request) for batch in engine["tokens"] for request in batch)
+    requests = sum(len(batch) for batch in engine["tokens"])
+    return markdown_table(
+        ["per request (in-process LLM, 48 prompt + 32 output tokens)", "plain", "ours", "added", "ratio"],
+        [["instructions", _number(_mean(plain)), _number(_mean(ours)), _number(_mean(ours) - _mean(plain)),
+          f"{_mean(ours) / _mean(plain):.5f}"]]) + (
+        f"\n\n{requests} requests, {tokens} output tokens, identical in both variants; every request's "
+        "admission annotated on its span in ours.")
+
+
 def report(results: list[dict], units: dict) -> str:
     parts = ["## Instructions per unit (marginal)", "", cost_table(results, units), "",
              "vLLM's own: plain, minus the synthetic model output (harness) for steps, minus a plain decode step "
              "for a preemption. ratio - 1: added / vLLM's own. repeat spread: (max - min) / mean of the "
              "marginal figure over the processes of each variant."]
+    engine = engine_table(results, units)
+    if engine:
+        parts += ["", "## End to end: a whole in-process LLM run", "", engine]
+    calls = calls_table(results)
+    if calls:
+        parts += ["", "## Our Python functions called per unit (sys.setprofile, instrumented run)", "", calls]
     toggles = toggle_table(results, units)
     if toggles:
         parts += ["", "## Instrumenting and uninstrumenting a live scheduler", "", toggles]

@@ -133,7 +133,7 @@ class Admission(Workload):
 
     def __init__(self, model_dir: str, prefix_hits: bool) -> None:
         self.prefix = SHARED_PREFIX if prefix_hits else ()
-        self.name = "admission, prefix hits" if prefix_hits else "admission"
+        self.name = "admission with prefix hits" if prefix_hits else "admission"
         super().__init__(model_dir)
 
     def num_blocks(self) -> int:
@@ -205,7 +205,7 @@ def build(name: str, model_dir: str, max_units: int, reader: object) -> Workload
         "decode 256": lambda: Decode(model_dir, 256, max_units),
         "decode 16 (stats on)": lambda: Decode(model_dir, 16, max_units, log_stats=True),
         "admission": lambda: Admission(model_dir, prefix_hits=False),
-        "admission, prefix hits": lambda: Admission(model_dir, prefix_hits=True),
+        "admission with prefix hits": lambda: Admission(model_dir, prefix_hits=True),
         "preemption + resumption": lambda: Preemption(model_dir, max_units),
         "collection": lambda: Collection(model_dir, reader),
         "harness 16": lambda: Harness(model_dir, 16),
@@ -215,6 +215,3 @@ def build(name: str, model_dir: str, max_units: int, reader: object) -> Workload
     check(name in factories, f"unknown workload {name!r}")
     return factories[name]()
 
-
-NAMES = ("decode 16", "decode 64", "decode 256", "decode 16 (stats on)", "admission", "admission, prefix hits",
-         "preemption + resumption", "collection", "harness 16", "harness 64", "harness 256")

@@ -50,7 +50,7 @@ VARIANTS = ("plain", "ours")
 #: Units in the small and the large interval of each workload (the full run).
 UNITS = {
     "decode 16": (200, 600), "decode 64": (100, 300), "decode 256": (25, 75), "decode 16 (stats on)": (200, 600),
-    "admission": (100, 300), "admission, prefix hits": (100, 300), "preemption + resumption": (100, 300),
+    "admission": (100, 300), "admission with prefix hits": (100, 300), "preemption + resumption": (100, 300),
     "collection": (100, 300), "harness 16": (200, 600), "harness 64": (100, 300), "harness 256": (25, 75),
 }
 #: Requests in the small and the large batch of the end-to-end ``LLM`` run.
@@ -94,6 +94,47 @@ def counted(workload, label: str, units: tuple[int, int]) -> None:
     gc.enable()
 
 
+class CallCounter:
+    """Counts calls of this package's Python functions (``sys.setprofile``): deterministic, per unit."""
+
+    def __init__(self) -> None:
+        import otel_vllm_kv
+
+        self.package = os.path.dirname(otel_vllm_kv.__file__)
+        self.counts: dict[str, int] = {}
+
+    def __enter__(self) -> CallCounter:
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        sys.setprofile(None)
+
+    def _profile(self, frame, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code.co_filename.startswith(self.package):
+            code = frame.f_code
+            name = f"{os.path.relpath(code.co_filename, self.package)}:{code.co_qualname}"
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+
+def count_calls(spec: dict) -> dict:
+    """Our Python functions called per unit of each workload (the instrumented variant, no valgrind)."""
+    import _workloads
+
+    instrumentation = Instrumentation()
+    instrumentation.on()
+    calls = {}
+    for name in spec["workloads"]:
+        workload = _workloads.build(name, spec["model_dir"], sum(spec["units"][name]), instrumentation.reader)
+        units = spec["units"][name][1]
+        with CallCounter() as counter:
+            for _ in range(units):
+                workload.unit()
+        workload.close()
+        calls[name] = {function: count / units for function, count in counter.counts.items()}
+    return {"variant": "calls", "calls": calls}
+
+
 def child(spec: dict) -> dict:
     import _workloads
 
@@ -102,6 +143,8 @@ def child(spec: dict) -> dict:
         import _engine_run
 
         return _engine_run.run(spec)
+    if variant == "calls":
+        return count_calls(spec)
     instrumentation = Instrumentation()
     tallies = {}
     if variant == "toggle":
@@ -170,8 +213,8 @@ def check_tallies(results: list[dict]) -> None:
                       f"and {tally['preempted']} resumptions")
                 if name == "collection":
                     check(tally["points"] >= 4, f"collection: ours reported {tally['points']} points")
-        if "admission, prefix hits" in result["tallies"]:
-            tally = result["tallies"]["admission, prefix hits"]
+        if "admission with prefix hits" in result["tallies"]:
+            tally = result["tallies"]["admission with prefix hits"]
             check(tally["cached_tokens"] == tally["admitted"] * 48, "prefix-hit workload: not every prompt hit 48 tokens")
 
 
@@ -207,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs += [(variant, repeat, spec) for repeat in range(1 if args.smoke else args.repeat) for variant in variants]
     results: list[dict] = []
     try:
+        results.append(finish(run_variant("calls", spec, directory, False, "native")))  # quick, no valgrind
         for start in range(0, len(jobs), args.jobs):
             batch = [run_variant(variant, job_spec, directory, not args.smoke, repeat)
                      for variant, repeat, job_spec in jobs[start:start + args.jobs]]

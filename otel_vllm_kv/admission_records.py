@@ -81,6 +81,11 @@ class AdmissionRecord(NamedTuple):
 #: One record: ``RECORD_FORMAT % (kind, sequence, ...)``, the fields in ``AdmissionRecord``'s order.
 RECORD_FORMAT = "%s" + ",%d" * (len(AdmissionRecord._fields) - 1)
 RECORD_SEPARATOR = ";"
+#: The same text, as the engine formats it: engine_index, num_blocks and limit_tokens, fixed
+#: for an engine, formatted once by ``ENGINE_FIELDS_FORMAT`` and passed as one string.
+_ENGINE_FIELDS = ("engine_index", "num_blocks", "limit_tokens")
+ENGINE_FIELDS_FORMAT = ",".join(["%d"] * len(_ENGINE_FIELDS))
+ENGINE_RECORD_FORMAT = "%s,%d,%d,%s" + ",%d" * (len(AdmissionRecord._fields) - 3 - len(_ENGINE_FIELDS))
 _PARSERS = tuple(str if name == "kind" else int for name in AdmissionRecord._fields)
 
 

@@ -13,11 +13,15 @@ STAMP="$VENV/.otel-vllm-kv-installed"
 WANTED="$( (cat pyproject.toml constraints.txt scripts/setup.sh; echo "$VLLM_CPU") | sha256sum | cut -d' ' -f1)"
 
 # Debian's Prometheus 2.42 (with promtool) for the Prometheus integration test and the
-# example rules; installed when missing and we may (root), never started as a service.
-if ! command -v promtool >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-  echo "setup: installing Debian's prometheus (for the Prometheus integration test)"
+# example rules, and valgrind (callgrind) for the instruction-count benchmark; installed
+# when missing and we may (root), never started as a service.
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
+if (( ${#missing[@]} )) && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing Debian's ${missing[*]} (Prometheus integration test, instruction counts)"
   apt-get update -qq >/dev/null || true
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANTED" ]]; then

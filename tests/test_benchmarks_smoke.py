@@ -23,10 +23,51 @@ def run_smoke(script: str, timeout: float) -> str:
     return result.stdout
 
 
-def test_scheduler_step_smoke():
-    stdout = run_smoke("scheduler_step.py", timeout=300)
-    assert "| config" in stdout and "| decode 16 " in stdout and "| admission " in stdout
-    assert "vLLM stats total" in stdout and "Prometheus record" in stdout
+@pytest.mark.engine
+def test_instruction_benchmark_smoke():
+    """Every workload, plain, instrumented, toggled and end to end (two LLM engines), passes its checks.
+
+    Without valgrind: the counts themselves are checked by the callgrind test below.
+    """
+    stdout = run_smoke("instructions.py", timeout=400)
+    assert stdout.startswith("# Instructions per unit of work")
+
+
+def test_step_time_smoke():
+    stdout = run_smoke("step_time.py", timeout=300)
+    assert "| A/A control (no switch) " in stdout and "| A plain, B instrumented " in stdout
+
+
+def test_callgrind_counts_each_marked_interval_deterministically(tmp_path):
+    """The benchmark's counting machinery on this machine's valgrind: one dump per mark, exact and repeatable."""
+    script = tmp_path / "loops.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {BENCHMARKS!r})\n"
+        "import _callgrind\n"
+        "def loop(n):\n"
+        "    total = 0\n"
+        "    for i in range(n):\n"
+        "        total += i * i\n"
+        "for size in (1000, 3000):\n"
+        "    _callgrind.mark(f'loop|{size}')\n"
+        "    loop(size)\n"
+        "_callgrind.mark('exit')\n"
+    )
+    sys.path.insert(0, BENCHMARKS)
+    import _callgrind
+
+    marks = ["loop|1000", "loop|3000", "exit"]
+    counts = []
+    for run in range(2):
+        out_file = str(tmp_path / f"callgrind.{run}")
+        subprocess.run([*_callgrind.valgrind_command(out_file), sys.executable, str(script)], check=True,
+                       capture_output=True, env={**os.environ, "PYTHONHASHSEED": "0"}, timeout=120)
+        counts.append(_callgrind.read_intervals(out_file, marks))
+    small, large = counts[0]["loop|1000"], counts[0]["loop|3000"]
+    assert 2.5 < large / small < 3.5, counts  # the loop, not the marks, fills each interval
+    assert counts[0] == counts[1], "the same run counts the same instructions"
+    assert sum(_callgrind.self_cost_by_function(f"{tmp_path}/callgrind.0.3").values()) == large
 
 
 @pytest.mark.engine

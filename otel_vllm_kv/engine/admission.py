@@ -28,44 +28,59 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
-from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RECORD_FORMAT, RECORD_SEPARATOR, RESUMED, TRACE_HEADER_KEY
+from otel_vllm_kv.admission_records import (
+    ADMITTED,
+    ENGINE_FIELDS_FORMAT,
+    ENGINE_RECORD_FORMAT,
+    PREEMPTED,
+    RECORD_SEPARATOR,
+    RESUMED,
+    TRACE_HEADER_KEY,
+)
 
 #: The attribute holding our state on a vLLM ``Request``.
 STATE_ATTRIBUTE = "_otel_vllm_kv_records"
 
 
-class RequestRecords:
-    """What the engine keeps about one request, between its events."""
+class RequestRecords(SimpleNamespace):
+    """What the engine keeps about one request, between its events (built in C: no ``__init__`` frame).
 
-    __slots__ = ("original_headers", "pending", "sequence", "outputs_at_record", "preempted_ns",
-                 "prefix_hits", "admitted_generation")
+    ``original_headers``: the request's own ``trace_headers``; ``pending``: encoded records not
+    delivered yet; ``sequence``: the last record's number; ``outputs_at_record``: output tokens
+    when the last record was added; ``preempted_ns``: when last preempted; ``prefix_hits``: local
+    prefix-cache hits of the coming admission; ``admitted_generation``: ``num_preemptions`` at
+    the last admission recorded.
+    """
 
-    def __init__(self, original_headers: Any) -> None:
-        self.original_headers = original_headers
-        #: Encoded records not delivered yet.
-        self.pending: list[str] = []
-        self.sequence = 0
-        self.outputs_at_record = 0
-        self.preempted_ns = 0
-        self.prefix_hits = 0
-        self.admitted_generation = -1
+    original_headers: Any
+    pending: list[str]
+    sequence: int
+    outputs_at_record: int
+    preempted_ns: int
+    prefix_hits: int
+    admitted_generation: int
+
+
+def new_records(request: Any) -> RequestRecords:
+    records = vars(request)[STATE_ATTRIBUTE] = RequestRecords(
+        original_headers=request.trace_headers, pending=[], sequence=0, outputs_at_record=0, preempted_ns=0,
+        prefix_hits=0, admitted_generation=-1,
+    )
+    return records
 
 
 def records_of(request: Any) -> RequestRecords:
-    state = vars(request)
-    records = state.get(STATE_ATTRIBUTE)
-    if records is None:
-        records = state[STATE_ATTRIBUTE] = RequestRecords(request.trace_headers)
-    return records
+    return vars(request).get(STATE_ATTRIBUTE) or new_records(request)
 
 
 class AdmissionRecorder:
     """One engine's admission, preemption and delivery bookkeeping (its probe owns it)."""
 
-    __slots__ = ("undelivered", "_scheduler", "_queue", "_engine_index", "_num_blocks", "_limit_tokens",
-                 "_single_group", "_waiting", "_preempted")
+    __slots__ = ("undelivered", "_scheduler", "_requests", "_queue", "_engine_fields", "_single_group",
+                 "_waiting", "_preempted")
 
     def __init__(self, scheduler: Any, engine_index: int, num_blocks: int, limit_tokens: int) -> None:
         from vllm.v1.request import RequestStatus
@@ -73,8 +88,10 @@ class AdmissionRecorder:
         #: Requests that carry records not yet delivered.
         self.undelivered: list[Any] = []
         self._scheduler = weakref.ref(scheduler)
+        self._requests = scheduler.requests  # vLLM's id -> Request map, created once with the scheduler
         self._queue = scheduler.kv_cache_manager.block_pool.free_block_queue
-        self._engine_index, self._num_blocks, self._limit_tokens = engine_index, num_blocks, limit_tokens
+        #: The fields every record of this engine carries unchanged, formatted once.
+        self._engine_fields = ENGINE_FIELDS_FORMAT % (engine_index, num_blocks, limit_tokens)
         self._single_group = len(scheduler.kv_cache_manager.kv_cache_config.kv_cache_groups) == 1
         self._waiting, self._preempted = RequestStatus.WAITING, RequestStatus.PREEMPTED
 
@@ -103,7 +120,7 @@ class AdmissionRecorder:
         def get_blocks(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
             blocks = wrapped(*args, **kwargs)
             try:
-                request = recorder._scheduler().requests.get(args[0] if args else kwargs["request_id"])
+                request = recorder._requests.get(args[0] if args else kwargs["request_id"])
                 if request is not None:
                     status = request.status
                     if status == recorder._waiting or status == recorder._preempted:
@@ -117,7 +134,7 @@ class AdmissionRecorder:
         }
 
     def admission(self, request: Any, blocks: Any, resumed: bool) -> None:
-        records = records_of(request)
+        records = vars(request).get(STATE_ATTRIBUTE) or new_records(request)  # records_of, inlined
         generation = request.num_preemptions
         if records.admitted_generation == generation:
             return  # a KV connector asked first, for the same admission
@@ -131,10 +148,10 @@ class AdmissionRecorder:
             for group in blocks.get_block_ids():
                 own_blocks += len(group) - group.count(0)  # block 0 is vLLM's null block (outside a window)
         records.sequence += 1
-        self._append(request, records, RECORD_FORMAT % (
-            RESUMED if resumed else ADMITTED, records.sequence, now_ns, self._engine_index, self._num_blocks,
-            self._limit_tokens, self._queue.num_free_blocks, own_blocks, records.prefix_hits,
-            max(0, now_ns - since_ns), self._scheduler().get_request_counts()[1],
+        self._append(request, records, ENGINE_RECORD_FORMAT % (
+            RESUMED if resumed else ADMITTED, records.sequence, now_ns, self._engine_fields,
+            self._queue.num_free_blocks, own_blocks, records.prefix_hits, max(0, now_ns - since_ns),
+            self._scheduler().get_request_counts()[1],
         ))
         records.prefix_hits = 0
 
@@ -142,9 +159,9 @@ class AdmissionRecorder:
         records = records_of(request)
         now_ns = records.preempted_ns = time.time_ns()
         records.sequence += 1
-        self._append(request, records, RECORD_FORMAT % (
-            PREEMPTED, records.sequence, now_ns, self._engine_index, self._num_blocks, self._limit_tokens,
-            self._queue.num_free_blocks, 0, 0, 0, self._scheduler().get_request_counts()[1],
+        self._append(request, records, ENGINE_RECORD_FORMAT % (
+            PREEMPTED, records.sequence, now_ns, self._engine_fields, self._queue.num_free_blocks, 0, 0, 0,
+            self._scheduler().get_request_counts()[1],
         ))
 
     def _append(self, request: Any, records: RequestRecords, record: str) -> None:
