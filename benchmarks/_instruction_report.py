@@ -48,6 +48,7 @@ def _number(value: float) -> str:
 
 
 def cost_table(results: list[dict], units: dict) -> str:
+    results = [r for r in results if r.get("ballast", 0) == 0]  # identical repeats: the spread is determinism
     rows = []
     for name, unit, baseline, per in ROWS:
         plain, ours = _marginals(results, "plain", name, units), _marginals(results, "ours", name, units)
@@ -95,18 +96,45 @@ def profile_table(results: list[dict], name: str, units: dict, per: int = 1, top
     """Where our instructions go: self cost per function, ours minus plain, per unit (first repeat)."""
     def per_function(variant: str) -> dict[str, float]:
         result = next(r for r in results if r["variant"] == variant and f"{name}|large" in r["counts"])
-        small = _callgrind.self_cost_by_function(_callgrind.dump_for(result["out_file"], result["marks"], f"{name}|small"))
-        large = _callgrind.self_cost_by_function(_callgrind.dump_for(result["out_file"], result["marks"], f"{name}|large"))
+        small, large = (_callgrind.self_cost_by_function(_callgrind.dump_for(result["out_file"], result["marks"],
+                                                                             f"{name}|{size}"))
+                        for size in ("small", "large"))
         span = (units[name][1] - units[name][0]) * per
-        return {function: (large.get(function, 0) - small.get(function, 0)) / span for function in set(small) | set(large)}
+        return {function: (large.get(function, 0) - small.get(function, 0)) / span
+                for function in set(small) | set(large)}
 
     plain, ours = per_function("plain"), per_function("ours")
     deltas = {function: ours.get(function, 0.0) - plain.get(function, 0.0) for function in set(plain) | set(ours)}
     total = sum(deltas.values())
     rows = [[function, _number(delta), f"{delta / total * 100:.1f}%" if total else "n/a"]
             for function, delta in sorted(deltas.items(), key=lambda item: -item[1])[:top]]
-    return markdown_table([f"function (C level; Python code runs in _PyEval_EvalFrameDefault)",
+    return markdown_table(["function (C level; Python code runs in _PyEval_EvalFrameDefault)",
                            "added instructions per unit", "share of the added"], rows)
+
+
+def layout_table(results: list[dict], units: dict) -> str:
+    """Each figure over every memory layout run: mean, spread, and the added cost with its standard error."""
+    rows = []
+    for name, unit, baseline, per in ROWS:
+        by_variant = {}
+        for variant in ("plain", "ours"):
+            values = {}
+            for r in results:
+                if r["variant"] == variant and f"{name}|large" in r.get("counts", {}):
+                    values.setdefault(r.get("ballast", 0), _marginals([r], variant, name, units)[0])
+            by_variant[variant] = list(values.values())
+        plain, ours = by_variant["plain"], by_variant["ours"]
+        if len(plain) < 2 or len(ours) < 2:
+            continue
+        error = (statistics.variance(plain) / len(plain) + statistics.variance(ours) / len(ours)) ** 0.5
+        added = _mean(ours) - _mean(plain)
+        rows.append([unit, str(len(plain)), _number(_mean(plain) / per), _spread(plain), _spread(ours),
+                     f"{_number(added / per)} ± {_number(error / per)}",
+                     f"{added / _mean(plain) * 100:+.3f}% ± {error / _mean(plain) * 100:.3f}%"])
+    if not rows:
+        return ""
+    return markdown_table(["per (synthetic output included)", "layouts", "plain", "layout spread plain",
+                           "layout spread ours", "added (mean ± standard error)", "added / plain"], rows)
 
 
 def calls_table(results: list[dict]) -> str:
@@ -142,6 +170,9 @@ def report(results: list[dict], units: dict) -> str:
              "vLLM's own: plain, minus the synthetic model output (harness) for steps, minus a plain decode step "
              "for a preemption. ratio - 1: added / vLLM's own. repeat spread: (max - min) / mean of the "
              "marginal figure over the processes of each variant."]
+    layout = layout_table(results, units)
+    if layout:
+        parts += ["", "## Over memory layouts (0, 30,000, 60,000, ... objects allocated first)", "", layout]
     engine = engine_table(results, units)
     if engine:
         parts += ["", "## End to end: a whole in-process LLM run", "", engine]

@@ -44,7 +44,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _callgrind
-from _common import SanityError, check, command_line, markdown_table, print_header, tiny_model_dir
+from _common import SanityError, check, command_line, print_header, tiny_model_dir
 
 VARIANTS = ("plain", "ours")
 #: Units in the small and the large interval of each workload (the full run).
@@ -57,6 +57,9 @@ UNITS = {
 ENGINE_UNITS = (8, 24)
 SMOKE_UNITS = (3, 6)
 TOGGLE_PHASES = ("plain", "ours", "plain", "ours", "plain")
+#: Objects allocated first by the ``--layouts`` runs (times 1, 2, ...): every later object of
+#: vLLM and of ours sits at other addresses, which moves some counts (allocator, hash tables).
+LAYOUT_BALLAST = 30_000
 TOGGLE_UNITS = (60, 180)
 
 
@@ -160,13 +163,15 @@ def child(spec: dict) -> dict:
     else:
         if variant == "ours":
             instrumentation.on()
+        ballast = [object() for _ in range(spec.get("ballast", 0))]  # see --layouts
         for name in spec["workloads"]:
             workload = _workloads.build(name, spec["model_dir"], sum(units[name]), instrumentation.reader)
             counted(workload, name, units[name])
             workload.close()
             tallies[name] = vars(workload.tally) | {"points": getattr(workload, "points", 0)}
+        del ballast
     _callgrind.mark("exit")
-    return {"variant": variant, "marks": _callgrind.labels(), "tallies": tallies}
+    return {"variant": variant, "marks": _callgrind.labels(), "tallies": tallies, "ballast": spec.get("ballast", 0)}
 
 
 # -- the parent ---------------------------------------------------------------------------
@@ -187,7 +192,8 @@ def finish(started: dict) -> dict:
     stdout, stderr = started["process"].communicate()
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if started["process"].returncode != 0 or not lines:
-        raise SanityError(f"{started['variant']}: exit {started['process'].returncode}; end of stderr:\n{stderr[-3000:]}")
+        raise SanityError(f"{started['variant']}: exit {started['process'].returncode}; "
+                          f"end of stderr:\n{stderr[-3000:]}")
     result = json.loads(lines[-1])
     if started["valgrind"]:
         result["counts"] = _callgrind.read_intervals(started["out_file"], result["marks"])
@@ -196,6 +202,8 @@ def finish(started: dict) -> dict:
 
 
 def check_tallies(results: list[dict]) -> None:
+    if not results:
+        return
     plain = next(result for result in results if result["variant"] == "plain")["tallies"]
     for result in results:
         for name, tally in result["tallies"].items():
@@ -215,7 +223,8 @@ def check_tallies(results: list[dict]) -> None:
                     check(tally["points"] >= 4, f"collection: ours reported {tally['points']} points")
         if "admission with prefix hits" in result["tallies"]:
             tally = result["tallies"]["admission with prefix hits"]
-            check(tally["cached_tokens"] == tally["admitted"] * 48, "prefix-hit workload: not every prompt hit 48 tokens")
+            check(tally["cached_tokens"] == tally["admitted"] * 48,
+                  "prefix-hit workload: not every prompt hit 48 tokens")
 
 
 def check_engine_runs(results: list[dict]) -> None:
@@ -236,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    if args.report:
+        import _instruction_report
+
+        saved = [json.load(open(os.path.join(path, "results.json"), encoding="utf-8")) for path in args.report]
+        results = [result for run in saved for result in run["results"]]
+        print(_instruction_report.report(results, saved[0]["units"]))
+        return 0
     units = {name: SMOKE_UNITS if args.smoke else UNITS[name] for name in UNITS}
     units["toggle"] = SMOKE_UNITS if args.smoke else TOGGLE_UNITS
     units["engine"] = SMOKE_UNITS if args.smoke else ENGINE_UNITS
@@ -245,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     })
     directory = tempfile.mkdtemp(prefix="otel-vllm-kv-callgrind-")
     spec = {"model_dir": tiny_model_dir(), "workloads": args.workloads, "units": units}
-    variants = (*VARIANTS, "toggle") if args.toggle else VARIANTS
+    variants = tuple(args.variants) + (("toggle",) if args.toggle else ())
     jobs = [(variant, "engine", spec | {"engine": True}) for variant in VARIANTS] if args.engine else []
     jobs += [(variant, repeat, spec) for repeat in range(1 if args.smoke else args.repeat) for variant in variants]
+    jobs += [(variant, f"layout{layout}", spec | {"ballast": layout * LAYOUT_BALLAST})
+             for layout in range(1, args.layouts + 1) for variant in args.variants]
     results: list[dict] = []
     try:
         results.append(finish(run_variant("calls", spec, directory, False, "native")))  # quick, no valgrind
@@ -282,9 +300,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workloads", type=lambda text: text.split(","), default=list(UNITS),
                         help="comma-separated workloads (default: all): " + ", ".join(UNITS))
     parser.add_argument("--no-engine", dest="engine", action="store_false", help="skip the end-to-end LLM runs")
+    parser.add_argument("--variants", type=lambda text: [v for v in text.split(",") if v], default=list(VARIANTS),
+                        help="comma-separated, of plain,ours (default both; empty: none, e.g. for --engine alone)")
+    parser.add_argument("--layouts", type=int, default=0,
+                        help="also run plain and ours with 1, 2, ... N x 30,000 objects allocated first (other "
+                             "memory layouts): the spread is what layout alone changes (default 0)")
     parser.add_argument("--no-toggle", dest="toggle", action="store_false", help="skip the toggling process")
     parser.add_argument("--keep", action="store_true", help="keep the callgrind dumps (their directory is printed)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, no valgrind: sanity checks only")
+    parser.add_argument("--report", nargs="+", metavar="DIR",
+                        help="print the tables again from kept runs' directories (--keep), merged")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from otel_vllm_kv import span_attributes as names
-from otel_vllm_kv.kv_cache import PoolLayout, occupancy
+from otel_vllm_kv.kv_cache import tokens_in, utilization
 
 TRACE_HEADER_KEY = "x-otel-vllm-kv"
 
@@ -43,22 +43,24 @@ class AdmissionRecord(NamedTuple):
         return self.queue_ns / 1e9
 
     def pool_attributes(self) -> dict:
-        """Occupancy of the engine's pool at the event, as span attributes."""
-        tokens = occupancy(self._layout(), self.free_blocks)
+        """Occupancy of the engine's pool at the event, as span attributes (what ``kv_cache.occupancy``
+        gives, computed from the record's integers without building a layout: this runs per record)."""
+        allocatable = self.num_blocks - 1
+        free = self.free_blocks
+        used = allocatable - free
         attributes = {
             names.ENGINE_INDEX: self.engine_index,
-            names.ADMISSION_UTILIZATION: tokens.utilization,
-            names.ADMISSION_USED_BLOCKS: tokens.used_blocks,
-            names.ADMISSION_FREE_BLOCKS: tokens.free_blocks,
+            names.ADMISSION_UTILIZATION: utilization(free, allocatable),
+            names.ADMISSION_USED_BLOCKS: used,
+            names.ADMISSION_FREE_BLOCKS: free,
         }
-        if tokens.limit_tokens is not None:
-            attributes[names.ADMISSION_USED_TOKENS] = tokens.used_tokens
-            attributes[names.ADMISSION_FREE_TOKENS] = tokens.free_tokens
-            attributes[names.ADMISSION_LIMIT_TOKENS] = tokens.limit_tokens
+        limit = self.limit_tokens
+        if limit >= 0 and allocatable > 0:
+            used_tokens = tokens_in(used, limit, allocatable)
+            attributes[names.ADMISSION_USED_TOKENS] = used_tokens
+            attributes[names.ADMISSION_FREE_TOKENS] = limit - used_tokens
+            attributes[names.ADMISSION_LIMIT_TOKENS] = limit
         return attributes
-
-    def _layout(self) -> PoolLayout:
-        return PoolLayout(self.num_blocks, None if self.limit_tokens < 0 else self.limit_tokens)
 
     def attributes(self) -> dict:
         """Everything the event says about the request, as span attributes."""
@@ -66,9 +68,8 @@ class AdmissionRecord(NamedTuple):
         if self.kind == PREEMPTED:
             return attributes
         attributes[names.REQUEST_KV_BLOCKS] = self.own_blocks
-        own_tokens = self._layout().tokens(self.own_blocks)
-        if own_tokens is not None:
-            attributes[names.REQUEST_KV_TOKENS] = own_tokens
+        if self.limit_tokens >= 0 and self.num_blocks > 1:
+            attributes[names.REQUEST_KV_TOKENS] = tokens_in(self.own_blocks, self.limit_tokens, self.num_blocks - 1)
         attributes[names.CACHE_READ_INPUT_TOKENS] = self.cached_tokens
         attributes[names.ADMISSION_QUEUE_DURATION] = self.queue_seconds
         attributes[names.ADMISSION_WAITING_REQUESTS] = self.waiting
@@ -86,7 +87,7 @@ RECORD_SEPARATOR = ";"
 _ENGINE_FIELDS = ("engine_index", "num_blocks", "limit_tokens")
 ENGINE_FIELDS_FORMAT = ",".join(["%d"] * len(_ENGINE_FIELDS))
 ENGINE_RECORD_FORMAT = "%s,%d,%d,%s" + ",%d" * (len(AdmissionRecord._fields) - 3 - len(_ENGINE_FIELDS))
-_PARSERS = tuple(str if name == "kind" else int for name in AdmissionRecord._fields)
+_NUMBERS = len(AdmissionRecord._fields) - 1  # every field but the kind is an integer
 
 
 def encode(events: list[AdmissionRecord]) -> str:
@@ -97,8 +98,8 @@ def decode(text: str) -> list[AdmissionRecord]:
     """The records of ``encode``; raises ValueError on anything else."""
     events = []
     for record in text.split(RECORD_SEPARATOR):
-        fields = record.split(",")
-        if len(fields) != len(_PARSERS):
+        kind, *numbers = record.split(",")
+        if len(numbers) != _NUMBERS:
             raise ValueError(f"not a KV-cache record: {record!r}")
-        events.append(AdmissionRecord(*(parse(field) for parse, field in zip(_PARSERS, fields))))
+        events.append(AdmissionRecord(kind, *map(int, numbers)))
     return events

@@ -57,9 +57,21 @@ class PoolLayout:
 
     def tokens(self, blocks: int) -> int | None:
         """What ``blocks`` blocks hold, in tokens (see the module docstring)."""
-        if self.limit_tokens is None or self.allocatable_blocks <= 0:
+        if self.limit_tokens is None:
             return None
-        return blocks * self.limit_tokens // self.allocatable_blocks
+        return tokens_in(blocks, self.limit_tokens, self.allocatable_blocks)
+
+
+def tokens_in(blocks: int, limit_tokens: int, allocatable_blocks: int) -> int | None:
+    """``blocks`` blocks of a pool of ``allocatable_blocks`` holding ``limit_tokens``, in tokens."""
+    if allocatable_blocks <= 0:
+        return None
+    return blocks * limit_tokens // allocatable_blocks
+
+
+def utilization(free_blocks: int, allocatable_blocks: int) -> float:
+    """The same expression as ``BlockPool.get_usage``, so the float is bit-identical to vLLM's."""
+    return 1.0 - (free_blocks / allocatable_blocks) if allocatable_blocks else 0.0
 
 
 @dataclass(frozen=True)
@@ -88,12 +100,10 @@ def occupancy(layout: PoolLayout, free_blocks: int, evictable_blocks: int | None
     used_blocks = allocatable - free_blocks
     watermark = layout.watermark_blocks
     headroom_blocks = None if watermark is None else max(free_blocks - watermark, 0)
-    # Same expression as BlockPool.get_usage, so the float is bit-identical.
-    utilization = 1.0 - (free_blocks / allocatable) if allocatable else 0.0
     used_tokens = layout.tokens(used_blocks)
     limit = layout.limit_tokens if used_tokens is not None else None
     return KVCacheOccupancy(
-        utilization, allocatable, used_blocks, free_blocks, evictable_blocks, headroom_blocks,
+        utilization(free_blocks, allocatable), allocatable, used_blocks, free_blocks, evictable_blocks, headroom_blocks,
         limit, used_tokens, None if limit is None else limit - used_tokens,
         _tokens_or_none(layout, evictable_blocks), _tokens_or_none(layout, headroom_blocks),
     )

@@ -210,5 +210,6 @@ def install_probe(relay_directory: str) -> None:
 
 def remove_probe() -> None:
     remove_patches(PATCHES)
+    registry.relay_directory = None  # a scheduler met after this is not attached
     registry.clear()
     prefix_cache.clear()

@@ -114,22 +114,28 @@ def _after_add_request(wrapped: Callable, instance: Any, args: tuple, kwargs: di
 
 
 def _around_process_outputs(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """Apply the records an engine step's outputs carry, then forget the requests vLLM let go.
+
+    One pass over the outputs (this runs every step, for every running request).
+    """
     requests = annotator.requests
+    if not requests:
+        return wrapped(*args, **kwargs)
     outputs = args[0] if args else kwargs["engine_core_outputs"]
-    if requests:
-        try:
-            for output in outputs:
+    seen = []
+    try:
+        for output in outputs:
+            tracked = requests.get(output.request_id)
+            if tracked is not None:
+                seen.append(output.request_id)
                 headers = output.trace_headers
                 if headers and TRACE_HEADER_KEY in headers:
-                    tracked = requests.get(output.request_id)
-                    if tracked is not None:
-                        annotator.apply(tracked, headers[TRACE_HEADER_KEY])
-        except Exception:  # noqa: BLE001
-            annotator.warn_once()
+                    annotator.apply(tracked, headers[TRACE_HEADER_KEY])
+    except Exception:  # noqa: BLE001
+        annotator.warn_once()
     result = wrapped(*args, **kwargs)
-    if requests:
-        states = instance.request_states
-        annotator.forget([o.request_id for o in outputs if o.request_id in requests and o.request_id not in states])
+    states = instance.request_states
+    annotator.forget([request_id for request_id in seen if request_id not in states])
     return result
 
 

@@ -1,0 +1,90 @@
+"""The probe's cost has a fixed shape on a real scheduler: counted in calls, not in time.
+
+``benchmarks/instructions.py`` measures what those calls cost; these tests fail if a change
+adds work per running request per step, work that grows with the pool, or leaves anything
+behind after ``uninstrument()`` on a live scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+
+import otel_vllm_kv
+from schedulers import Stepper, build_scheduler, make_request
+from telemetry import new_reader, read_gauges
+
+from otel_vllm_kv import VLLMKVCacheInstrumentor
+from otel_vllm_kv.engine import prefix_cache, probe
+
+PACKAGE = os.path.dirname(otel_vllm_kv.__file__)
+
+
+def our_calls(function) -> Counter:
+    """Calls of this package's Python functions while ``function`` runs."""
+    counts: Counter = Counter()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(PACKAGE):
+            counts[frame.f_code.co_qualname] += 1
+
+    sys.setprofile(profile)
+    try:
+        function()
+    finally:
+        sys.setprofile(None)
+    return counts
+
+
+def decoding(tiny_model_dir, running: int, num_blocks: int) -> Stepper:
+    """``running`` requests past their prefill, decoding inside their first block (no allocation per step)."""
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=num_blocks, block_size=16, max_num_seqs=64)
+    for index in range(running):
+        scheduler.add_request(make_request(scheduler, num_prompt_tokens=2, max_tokens=40, first_token=100 * index))
+    stepper = Stepper(scheduler)
+    stepper.step()
+    return stepper
+
+
+def test_a_decode_step_calls_the_same_few_functions_whatever_the_batch_and_the_pool(tiny_model_dir):
+    reader, provider = new_reader()
+    instrumentor = VLLMKVCacheInstrumentor()
+    instrumentor.instrument(meter_provider=provider)
+    try:
+        shapes = {}
+        for running, num_blocks in ((2, 64), (40, 64), (40, 4096)):
+            stepper = decoding(tiny_model_dir, running, num_blocks)
+            calls = our_calls(lambda: [stepper.step() for _ in range(5)])  # noqa: B023 - called at once
+            shapes[running, num_blocks] = {name: count / 5 for name, count in calls.items()}
+            stepper.scheduler.shutdown()
+        assert shapes[2, 64] == shapes[40, 64] == shapes[40, 4096], shapes
+        # make_stats' wrapper and the probe's publish: the free-block count did not change.
+        assert sum(shapes[2, 64].values()) == 2, shapes[2, 64]
+    finally:
+        instrumentor.uninstrument()
+        provider.shutdown()
+
+
+def test_uninstrumenting_a_live_scheduler_leaves_nothing_on_it_and_instrumenting_again_wraps_once(tiny_model_dir):
+    reader, provider = new_reader()
+    instrumentor = VLLMKVCacheInstrumentor()
+    stepper = decoding(tiny_model_dir, 4, 64)  # built before instrument(): attached at its next step
+    scheduler = stepper.scheduler
+    objects = (scheduler, scheduler.kv_cache_manager, scheduler.kv_cache_manager.block_pool)
+    before = [set(vars(target)) for target in objects]
+    for _ in range(2):
+        instrumentor.instrument(meter_provider=provider)
+        stepper.step()
+        assert read_gauges(reader), "the live scheduler is observed"
+        wrapped = vars(scheduler)["make_stats"]
+        assert not hasattr(wrapped.__wrapped__, "__wrapped__"), "one wrapper, around vLLM's own method"
+        for name in prefix_cache.POOL_METHODS:
+            assert not hasattr(vars(objects[2])[name].__wrapped__, "__wrapped__"), name
+        instrumentor.uninstrument()
+        assert [set(vars(target)) for target in objects] == before, "no attribute of ours is left"
+        calls = our_calls(stepper.step)
+        assert not calls, f"an uninstrumented step runs none of our code: {calls}"
+    assert probe.registry.attach(scheduler) is None, "nothing attaches once uninstrumented"
+    scheduler.shutdown()
+    provider.shutdown()
