@@ -54,6 +54,21 @@ def test_a_finished_shared_prefix_is_evictable_until_a_new_request_reuses_it(hoo
     assert counter.per_group == evictable_per_group(scheduler) == [0]
 
 
+def test_allocating_from_a_free_queue_of_only_cached_blocks_evicts_each_one(hooks, tiny_model_dir):
+    """The shortcut when every free block is evictable (a long-running engine's steady state)."""
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
+    counter, stepper = watched(scheduler), Stepper(scheduler)
+    # A 160-token prompt fills the 10 blocks; its one output token needs no slot before it finishes.
+    scheduler.add_request(make_request(scheduler, 160, max_tokens=1, first_token=0))
+    stepper.run_until_idle()
+    pool = scheduler.kv_cache_manager.block_pool
+    assert counter.total == pool.get_num_free_blocks() == evictable_per_group(scheduler)[0] == 10
+    for take in (3, 1, 6):
+        pool.get_new_blocks(take)
+        assert counter.per_group == evictable_per_group(scheduler), take
+    assert counter.total == 0
+
+
 def _with_prefix(scheduler, suffix: int, max_tokens: int = 4):
     prompt = [*range(PREFIX), *(10_000 + 10 * suffix + i for i in range(5))]
     return make_request(scheduler, len(prompt), max_tokens=max_tokens, prompt_token_ids=prompt)

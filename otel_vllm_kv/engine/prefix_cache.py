@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
+from operator import attrgetter
 from typing import Any
 
 from otel_vllm_kv.patching import unwrap_methods, wrap_methods
+
+_block_hash = attrgetter("block_hash")
 
 BLOCK_POOL_MODULE = "vllm.v1.core.block_pool"
 
@@ -150,9 +153,16 @@ def _wrappers(counter: EvictableBlocks) -> dict[str, Callable]:
             blocks = args[0] if args else kwargs.pop(argument)
             if not isinstance(blocks, list):
                 blocks = list(blocks)
+            queue = instance.free_block_queue
+            joined = -queue.num_free_blocks
             result = wrapped(blocks, *args[1:], **kwargs)
             try:
-                if single:  # the common case, counted in this frame
+                joined += queue.num_free_blocks
+                if single and list(map(_block_hash, blocks)).count(None) == 0:
+                    # Every block has a hash: each one that joined this pool's free queue is evictable
+                    # (counted in C, without a Python loop over the blocks).
+                    counter.changed(joined)
+                elif single:
                     count = 0
                     for block in blocks:
                         if block.ref_cnt == 0 and block.block_hash is not None and (
@@ -189,7 +199,9 @@ def _wrappers(counter: EvictableBlocks) -> dict[str, Callable]:
             try:
                 num_blocks = args[0] if args else kwargs["num_blocks"]
                 queue = instance.free_block_queue
-                if num_blocks <= queue.num_free_blocks:  # else vLLM raises, nothing moves
+                if single and counter.total == queue.num_free_blocks and num_blocks <= counter.total:
+                    counter.changed(-num_blocks)  # every free block is evictable: so is each one popped
+                elif num_blocks <= queue.num_free_blocks:  # else vLLM raises, nothing moves
                     cached = []
                     block = queue.fake_free_list_head.next_free_block
                     for _ in range(num_blocks):
