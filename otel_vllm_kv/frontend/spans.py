@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable
+from itertools import compress, repeat
+from operator import attrgetter, contains
 from typing import Any
 
 from opentelemetry import trace
@@ -26,6 +28,7 @@ from otel_vllm_kv.logs import WarnOnce
 _logger = logging.getLogger(__name__)
 
 OUTPUT_PROCESSOR_MODULE = "vllm.v1.engine.output_processor"
+_trace_headers = attrgetter("trace_headers")
 VLLM_REQUEST_SPAN = "llm_request"
 
 
@@ -116,26 +119,30 @@ def _after_add_request(wrapped: Callable, instance: Any, args: tuple, kwargs: di
 def _around_process_outputs(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     """Apply the records an engine step's outputs carry, then forget the requests vLLM let go.
 
-    One pass over the outputs (this runs every step, for every running request).
+    This runs every step: the outputs that carry records are found in C (``map``,
+    ``compress``), so the Python loop runs per record, not per running request; and the
+    tracked requests are compared with vLLM's only when the step ended some of vLLM's.
     """
     requests = annotator.requests
     if not requests:
         return wrapped(*args, **kwargs)
     outputs = args[0] if args else kwargs["engine_core_outputs"]
-    seen = []
     try:
-        for output in outputs:
-            tracked = requests.get(output.request_id)
-            if tracked is not None:
-                seen.append(output.request_id)
-                headers = output.trace_headers
-                if headers and TRACE_HEADER_KEY in headers:
-                    annotator.apply(tracked, headers[TRACE_HEADER_KEY])
+        headers = list(map(_trace_headers, outputs))
+        if any(headers):
+            with_headers = list(compress(outputs, headers))
+            present = list(filter(None, headers))
+            for output in compress(with_headers, map(contains, present, repeat(TRACE_HEADER_KEY))):
+                tracked = requests.get(output.request_id)
+                if tracked is not None:
+                    annotator.apply(tracked, output.trace_headers[TRACE_HEADER_KEY])
     except Exception:  # noqa: BLE001
         annotator.warn_once()
-    result = wrapped(*args, **kwargs)
     states = instance.request_states
-    annotator.forget([request_id for request_id in seen if request_id not in states])
+    known = len(states)
+    result = wrapped(*args, **kwargs)
+    if len(states) != known:  # vLLM let requests go (finished, or stopped in this process)
+        annotator.forget(requests.keys() - states.keys())
     return result
 
 
