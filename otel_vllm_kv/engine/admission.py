@@ -140,7 +140,8 @@ class AdmissionRecorder:
             return  # a KV connector asked first, for the same admission
         records.admitted_generation = generation
         now_ns = time.time_ns()
-        since_ns = records.preempted_ns if resumed else int(request.arrival_time * 1e9)
+        # Since the preemption, when we saw it; else since arrival (as for a first admission).
+        since_ns = records.preempted_ns if resumed and records.preempted_ns else int(request.arrival_time * 1e9)
         if self._single_group:
             own_blocks = len(blocks.blocks[0])  # a full-attention group holds no null block
         else:
