@@ -126,6 +126,15 @@ def check(condition: bool, message: str) -> None:
         raise SanityError(message)
 
 
+def exit_with(main) -> None:
+    """Run a benchmark's ``main``: its exit code, or 1 with one line when a sanity check failed."""
+    try:
+        sys.exit(main())
+    except SanityError as error:
+        print(f"SANITY CHECK FAILED: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
 def run_child(script: str, spec: dict, log_path: str, timeout: float, **environment: str) -> dict:
     """Run ``script --child SPEC`` in a fresh process (no ``OTEL_*`` inherited) and return its JSON result.
 

@@ -44,7 +44,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _callgrind
-from _common import SanityError, check, command_line, print_header, tiny_model_dir
+from _common import SanityError, check, command_line, exit_with, print_header, tiny_model_dir
 
 VARIANTS = ("plain", "ours")
 #: Units in the small and the large interval of each workload (the full run).
@@ -315,8 +315,4 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SanityError as error:
-        print(f"SANITY CHECK FAILED: {error}", file=sys.stderr)
-        sys.exit(1)
+    exit_with(main)

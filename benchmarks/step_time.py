@@ -31,7 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SanityError, check, command_line, markdown_table, print_header, tiny_model_dir
+from _common import check, command_line, exit_with, markdown_table, print_header, tiny_model_dir
 
 RUNNING = 16
 BLOCK_SIZE = 128
@@ -129,8 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SanityError as error:
-        print(f"SANITY CHECK FAILED: {error}", file=sys.stderr)
-        sys.exit(1)
+    exit_with(main)
