@@ -1,16 +1,19 @@
-"""Apply and undo wrapt wrappers: tables of class patches, and one object's own methods.
+"""Apply and undo patches: tables of wrapt class patches, and hooks on one object's own methods.
 
 A class patch (``(module, "Class.method" or "function", wrapper)``) reaches every
 instance, but wrapt binds it to the instance at every call. The engine's per-step hooks
-wrap the one scheduler's (or pool's) own methods instead: no other object pays, the
-wrapper is bound once, and a closure holds what the hook needs, so no call looks anything up.
+shadow the one scheduler's (or pool's) own methods instead: no other object pays, and a
+closure holds what the hook needs, so no call looks anything up.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
+import types
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import FunctionWrapper, wrap_function_wrapper
@@ -31,26 +34,68 @@ def remove_patches(patches: tuple) -> None:
             unwrap(sys.modules[module], attribute)
 
 
-def wrap_methods(target: object, wrappers: dict[str, Callable], beneath: Iterable[Callable] = ()) -> None:
-    """Wrap ``target``'s own bound methods (an instance attribute shadows the class's method).
+def hook_methods(target: object, hooks: dict[str, Callable[[Callable], Callable]], beneath: Iterable[Callable] = ()) -> None:
+    """Shadow ``target``'s own methods: ``hooks[name](original)`` returns what a call runs instead.
 
-    Where the class's method is one of our own class patches whose wrapper is in ``beneath``,
-    the instance's wrapper goes around the function that patch wraps, so a call on this
-    instance does not run that patch too. Anyone else's class patch stays in the chain.
+    ``original`` is the class's method bound to ``target``. Where that method is one of our own
+    class patches whose wrapper is in ``beneath``, ``original`` is the function the patch wraps,
+    so a call on this instance does not run that patch too; anyone else's class patch stays.
+
+    Not wrapt, on purpose: these hooks run on the engine's hot path (every step, every block
+    allocation), where callgrind counts a wrapt ``FunctionWrapper`` around a bound method at
+    ~1,500-2,200 instructions per call above the call itself and a closure with the method's own
+    parameters at ~340 (docs/benchmarks.md). A hook that names its parameters must take exactly
+    the method's (``check_parameters``), so a vLLM whose signature moved fails here, at attach,
+    where the probe gives up with a warning, never inside a call; ``*args, **kwargs`` takes any.
     """
     skipped = tuple(beneath)
     cls = type(target)
-    for name, wrapper in wrappers.items():
+    for name, hook in hooks.items():
         method = inspect.getattr_static(cls, name)
         if isinstance(method, FunctionWrapper) and method._self_wrapper in skipped:
             method = method.__wrapped__
-        setattr(target, name, FunctionWrapper(method.__get__(target, cls), wrapper))
+        original = method.__get__(target, cls)
+        replacement = hook(original)
+        check_parameters(replacement, original, f"{cls.__name__}.{name}")
+        # setattr, never vars(target): reading an object's __dict__ makes CPython build it, and every
+        # later attribute read of vLLM's own code on that object then takes the slow path.
+        setattr(target, name, functools.update_wrapper(replacement, original))  # __wrapped__ marks it ours
 
 
-def unwrap_methods(target: object, names: Iterable[str]) -> None:
-    """Undo ``wrap_methods``: the class's method is ``target``'s again, nothing is left on it."""
-    attributes = vars(target)
+def unhook_methods(target: object, names: Iterable[str]) -> None:
+    """Undo ``hook_methods``: the class's method is ``target``'s again, nothing is left on it."""
     for name in names:
-        if hasattr(attributes.get(name), "__wrapped__"):  # only our wrappers live on the instance
-            unwrap(target, name)
-            attributes.pop(name, None)  # unwrap leaves the bound method on the instance
+        current = getattr(target, name, None)
+        # A plain function found on an instance is an instance attribute (a method would come
+        # bound): ours if it carries __wrapped__.
+        if isinstance(current, types.FunctionType) and hasattr(current, "__wrapped__"):
+            delattr(target, name)
+
+
+def parameters(function: Callable) -> tuple[tuple[str, Any, bool], ...] | None:
+    """(name, kind, has a default) of each parameter; None for a function that takes anything."""
+    signature = inspect.signature(function, follow_wrapped=False)
+    kinds = {parameter.kind for parameter in signature.parameters.values()}
+    if inspect.Parameter.VAR_POSITIONAL in kinds and inspect.Parameter.VAR_KEYWORD in kinds:
+        return None
+    return tuple(
+        (parameter.name, parameter.kind, parameter.default is not inspect.Parameter.empty)
+        for parameter in signature.parameters.values()
+    )
+
+
+def takes(method: Callable, names: tuple[str, ...]) -> bool:
+    """Whether ``method`` (unbound: ``self`` first) has exactly these required parameters after ``self``."""
+    own = parameters(method)
+    if own is None:
+        return False
+    return tuple(name for name, _, _ in own[1:]) == names and not any(
+        kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD or default for _, kind, default in own[1:]
+    )
+
+
+def check_parameters(hook: Callable, method: Callable, name: str) -> None:
+    """Raise TypeError unless ``hook`` accepts every call ``method`` does (same parameters, or any)."""
+    expected = parameters(hook)
+    if expected is not None and expected != parameters(method):
+        raise TypeError(f"vLLM's {name}{inspect.signature(method)} is not the {name}{inspect.signature(hook)} hooked")

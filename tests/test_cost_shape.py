@@ -7,16 +7,19 @@ behind after ``uninstrument()`` on a live scheduler.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from collections import Counter
 
 import otel_vllm_kv
+import pytest
 from schedulers import Stepper, build_scheduler, make_request
 from telemetry import new_reader, read_gauges
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
-from otel_vllm_kv.engine import prefix_cache, probe
+from otel_vllm_kv.engine import admission, prefix_cache, probe
+from otel_vllm_kv.patching import hook_methods
 
 PACKAGE = os.path.dirname(otel_vllm_kv.__file__)
 
@@ -59,14 +62,14 @@ def test_a_decode_step_calls_the_same_few_functions_whatever_the_batch_and_the_p
             shapes[running, num_blocks] = {name: count / 5 for name, count in calls.items()}
             stepper.scheduler.shutdown()
         assert shapes[2, 64] == shapes[40, 64] == shapes[40, 4096], shapes
-        # make_stats' wrapper and the probe's publish: the free-block count did not change.
+        # make_stats' hook and the probe's publish: the free-block count did not change.
         assert sum(shapes[2, 64].values()) == 2, shapes[2, 64]
     finally:
         instrumentor.uninstrument()
         provider.shutdown()
 
 
-def test_uninstrumenting_a_live_scheduler_leaves_nothing_on_it_and_instrumenting_again_wraps_once(tiny_model_dir):
+def test_uninstrumenting_a_live_scheduler_leaves_nothing_on_it_and_instrumenting_again_hooks_once(tiny_model_dir):
     reader, provider = new_reader()
     instrumentor = VLLMKVCacheInstrumentor()
     stepper = decoding(tiny_model_dir, 4, 64)  # built before instrument(): attached at its next step
@@ -78,7 +81,7 @@ def test_uninstrumenting_a_live_scheduler_leaves_nothing_on_it_and_instrumenting
         stepper.step()
         assert read_gauges(reader), "the live scheduler is observed"
         wrapped = vars(scheduler)["make_stats"]
-        assert not hasattr(wrapped.__wrapped__, "__wrapped__"), "one wrapper, around vLLM's own method"
+        assert not hasattr(wrapped.__wrapped__, "__wrapped__"), "one hook, around vLLM's own method"
         for name in prefix_cache.POOL_METHODS:
             assert not hasattr(vars(objects[2])[name].__wrapped__, "__wrapped__"), name
         instrumentor.uninstrument()
@@ -88,3 +91,35 @@ def test_uninstrumenting_a_live_scheduler_leaves_nothing_on_it_and_instrumenting
     assert probe.registry.attach(scheduler) is None, "nothing attaches once uninstrumented"
     scheduler.shutdown()
     provider.shutdown()
+
+
+def test_the_hot_hooks_take_exactly_the_parameters_they_declare(tiny_model_dir):
+    """What ``compat`` checks against vLLM (``HOOKED_PARAMETERS``) is what each hook takes."""
+    reader, provider = new_reader()
+    instrumentor = VLLMKVCacheInstrumentor()
+    instrumentor.instrument(meter_provider=provider)
+    try:
+        scheduler = build_scheduler(tiny_model_dir, num_blocks=16, block_size=16)
+        manager = scheduler.kv_cache_manager
+        for target, declared in ((manager, admission.HOOKED_PARAMETERS),
+                                 (manager.block_pool, prefix_cache.HOOKED_PARAMETERS)):
+            for name, names in declared.items():
+                hook = vars(target)[name]
+                assert tuple(inspect.signature(hook, follow_wrapped=False).parameters) == names, name
+        scheduler.shutdown()
+    finally:
+        instrumentor.uninstrument()
+        provider.shutdown()
+
+
+def test_a_hook_whose_parameters_differ_from_the_method_is_refused():
+    class Pool:
+        def get_new_blocks(self, num_blocks):
+            return [None] * num_blocks
+
+    pool = Pool()
+    with pytest.raises(TypeError, match=r"Pool.get_new_blocks\(num_blocks\)"):
+        hook_methods(pool, {"get_new_blocks": lambda original: lambda count: original(count)})
+    assert "get_new_blocks" not in vars(pool)
+    hook_methods(pool, {"get_new_blocks": lambda original: lambda *args, **kwargs: original(*args, **kwargs)})
+    assert pool.get_new_blocks(2) == [None, None] and "get_new_blocks" in vars(pool)

@@ -236,6 +236,26 @@ def test_unrecognised_vllm_gets_one_warning_and_no_patch(monkeypatch, caplog):
         VLLMKVCacheInstrumentor().uninstrument()
 
 
+def test_a_hooked_method_with_another_signature_gets_one_warning_and_no_patch(monkeypatch, caplog):
+    """The hot hooks take vLLM's own parameters: a vLLM whose ``get_new_blocks`` grew one is not patched."""
+    from vllm.v1.core.block_pool import BlockPool
+
+    original = BlockPool.get_new_blocks
+
+    def get_new_blocks(self, num_blocks, zero_fill=False):
+        return original(self, num_blocks)
+
+    monkeypatch.setattr(BlockPool, "get_new_blocks", get_new_blocks)
+    with caplog.at_level(logging.WARNING, logger="otel_vllm_kv"):
+        VLLMKVCacheInstrumentor().instrument(meter_provider=new_reader()[1])
+    try:
+        (warning,) = [r.getMessage() for r in caplog.records if r.name.startswith("otel_vllm_kv")]
+        assert "BlockPool.get_new_blocks(num_blocks)" in warning, warning
+        assert_unpatched()
+    finally:
+        VLLMKVCacheInstrumentor().uninstrument()
+
+
 def run_python(code: str, **environment: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_PYTHON_VLLM_KV")}
     env.update(environment)

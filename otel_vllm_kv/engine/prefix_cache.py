@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import Any
 
-from otel_vllm_kv.patching import unwrap_methods, wrap_methods
+from otel_vllm_kv.patching import hook_methods, unhook_methods
 
 _block_hash = attrgetter("block_hash")
 
@@ -114,14 +114,10 @@ _watched: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def watch(pool: Any, num_groups: int) -> EvictableBlocks:
-    """Start counting on ``pool``: its own methods are wrapped, so no other pool pays anything.
-
-    Wrapping the instance, not the class, also halves the cost of each call on this hot
-    path: wrapt need not bind the wrapper to the instance at every call.
-    """
+    """Start counting on ``pool``: its own methods are hooked, so no other pool pays anything."""
     forget(pool)  # never two counts on one pool
     counter = EvictableBlocks(pool, num_groups)
-    wrap_methods(pool, _wrappers(counter))
+    hook_methods(pool, _hooks(counter))
     _watched.add(pool)
     return counter
 
@@ -129,7 +125,7 @@ def watch(pool: Any, num_groups: int) -> EvictableBlocks:
 def forget(pool: Any) -> None:
     if pool in _watched:
         _watched.discard(pool)
-        unwrap_methods(pool, POOL_METHODS)
+        unhook_methods(pool, POOL_METHODS)
 
 
 def clear() -> None:
@@ -137,112 +133,144 @@ def clear() -> None:
         forget(pool)
 
 
-def _wrappers(counter: EvictableBlocks) -> dict[str, Callable]:
-    """Every ``BlockPool`` method the count wraps, with its wrapper bound to ``counter``."""
+def _hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Callable]]:
+    """Every ``BlockPool`` method the count hooks, with its hook bound to ``counter``.
+
+    The hot three (``free_blocks``, ``get_new_blocks``, ``touch``, once per request or block
+    allocation) take vLLM's own parameters, the cheapest call there is; the rare ones take any.
+    """
 
     single = counter.single_group
     owned = counter.blocks_know_pool
 
-    def released(argument: str) -> Callable:
-        """``free_blocks`` / ``unpin_blocks``: blocks whose ``ref_cnt`` fell to 0 joined the free queue."""
+    def joined(pool: Any, queue: Any, blocks: list[Any], num_joined: int) -> None:
+        """``blocks`` were released and ``num_joined`` of them joined the free queue: count the evictable."""
+        if single and list(map(_block_hash, blocks)).count(None) == 0:
+            # Every block has a hash: each one that joined this pool's free queue is evictable
+            # (counted in C, without a Python loop over the blocks).
+            counter.changed(num_joined)
+        elif single:
+            count = 0
+            for block in blocks:
+                if block.ref_cnt == 0 and block.block_hash is not None and (not owned or block.pool is pool):
+                    count += 1
+            counter.changed(count)
+        else:
+            counter.add(counter.evictable(pool, blocks), 1)
 
-        def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    def free_blocks(original: Callable) -> Callable:
+        pool = original.__self__
+        queue = pool.free_block_queue
+
+        def free_blocks(ordered_blocks: Iterable[Any]) -> Any:
             if counter.failed:
-                return wrapped(*args, **kwargs)
+                return original(ordered_blocks)
             # vLLM passes a one-shot iterator (``reversed(blocks)``): keep the blocks to look at them after.
-            blocks = args[0] if args else kwargs.pop(argument)
-            if not isinstance(blocks, list):
-                blocks = list(blocks)
-            queue = instance.free_block_queue
-            joined = -queue.num_free_blocks
-            result = wrapped(blocks, *args[1:], **kwargs)
+            blocks = ordered_blocks if isinstance(ordered_blocks, list) else list(ordered_blocks)
+            before = queue.num_free_blocks
+            result = original(blocks)
             try:
-                joined += queue.num_free_blocks
-                if single and list(map(_block_hash, blocks)).count(None) == 0:
-                    # Every block has a hash: each one that joined this pool's free queue is evictable
-                    # (counted in C, without a Python loop over the blocks).
-                    counter.changed(joined)
-                elif single:
-                    count = 0
-                    for block in blocks:
-                        if block.ref_cnt == 0 and block.block_hash is not None and (
-                                not owned or block.pool is instance):
-                            count += 1
-                    counter.changed(count)
-                else:
-                    counter.add(counter.evictable(instance, blocks), 1)
+                joined(pool, queue, blocks, queue.num_free_blocks - before)
             except Exception:  # noqa: BLE001 - the engine must never see our failure
                 counter.fail()
             return result
 
-        return wrapper
+        return free_blocks
 
-    def leaving(select: Callable[..., list[Any]]) -> Callable:
-        """Removes the blocks ``select(counter, pool, *args)`` names, then calls vLLM (rare calls)."""
+    def unpin_blocks(original: Callable) -> Callable:
+        pool = original.__self__
+        queue = pool.free_block_queue
 
-        def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        def unpin_blocks(*args: Any, **kwargs: Any) -> Any:
+            if counter.failed:
+                return original(*args, **kwargs)
+            blocks = list(args[0] if args else kwargs.pop("blocks"))
+            before = queue.num_free_blocks
+            result = original(blocks, *args[1:], **kwargs)
+            try:
+                joined(pool, queue, blocks, queue.num_free_blocks - before)
+            except Exception:  # noqa: BLE001
+                counter.fail()
+            return result
+
+        return unpin_blocks
+
+    def get_new_blocks(original: Callable) -> Callable:
+        queue = original.__self__.free_block_queue
+
+        def get_new_blocks(num_blocks: int) -> Any:
+            """Pops the first ``num_blocks`` of the free queue; nothing to count while none is evictable."""
+            if counter.total and not counter.failed:
+                try:
+                    if single and counter.total == queue.num_free_blocks and num_blocks <= counter.total:
+                        counter.changed(-num_blocks)  # every free block is evictable: so is each one popped
+                    elif num_blocks <= queue.num_free_blocks:  # else vLLM raises, nothing moves
+                        cached = []
+                        block = queue.fake_free_list_head.next_free_block
+                        for _ in range(num_blocks):
+                            if block.block_hash is not None:
+                                cached.append(block)
+                            block = block.next_free_block
+                        if single:
+                            counter.changed(-len(cached))
+                        else:
+                            counter.add(cached, -1)
+                except Exception:  # noqa: BLE001
+                    counter.fail()
+            return original(num_blocks)
+
+        return get_new_blocks
+
+    def touch(original: Callable) -> Callable:
+        pool = original.__self__
+
+        def touch(blocks: Any) -> Any:
+            """A prefix hit: nothing to count while no block is evictable."""
+            if counter.total and not counter.failed:
+                # Looked at twice, by the count then by vLLM: a one-shot iterator becomes a list.
+                if not isinstance(blocks, (list, tuple)):
+                    blocks = list(blocks)
+                try:
+                    counter.add(counter.evictable(pool, blocks), -1)
+                except Exception:  # noqa: BLE001
+                    counter.fail()
+            return original(blocks)
+
+        return touch
+
+    def evict_blocks(original: Callable) -> Callable:
+        pool = original.__self__
+
+        def evict_blocks(*args: Any, **kwargs: Any) -> Any:
+            """KV connectors drop hashes (rare): the evictable ones among them leave the count first."""
             if not counter.failed:
                 # Looked at twice, by the count then by vLLM: a one-shot iterator becomes a list.
                 args = tuple(_reusable(value) for value in args)
                 kwargs = {key: _reusable(value) for key, value in kwargs.items()}
                 try:
-                    counter.add(select(counter, instance, *args, **kwargs), -1)
-                except Exception:  # noqa: BLE001 - the engine must never see our failure
+                    counter.add(_evicted(counter, pool, *args, **kwargs), -1)
+                except Exception:  # noqa: BLE001
                     counter.fail()
-            return wrapped(*args, **kwargs)
+            return original(*args, **kwargs)
 
-        return wrapper
+        return evict_blocks
 
-    def allocating(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        """``get_new_blocks(n)`` pops the first n blocks of the free queue; nothing to count while none is evictable."""
-        if counter.total and not counter.failed:
-            try:
-                num_blocks = args[0] if args else kwargs["num_blocks"]
-                queue = instance.free_block_queue
-                if single and counter.total == queue.num_free_blocks and num_blocks <= counter.total:
-                    counter.changed(-num_blocks)  # every free block is evictable: so is each one popped
-                elif num_blocks <= queue.num_free_blocks:  # else vLLM raises, nothing moves
-                    cached = []
-                    block = queue.fake_free_list_head.next_free_block
-                    for _ in range(num_blocks):
-                        if block.block_hash is not None:
-                            cached.append(block)
-                        block = block.next_free_block
-                    if single:
-                        counter.changed(-len(cached))
-                    else:
-                        counter.add(cached, -1)
-            except Exception:  # noqa: BLE001 - the engine must never see our failure
-                counter.fail()
-        return wrapped(*args, **kwargs)
+    def reset_prefix_cache(original: Callable) -> Callable:
+        def reset_prefix_cache(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            if result:
+                counter.clear()
+            return result
 
-    def touching(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        """``touch(blocks)``, a prefix hit: nothing to count while no block is evictable."""
-        if counter.total and not counter.failed:
-            # Looked at twice, by the count then by vLLM: a one-shot iterator becomes a list.
-            blocks = args[0] if args else kwargs.pop("blocks")
-            if not isinstance(blocks, (list, tuple)):
-                blocks = list(blocks)
-            args = (blocks, *args[1:])
-            try:
-                counter.add(counter.evictable(instance, blocks), -1)
-            except Exception:  # noqa: BLE001 - the engine must never see our failure
-                counter.fail()
-        return wrapped(*args, **kwargs)
-
-    def reset(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        result = wrapped(*args, **kwargs)
-        if result:
-            counter.clear()
-        return result
+        return reset_prefix_cache
 
     return {
-        "free_blocks": released("ordered_blocks"),
-        "unpin_blocks": released("blocks"),
-        "touch": touching,
-        "get_new_blocks": allocating,
-        "evict_blocks": leaving(_evicted),
-        "reset_prefix_cache": reset,
+        "free_blocks": free_blocks,
+        "unpin_blocks": unpin_blocks,
+        "touch": touch,
+        "get_new_blocks": get_new_blocks,
+        "evict_blocks": evict_blocks,
+        "reset_prefix_cache": reset_prefix_cache,
     }
 
 
@@ -255,7 +283,9 @@ def _evicted(counter: EvictableBlocks, pool: Any, block_ids: Iterable[int]) -> l
     return counter.evictable(pool, [blocks[i] for i in block_ids if 0 <= i < len(blocks)])
 
 
-#: The ``BlockPool`` methods wrapped on each watched pool.
+#: The ``BlockPool`` methods hooked on each watched pool.
 POOL_METHODS = ("free_blocks", "unpin_blocks", "touch", "get_new_blocks", "evict_blocks", "reset_prefix_cache")
-#: (module, "Class.method") pairs the count needs in this vLLM.
-REQUIRED = tuple((BLOCK_POOL_MODULE, f"BlockPool.{name}") for name in POOL_METHODS)
+#: The parameters of the methods hooked with vLLM's own signature (the others take any).
+HOOKED_PARAMETERS = {"free_blocks": ("ordered_blocks",), "touch": ("blocks",), "get_new_blocks": ("num_blocks",)}
+#: (module, "Class.method", parameters or None) the count needs in this vLLM.
+REQUIRED = tuple((BLOCK_POOL_MODULE, f"BlockPool.{name}", HOOKED_PARAMETERS.get(name)) for name in POOL_METHODS)

@@ -1,8 +1,8 @@
-"""Engine: wrap the V1 scheduler so every engine publishes its pool after each change.
+"""Engine: hook the V1 scheduler so every engine publishes its pool after each change.
 
 ``Scheduler.__init__`` attaches a probe as soon as the engine exists (and publishes the
-empty pool). The probe then wraps that scheduler's own methods, each wrapper a closure
-over the probe, so a step pays one wrapper call and no lookup (``patching.wrap_methods``):
+empty pool). The probe then hooks that scheduler's own methods, each hook a closure over the
+probe, so a step pays one plain call and no lookup (``patching.hook_methods``):
 
 * ``make_stats``, called at the end of every engine step (also when stats are disabled,
   then returning None), after the step's finished requests were freed;
@@ -15,7 +15,7 @@ over the probe, so a step pays one wrapper call and no lookup (``patching.wrap_m
 
 Publishing after the first two keeps the snapshot equal to the pool's state at the last
 change, also once the engine is idle. A scheduler built before ``instrument()`` is
-attached at its next ``make_stats``, through the class, which its own wrapper then shadows.
+attached at its next ``make_stats``, through the class, which its own hook then shadows.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from collections.abc import Callable
 from typing import Any
 
 from otel_vllm_kv.engine import prefix_cache
-from otel_vllm_kv.engine.admission import AdmissionRecorder
+from otel_vllm_kv.engine.admission import HOOKED_PARAMETERS, AdmissionRecorder
 from otel_vllm_kv.kv_cache import PoolLayout, free_block_queue, read_engine_identity, read_layout
-from otel_vllm_kv.patching import apply_patches, remove_patches, unwrap_methods, wrap_methods
+from otel_vllm_kv.patching import apply_patches, hook_methods, remove_patches, unhook_methods
 from otel_vllm_kv.relay import SnapshotWriter
 
 _logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ _logger = logging.getLogger(__name__)
 SCHEDULER_MODULE = "vllm.v1.core.sched.scheduler"
 KV_CACHE_MANAGER_MODULE = "vllm.v1.core.kv_cache_manager"
 
-#: The scheduler's and the KV-cache manager's own methods each probe wraps.
+#: The scheduler's and the KV-cache manager's own methods each probe hooks.
 SCHEDULER_METHODS = ("make_stats", "finish_requests", "shutdown", "_preempt_request")
 MANAGER_METHODS = ("record_prefix_cache_stats", "get_blocks")
 
@@ -85,7 +85,7 @@ class _ProbeRegistry:
         self._warned = False
 
     def attach(self, scheduler: Any) -> EngineProbe | None:
-        """The scheduler's probe, attached (its methods wrapped) on first sight."""
+        """The scheduler's probe, attached (its methods hooked) on first sight."""
         probe = self._probes.get(scheduler, False)
         if probe is False:
             probe = self._probes[scheduler] = None  # until attached: a failure leaves it given up
@@ -108,9 +108,9 @@ class _ProbeRegistry:
         engine_index, model_name = read_engine_identity(scheduler)
         writer = SnapshotWriter(self.relay_directory, engine_index, model_name, layout)
         probe = self._probes[scheduler] = EngineProbe(scheduler, writer, layout, engine_index)  # give_up detaches it
-        on_scheduler, on_manager = probe.recorder.wrappers(lambda: _give_up(probe))
-        wrap_methods(scheduler, {**_scheduler_wrappers(probe), **on_scheduler}, beneath=(_attach_after,))
-        wrap_methods(scheduler.kv_cache_manager, on_manager)
+        on_scheduler, on_manager = probe.recorder.hooks(lambda: _give_up(probe))
+        hook_methods(scheduler, {**_scheduler_hooks(probe), **on_scheduler}, beneath=(_attach_after,))
+        hook_methods(scheduler.kv_cache_manager, on_manager)
         probe.publish()
         return probe
 
@@ -145,33 +145,39 @@ registry = _ProbeRegistry()
 
 
 def _detach(scheduler: Any, probe: EngineProbe) -> None:
-    unwrap_methods(scheduler, SCHEDULER_METHODS)
-    unwrap_methods(scheduler.kv_cache_manager, MANAGER_METHODS)
+    unhook_methods(scheduler, SCHEDULER_METHODS)
+    unhook_methods(scheduler.kv_cache_manager, MANAGER_METHODS)
     prefix_cache.forget(scheduler.kv_cache_manager.block_pool)
     probe.recorder.clear()
     probe.close()
 
 
-def _scheduler_wrappers(probe: EngineProbe) -> dict[str, Callable]:
-    """The wrappers of one scheduler's own methods, bound to its probe."""
+def _scheduler_hooks(probe: EngineProbe) -> dict[str, Callable[[Callable], Callable]]:
+    """The hooks of one scheduler's own methods, bound to its probe (any signature: vLLM's vary)."""
 
-    def publish_after(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        result = wrapped(*args, **kwargs)
-        try:
-            probe.publish()
-        except Exception:  # noqa: BLE001 - the engine must never see our failure
-            _give_up(probe)
-        return result
-
-    def withdraw_after(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        result = wrapped(*args, **kwargs)
-        scheduler = probe.scheduler()
-        if scheduler is not None:
+    def publish_after(original: Callable) -> Callable:
+        def hook(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
             try:
-                registry.withdraw(scheduler)
-            except Exception:  # noqa: BLE001
-                registry.give_up(scheduler)
-        return result
+                probe.publish()
+            except Exception:  # noqa: BLE001 - the engine must never see our failure
+                _give_up(probe)
+            return result
+
+        return hook
+
+    def withdraw_after(original: Callable) -> Callable:
+        def hook(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            scheduler = probe.scheduler()
+            if scheduler is not None:
+                try:
+                    registry.withdraw(scheduler)
+                except Exception:  # noqa: BLE001
+                    registry.give_up(scheduler)
+            return result
+
+        return hook
 
     return {"make_stats": publish_after, "finish_requests": publish_after, "shutdown": withdraw_after}
 
@@ -183,7 +189,7 @@ def _give_up(probe: EngineProbe) -> None:
 
 
 def _attach_after(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """``make_stats`` reaches this only on a scheduler without a wrapper of its own: one built
+    """``make_stats`` reaches this only on a scheduler without a hook of its own: one built
     before ``instrument()`` (attached now), or one given up on (a lookup, then nothing)."""
     result = wrapped(*args, **kwargs)
     registry.attach(instance)
@@ -195,10 +201,10 @@ PATCHES = (
     (SCHEDULER_MODULE, "Scheduler.__init__", _attach_after),
     (SCHEDULER_MODULE, "Scheduler.make_stats", _attach_after),
 )
-#: (module, "Class.method") pairs the per-scheduler wrappers need in this vLLM.
+#: (module, "Class.method", parameters or None) the per-scheduler hooks need in this vLLM.
 REQUIRED = (
-    *((SCHEDULER_MODULE, f"Scheduler.{name}") for name in SCHEDULER_METHODS),
-    *((KV_CACHE_MANAGER_MODULE, f"KVCacheManager.{name}") for name in MANAGER_METHODS),
+    *((SCHEDULER_MODULE, f"Scheduler.{name}", None) for name in SCHEDULER_METHODS),
+    *((KV_CACHE_MANAGER_MODULE, f"KVCacheManager.{name}", HOOKED_PARAMETERS.get(name)) for name in MANAGER_METHODS),
 )
 
 
