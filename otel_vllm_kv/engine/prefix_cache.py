@@ -143,13 +143,15 @@ def _hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Callable]
     single = counter.single_group
     owned = counter.blocks_know_pool
 
-    def joined(pool: Any, queue: Any, blocks: list[Any], num_joined: int) -> None:
+    def joined(pool: Any, blocks: list[Any], num_joined: int) -> None:
         """``blocks`` were released and ``num_joined`` of them joined the free queue: count the evictable."""
-        if single and list(map(_block_hash, blocks)).count(None) == 0:
-            # Every block has a hash: each one that joined this pool's free queue is evictable
-            # (counted in C, without a Python loop over the blocks).
-            counter.changed(num_joined)
-        elif single:
+        if single:
+            hashed = len(blocks) - list(map(_block_hash, blocks)).count(None)  # counted in C
+            if num_joined == len(blocks) or not hashed:
+                # Every block joined this pool's free queue (or none has a hash): the hashed ones are
+                # the evictable ones, without a Python loop over the blocks.
+                counter.changed(hashed)
+                return
             count = 0
             for block in blocks:
                 if block.ref_cnt == 0 and block.block_hash is not None and (not owned or block.pool is pool):
@@ -170,7 +172,7 @@ def _hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Callable]
             before = queue.num_free_blocks
             result = original(blocks)
             try:
-                joined(pool, queue, blocks, queue.num_free_blocks - before)
+                joined(pool, blocks, queue.num_free_blocks - before)
             except Exception:  # noqa: BLE001 - the engine must never see our failure
                 counter.fail()
             return result
@@ -188,7 +190,7 @@ def _hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Callable]
             before = queue.num_free_blocks
             result = original(blocks, *args[1:], **kwargs)
             try:
-                joined(pool, queue, blocks, queue.num_free_blocks - before)
+                joined(pool, blocks, queue.num_free_blocks - before)
             except Exception:  # noqa: BLE001
                 counter.fail()
             return result
