@@ -33,10 +33,13 @@ VLLM_REQUEST_SPAN = "llm_request"
 
 
 class _TrackedRequest:
-    __slots__ = ("span", "external_id", "last_sequence", "admission", "preemptions")
+    __slots__ = ("span", "submitted", "external_id", "last_sequence", "admission", "preemptions")
 
-    def __init__(self, span: Any, external_id: str) -> None:
+    def __init__(self, span: Any, submitted: list[int] | None, external_id: str) -> None:
         self.span = span
+        #: How many requests ``span`` submitted so far: one counter shared by them all, so a
+        #: record's "one request or several?" reads it without a lookup.
+        self.submitted = submitted
         self.external_id = external_id
         self.last_sequence = 0
         self.admission: dict = {}
@@ -46,7 +49,7 @@ class _TrackedRequest:
 class _Annotator:
     def __init__(self) -> None:
         self.requests: dict[str, _TrackedRequest] = {}
-        self.submissions: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self.submissions: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
         self.tracing: _TrackedRequest | None = None
         self.warn_once = WarnOnce(
             _logger, "otel-vllm-kv could not annotate a request span; requests are unaffected"
@@ -57,10 +60,14 @@ class _Annotator:
         recording = span.is_recording()
         if not recording and not output_processor.tracing_enabled:
             return
+        submitted = None
         if recording:
-            self.submissions[span] = self.submissions.get(span, 0) + 1
+            submitted = self.submissions.get(span)
+            if submitted is None:
+                submitted = self.submissions[span] = [0]
+            submitted[0] += 1
         external_id = getattr(request, "external_req_id", None) or request.request_id
-        self.requests[request.request_id] = _TrackedRequest(span if recording else None, external_id)
+        self.requests[request.request_id] = _TrackedRequest(span if recording else None, submitted, external_id)
 
     def apply(self, tracked: _TrackedRequest, text: str) -> None:
         for event in decode(text):
@@ -77,7 +84,7 @@ class _Annotator:
         span = tracked.span
         if span is None or not span.is_recording():
             return
-        single = self.submissions.get(span, 0) == 1
+        single = tracked.submitted[0] == 1
         if not single:
             attributes = {**attributes, names.REQUEST_ID: tracked.external_id}
         if event.kind == ADMITTED:
