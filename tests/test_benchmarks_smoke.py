@@ -38,6 +38,14 @@ def test_step_time_smoke():
     assert "| A/A control (no switch) " in stdout and "| A plain, B instrumented " in stdout
 
 
+def test_call_costs_smoke():
+    """Every construct is counted under callgrind and gets a figure (what the figures are is not checked)."""
+    stdout = run_smoke("call_costs.py", timeout=300)
+    rows = [line for line in stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 11 and all(row.rstrip(" |").split("|")[-1].strip().replace(",", "").lstrip("-").isdigit()
+                                   for row in rows), stdout
+
+
 def test_callgrind_counts_each_marked_interval_deterministically(tmp_path):
     """The benchmark's counting machinery on this machine's valgrind: one dump per mark, exact and repeatable."""
     script = tmp_path / "loops.py"
