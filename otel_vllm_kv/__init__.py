@@ -17,7 +17,7 @@ The package runs in three kinds of process, one subpackage each: the **engine**
 (``engine``: vLLM's engine core, where the scheduler runs and the probe publishes into a
 shared-memory relay), the **frontend** (``frontend``: ``LLM``, ``AsyncLLM``, each API
 server; span annotation) and the **exporter** (``exporter``: the process that instruments
-first, the *owner*, which exports the gauges from the relay). Engine processes the
+first, which exports the gauges from the relay). Engine processes the
 exporter starts load this package through vLLM's ``vllm.general_plugins`` entry point
 (and, under ``opentelemetry-instrument``, through auto-instrumentation); ``roles`` decides
 which process is which. ``opentelemetry-instrument`` finds the instrumentor under the
@@ -30,7 +30,7 @@ from collections.abc import Collection
 from importlib.metadata import PackageNotFoundError, distribution
 from typing import Any
 
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]  # its module opens with "# type: ignore"
 from opentelemetry.metrics import get_meter
 from packaging.requirements import Requirement
 
@@ -72,7 +72,7 @@ class VLLMKVCacheInstrumentor(BaseInstrumentor):
             compat.warn_unsupported(reason)
             return
         role = resolve_role(settings.relay_parent_directory)
-        if role.is_owner:
+        if role.is_exporter:
             meter = get_meter(__name__, __version__, kwargs.get("meter_provider"), schema_url=_SCHEMA_URL)
             gauges.create_instruments(meter)
             gauges.set_source(SnapshotReader(role.relay_directory))

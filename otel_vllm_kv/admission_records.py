@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from opentelemetry.util.types import AttributeValue
+
 from otel_vllm_kv import span_attributes as names
 from otel_vllm_kv.kv_cache import tokens_in, utilization
 
@@ -42,34 +44,35 @@ class AdmissionRecord(NamedTuple):
     def queue_seconds(self) -> float:
         return self.queue_ns / 1e9
 
-    def pool_attributes(self) -> dict:
+    def pool_attributes(self) -> dict[str, AttributeValue]:
         """Occupancy of the engine's pool at the event, as span attributes (what ``kv_cache.occupancy``
         gives, computed from the record's integers without building a layout: this runs per record)."""
         allocatable = self.num_blocks - 1
         free = self.free_blocks
         used = allocatable - free
-        attributes = {
+        attributes: dict[str, AttributeValue] = {
             names.ENGINE_INDEX: self.engine_index,
             names.ADMISSION_UTILIZATION: utilization(free, allocatable),
             names.ADMISSION_USED_BLOCKS: used,
             names.ADMISSION_FREE_BLOCKS: free,
         }
         limit = self.limit_tokens
-        if limit >= 0 and allocatable > 0:
-            used_tokens = tokens_in(used, limit, allocatable)
+        used_tokens = tokens_in(used, limit, allocatable) if limit >= 0 else None  # -1: capacity unknown
+        if used_tokens is not None:
             attributes[names.ADMISSION_USED_TOKENS] = used_tokens
             attributes[names.ADMISSION_FREE_TOKENS] = limit - used_tokens
             attributes[names.ADMISSION_LIMIT_TOKENS] = limit
         return attributes
 
-    def attributes(self) -> dict:
+    def attributes(self) -> dict[str, AttributeValue]:
         """Everything the event says about the request, as span attributes."""
         attributes = self.pool_attributes()
         if self.kind == PREEMPTED:
             return attributes
         attributes[names.REQUEST_KV_BLOCKS] = self.own_blocks
-        if self.limit_tokens >= 0 and self.num_blocks > 1:
-            attributes[names.REQUEST_KV_TOKENS] = tokens_in(self.own_blocks, self.limit_tokens, self.num_blocks - 1)
+        own_tokens = tokens_in(self.own_blocks, self.limit_tokens, self.num_blocks - 1) if self.limit_tokens >= 0 else None
+        if own_tokens is not None:
+            attributes[names.REQUEST_KV_TOKENS] = own_tokens
         attributes[names.CACHE_READ_INPUT_TOKENS] = self.cached_tokens
         attributes[names.ADMISSION_QUEUE_DURATION] = self.queue_seconds
         attributes[names.ADMISSION_WAITING_REQUESTS] = self.waiting

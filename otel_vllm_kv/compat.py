@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from typing import Any
 
 from otel_vllm_kv.patching import takes
 
@@ -35,6 +36,7 @@ def vllm_version() -> str:
 
 
 def _exists(module_name: str, name: str, parameters: tuple[str, ...] | None) -> bool:
+    owner: Any
     try:
         owner = importlib.import_module(module_name)
     except ImportError:

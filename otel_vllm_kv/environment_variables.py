@@ -18,9 +18,9 @@ endpoint (``/metrics`` of the OpenAI server) as ``vllm:kv_cache_usage_tokens{sta
 ``vllm:kv_cache_limit_tokens``, beside ``vllm:kv_cache_usage_perc``.
 """
 
-OTEL_PYTHON_VLLM_KV_OWNER = "OTEL_PYTHON_VLLM_KV_OWNER"
+OTEL_PYTHON_VLLM_KV_EXPORTER = "OTEL_PYTHON_VLLM_KV_EXPORTER"
 """
-.. envvar:: OTEL_PYTHON_VLLM_KV_OWNER
+.. envvar:: OTEL_PYTHON_VLLM_KV_EXPORTER
 
 Internal, set by the instrumented process as ``<pid>:<relay directory>`` and inherited
 by the engine processes it starts, which therefore act as probes. Do not set it.

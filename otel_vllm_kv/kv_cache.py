@@ -1,4 +1,6 @@
-"""Read a V1 scheduler's KV-cache pool, O(1), and turn block counts into tokens.
+"""KV-cache accounting: a pool's layout and occupancy, and block counts in tokens (pure: no vLLM).
+
+What is read from vLLM, and how, is ``engine.pool_reading``.
 
 With N = ``block_pool.num_gpu_blocks``, F = free blocks, U = N - 1 - F used blocks:
 
@@ -25,9 +27,8 @@ for. The same formula gives x * B for one group, so there is one conversion.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 
 class GroupLayout(NamedTuple):
@@ -104,78 +105,10 @@ def occupancy(layout: PoolLayout, free_blocks: int, evictable_blocks: int | None
     limit = layout.limit_tokens if used_tokens is not None else None
     return KVCacheOccupancy(
         utilization(free_blocks, allocatable), allocatable, used_blocks, free_blocks, evictable_blocks, headroom_blocks,
-        limit, used_tokens, None if limit is None else limit - used_tokens,
+        limit, used_tokens, None if limit is None or used_tokens is None else limit - used_tokens,
         _tokens_or_none(layout, evictable_blocks), _tokens_or_none(layout, headroom_blocks),
     )
 
 
 def _tokens_or_none(layout: PoolLayout, blocks: int | None) -> int | None:
     return None if blocks is None else layout.tokens(blocks)
-
-
-def read_layout(scheduler: Any) -> PoolLayout:
-    """Read N, the groups, the watermark and the token capacity from a built ``Scheduler``."""
-    manager = scheduler.kv_cache_manager
-    kv_cache_config = manager.kv_cache_config
-    managers = manager.coordinator.single_type_managers
-    groups = tuple(
-        GroupLayout(_group_kind(group.kv_cache_spec), group_manager.block_size)
-        for group, group_manager in zip(kv_cache_config.kv_cache_groups, managers)
-    )
-    num_blocks = manager.block_pool.num_gpu_blocks
-    if len(groups) == 1:
-        limit = (num_blocks - 1) * groups[0].block_size
-    else:
-        limit = _group_aware_capacity(scheduler.vllm_config, kv_cache_config)
-    watermark = int(getattr(manager, "watermark_blocks", 0))
-    return PoolLayout(num_blocks, limit, watermark, groups)
-
-
-def _group_kind(spec: Any) -> str:
-    """vLLM's own name of a group's attention type (``full_attention``, ``sliding_window``, ...)."""
-    try:
-        from vllm.v1.kv_cache_interface import get_kv_cache_spec_kind
-    except ImportError:  # not in every release: fall back to the spec's class name
-        return type(spec).__name__
-    return str(get_kv_cache_spec_kind(spec).value)
-
-
-def _group_aware_capacity(vllm_config: Any, kv_cache_config: Any) -> int | None:
-    """``cache_config.kv_cache_size_tokens``, as the engine core sets it before building the scheduler.
-
-    A scheduler built outside an engine core has none; vLLM's own function computes it then.
-    """
-    size = getattr(vllm_config.cache_config, "kv_cache_size_tokens", None)
-    if size is not None:
-        return int(size)
-    try:
-        from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
-    except ImportError:
-        return None
-    concurrency = get_max_concurrency_for_kv_cache_config(vllm_config, kv_cache_config)
-    if not math.isfinite(concurrency):
-        return None
-    return int(concurrency * vllm_config.model_config.max_model_len)
-
-
-def free_block_queue(scheduler: Any) -> Any:
-    """The pool's free queue, whose ``num_free_blocks`` is what ``BlockPool.get_num_free_blocks`` returns.
-
-    Reading the attribute is the per-step read (no call). Checked once against vLLM's method,
-    so a vLLM that counts elsewhere fails here, at attach time, not with wrong numbers.
-    """
-    pool = scheduler.kv_cache_manager.block_pool
-    queue = pool.free_block_queue
-    if queue.num_free_blocks != pool.get_num_free_blocks():
-        raise RuntimeError("BlockPool.get_num_free_blocks no longer reads free_block_queue.num_free_blocks")
-    return queue
-
-
-def read_engine_identity(scheduler: Any) -> tuple[int, str]:
-    """The engine's data-parallel index and served model name, as vLLM labels its own metrics."""
-    parallel = scheduler.vllm_config.parallel_config
-    index = getattr(parallel, "data_parallel_index", parallel.data_parallel_rank)
-    served = scheduler.vllm_config.model_config.served_model_name
-    if isinstance(served, (list, tuple)):
-        served = served[0]
-    return int(index), str(served)

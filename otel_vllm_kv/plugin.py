@@ -6,11 +6,11 @@ import os
 
 
 def load_vllm_plugin() -> None:
-    """Probe in processes started by an instrumented owner; change nothing anywhere else."""
+    """Probe in processes started by an instrumented exporter; change nothing anywhere else."""
     from otel_vllm_kv.roles import inherited_role
 
     role = inherited_role()
-    if role is None or role.owner_pid == os.getpid():
+    if role is None or role.exporter_pid == os.getpid():
         return
     from otel_vllm_kv import VLLMKVCacheInstrumentor
 

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from otel_vllm_kv.kv_cache import GroupLayout, KVCacheOccupancy, PoolLayout, occupancy
+from otel_vllm_kv.processes import is_alive
 
 _MAGIC = b"OVKV"
 _FORMAT_VERSION = 3
@@ -147,7 +148,7 @@ class SnapshotWriter(_RelayFile):
 
 
 class StatsSnapshotWriter(_RelayFile):
-    """Frontend side: an unprobed engine's free blocks, from vLLM's scheduler statistics."""
+    """Frontend: an unprobed engine's free blocks, from vLLM's scheduler statistics."""
 
     __slots__ = ()
 
@@ -214,24 +215,8 @@ def _creation_order(name: str) -> tuple[int, int]:
         return 0, 0
 
 
-def is_alive(pid: int) -> bool:
-    """Whether a process with this pid runs (it may belong to another user); zombies are dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            # "pid (command) state ...": the command may hold spaces and parentheses.
-            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
-
-
 class SnapshotReader:
-    """Exporter side: maps every engine file of one relay directory and reads the latest records."""
+    """Exporter: maps every engine file of one relay directory and reads the latest records."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory

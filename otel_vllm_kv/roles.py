@@ -3,9 +3,9 @@ the processes it starts are engines (they probe) or frontends, never a second ex
 
 vLLM starts engine cores (and workers) as child processes, by ``spawn`` on CPU. A
 spawned child re-imports the user's main module and, under ``opentelemetry-instrument``,
-is auto-instrumented again, so ``instrument()`` runs there too. The owner therefore
+is auto-instrumented again, so ``instrument()`` runs there too. The exporter therefore
 records itself in an environment variable before any engine starts; a process that
-inherits the variable from a live owner probes (an engine) or annotates spans (a frontend),
+inherits the variable from a live exporter probes (an engine) or annotates spans (a frontend),
 and never exports the gauges.
 """
 
@@ -17,25 +17,25 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_OWNER
-from otel_vllm_kv.relay import is_alive
+from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_EXPORTER
+from otel_vllm_kv.processes import is_alive
 
 _RELAY_PREFIX = "otel-vllm-kv-"
 
 
 @dataclass(frozen=True)
 class Role:
-    owner_pid: int
+    exporter_pid: int
     relay_directory: str
 
     @property
-    def is_owner(self) -> bool:
-        return self.owner_pid == os.getpid()
+    def is_exporter(self) -> bool:
+        return self.exporter_pid == os.getpid()
 
 
 def inherited_role() -> Role | None:
-    """The role named by the environment, if it names a live owner and an existing relay."""
-    value = os.environ.get(OTEL_PYTHON_VLLM_KV_OWNER, "")
+    """The role named by the environment, if it names a live exporter and an existing relay."""
+    value = os.environ.get(OTEL_PYTHON_VLLM_KV_EXPORTER, "")
     pid_text, _, directory = value.partition(":")
     if not pid_text.isdigit() or not os.path.isdir(directory):
         return None
@@ -46,25 +46,25 @@ def inherited_role() -> Role | None:
 
 
 def resolve_role(relay_parent_directory: str) -> Role:
-    """Join a live owner inherited from the parent process, or become the owner."""
+    """Join a live exporter inherited from the parent process, or become the exporter."""
     role = inherited_role()
     if role is not None:
         return role
     remove_stale_relays(relay_parent_directory)
     directory = tempfile.mkdtemp(prefix=f"{_RELAY_PREFIX}{os.getpid()}-", dir=relay_parent_directory)
-    owner_pid = os.getpid()
-    atexit.register(_remove_relay, directory, owner_pid)
-    os.environ[OTEL_PYTHON_VLLM_KV_OWNER] = f"{owner_pid}:{directory}"
-    return Role(owner_pid, directory)
+    exporter_pid = os.getpid()
+    atexit.register(_remove_relay, directory, exporter_pid)
+    os.environ[OTEL_PYTHON_VLLM_KV_EXPORTER] = f"{exporter_pid}:{directory}"
+    return Role(exporter_pid, directory)
 
 
 def remove_stale_relays(parent_directory: str) -> list[str]:
-    """Remove relay directories of this user whose owner died without its exit handler (SIGKILL).
+    """Remove relay directories of this user whose exporter died without its exit handler (SIGKILL).
 
     A directory whose pid is alive is kept, even if the pid was reused: leaking a few
     hundred bytes is better than removing a live relay.
     """
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(os.scandir(parent_directory))
     except OSError:
@@ -83,7 +83,7 @@ def remove_stale_relays(parent_directory: str) -> list[str]:
     return removed
 
 
-def _remove_relay(directory: str, owner_pid: int) -> None:
-    # A forked child inherits atexit handlers; only the owner removes the relay.
-    if os.getpid() == owner_pid:
+def _remove_relay(directory: str, exporter_pid: int) -> None:
+    # A forked child inherits atexit handlers; only the exporter removes the relay.
+    if os.getpid() == exporter_pid:
         shutil.rmtree(directory, ignore_errors=True)

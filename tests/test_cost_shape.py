@@ -12,11 +12,11 @@ import os
 import sys
 from collections import Counter
 
-import otel_vllm_kv
 import pytest
 from schedulers import Stepper, build_scheduler, make_request
 from telemetry import new_reader, read_gauges
 
+import otel_vllm_kv
 from otel_vllm_kv import VLLMKVCacheInstrumentor
 from otel_vllm_kv.engine import admission, prefix_cache, probe
 from otel_vllm_kv.patching import hook_methods

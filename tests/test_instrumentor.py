@@ -83,7 +83,7 @@ def test_gauges_follow_the_pool(reader, tiny_model_dir):
 
 
 def test_hybrid_models_report_vllms_capacity_and_each_group(reader, tiny_model_dir):
-    from otel_vllm_kv.kv_cache import read_layout
+    from otel_vllm_kv.engine.pool_reading import read_layout
 
     scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16, sliding_window=32, watermark=0.1)
     limit = read_layout(scheduler).limit_tokens

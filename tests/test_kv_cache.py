@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from schedulers import Stepper, build_scheduler, make_request
 
-from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout, occupancy, read_engine_identity, read_layout
+from otel_vllm_kv.engine.pool_reading import read_engine_identity, read_layout
+from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout, occupancy
 
 
 def tokens_of(scheduler):

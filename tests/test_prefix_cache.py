@@ -9,7 +9,8 @@ from schedulers import Stepper, build_scheduler, cached_free_blocks, evictable_p
 from vllm.v1.request import RequestStatus
 
 from otel_vllm_kv.engine import prefix_cache
-from otel_vllm_kv.kv_cache import occupancy, read_layout
+from otel_vllm_kv.engine.pool_reading import read_layout
+from otel_vllm_kv.kv_cache import occupancy
 
 
 @pytest.fixture

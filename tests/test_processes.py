@@ -1,4 +1,4 @@
-"""Owner and probe roles across real child processes: spawn (vLLM on CPU) and fork (vLLM's default on GPU)."""
+"""Exporter and probe roles across real child processes: spawn (vLLM on CPU) and fork (vLLM's default on GPU)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_spawned_engine_probes_and_only_the_owner_exports(reader, tiny_model_dir
 
 def test_forked_child_exports_nothing(reader, tiny_model_dir):
     scheduler = build_scheduler(tiny_model_dir)
-    assert scheduler and read_gauges(reader), "the owner sees its in-process engine"
+    assert scheduler and read_gauges(reader), "the exporter sees its in-process engine"
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child inherits the SDK, the callbacks and the relay
@@ -65,20 +65,20 @@ def test_forked_child_exports_nothing(reader, tiny_model_dir):
             os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(read_end, 16) == b"empty"
-    assert read_gauges(reader), "the owner still exports"
+    assert read_gauges(reader), "the exporter still exports"
 
 
 def test_a_dead_owner_named_in_the_environment_is_ignored(tmp_path, monkeypatch):
     """An engine started after its instrumenting parent died, or with a stale variable, stays unpatched."""
-    from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_OWNER
+    from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_EXPORTER
     from otel_vllm_kv.roles import inherited_role
 
     child = multiprocessing.get_context("spawn").Process(target=os.getpid)
     child.start()
     child.join()
-    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_OWNER, f"{child.pid}:{tmp_path}")
+    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_EXPORTER, f"{child.pid}:{tmp_path}")
     assert inherited_role() is None
-    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_OWNER, "not-a-pid:/nowhere")
+    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_EXPORTER, "not-a-pid:/nowhere")
     assert inherited_role() is None
 
 
@@ -90,28 +90,28 @@ def test_relay_of_a_killed_owner_is_removed_by_the_next_owner(tmp_path):
 
     from otel_vllm_kv.roles import remove_stale_relays
 
-    owner_code = (
+    exporter_code = (
         "from otel_vllm_kv import VLLMKVCacheInstrumentor; import os, signal, sys, time\n"
-        # A shell's background job inherits SIGINT ignored; the owner must be interruptible all the same.
+        # A shell's background job inherits SIGINT ignored; the exporter must be interruptible all the same.
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "VLLMKVCacheInstrumentor().instrument()\n"
-        "print(os.environ['OTEL_PYTHON_VLLM_KV_OWNER'].partition(':')[2], flush=True); time.sleep(600)\n"
+        "print(os.environ['OTEL_PYTHON_VLLM_KV_EXPORTER'].partition(':')[2], flush=True); time.sleep(600)\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_PYTHON_VLLM_KV")}
     env["OTEL_PYTHON_VLLM_KV_RELAY_DIR"] = str(tmp_path)
-    owners = [
-        subprocess.Popen([sys.executable, "-c", owner_code], env=env, stdout=subprocess.PIPE, text=True)
+    exporters = [
+        subprocess.Popen([sys.executable, "-c", exporter_code], env=env, stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
-    killed, alive = owners
-    relays = [owner.stdout.readline().strip() for owner in owners]
+    killed, alive = exporters
+    relays = [exporter.stdout.readline().strip() for exporter in exporters]
     try:
         killed.send_signal(signal.SIGKILL)
         killed.wait()
         assert os.path.isdir(relays[0]), "SIGKILL leaves the relay behind"
         assert remove_stale_relays(str(tmp_path)) == [relays[0]]
-        assert not os.path.exists(relays[0]) and os.path.isdir(relays[1]), "a live owner's relay is kept"
+        assert not os.path.exists(relays[0]) and os.path.isdir(relays[1]), "a live exporter's relay is kept"
     finally:
         alive.send_signal(signal.SIGINT)
         alive.wait(timeout=60)
-    assert not os.path.exists(relays[1]), "an interrupted owner removes its own relay at exit"
+    assert not os.path.exists(relays[1]), "an interrupted exporter removes its own relay at exit"

@@ -8,7 +8,8 @@ import stat
 import time
 
 from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout
-from otel_vllm_kv.relay import SnapshotReader, SnapshotWriter, is_alive
+from otel_vllm_kv.processes import is_alive
+from otel_vllm_kv.relay import SnapshotReader, SnapshotWriter
 
 LAYOUT = PoolLayout(num_blocks=64, limit_tokens=63 * 128, groups=(GroupLayout("full_attention", 128),))
 
@@ -104,7 +105,7 @@ def test_writer_survives_its_reader_and_directory(tmp_path):
     for name in os.listdir(directory):
         os.unlink(directory / name)
     directory.rmdir()
-    writer.write(5, [0])  # the owner is gone: the write lands in memory nobody reads
+    writer.write(5, [0])  # the exporter is gone: the write lands in memory nobody reads
     writer.close()
 
 

@@ -97,7 +97,7 @@ def test_a_probed_engine_is_never_reported_from_statistics(frontend, tiny_model_
 
 
 def test_one_group_limit_matches_a_probe_and_hybrid_takes_vllms_capacity(tiny_model_dir, hybrid_model_dir):
-    from otel_vllm_kv.kv_cache import read_layout
+    from otel_vllm_kv.engine.pool_reading import read_layout
 
     one = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16)
     response = msgspec.msgpack.decode(ready_payload(one, 0), type=EngineCoreReadyResponse)

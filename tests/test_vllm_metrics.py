@@ -122,7 +122,7 @@ def test_several_api_servers_serve_every_engine_from_the_multiprocess_directory(
     """With several API servers vLLM sets ``PROMETHEUS_MULTIPROC_DIR`` (before any import of
     prometheus_client, hence a process of its own here) and serves only the directory's files."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    env.pop("OTEL_PYTHON_VLLM_KV_OWNER", None)
+    env.pop("OTEL_PYTHON_VLLM_KV_EXPORTER", None)
     tests = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run([sys.executable, "-c", API_SERVER_SCRAPE, tiny_model_dir, tests],
                             env=env, capture_output=True, text=True, timeout=300)

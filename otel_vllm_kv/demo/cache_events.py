@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 
@@ -24,16 +26,15 @@ class CacheEvent:
 
 
 def cache_events(span: ReadableSpan) -> list[CacheEvent]:
-    return [
-        CacheEvent(
-            kind=_KINDS[event.name],
-            at=event.timestamp / 1e9,
-            engine_index=event.attributes[names.ENGINE_INDEX],
-            used_tokens=event.attributes[names.ADMISSION_USED_TOKENS],
-        )
-        for event in span.events
-        if event.name in _KINDS
-    ]
+    events = []
+    for event in span.events:
+        if event.name in _KINDS:
+            attributes: Mapping[str, Any] = event.attributes or {}
+            events.append(CacheEvent(
+                kind=_KINDS[event.name], at=event.timestamp / 1e9,
+                engine_index=attributes[names.ENGINE_INDEX], used_tokens=attributes[names.ADMISSION_USED_TOKENS],
+            ))
+    return events
 
 
 def count_kinds(span: ReadableSpan) -> Counter[str]:

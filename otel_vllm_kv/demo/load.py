@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Tracer
 
 from otel_vllm_kv.demo.cache_events import ADMITTED, PREEMPTED, count_kinds
@@ -57,7 +58,7 @@ def run_load(
         on_progress(progress)
         while engine.has_unfinished_requests():
             finished = [output for output in engine.step() if output.finished]
-            kinds = count_kinds(span)
+            kinds = count_kinds(cast(ReadableSpan, span))  # the SDK's spans are readable
             current = LoadProgress(
                 total=requests,
                 finished=progress.finished + len(finished),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
 from otel_vllm_kv.exporter.gauges import (
     ENGINE_INDEX,
@@ -40,15 +40,16 @@ class Sample:
 
 def read_engines(reader: InMemoryMetricReader) -> dict[int, EngineGauges]:
     """One collection: the gauges of every engine that reports tokens, by engine index."""
-    values: dict[int, dict[str, float]] = {}
+    values: dict[int, dict[str, Any]] = {}
     data = reader.get_metrics_data()
     for resource_metrics in data.resource_metrics if data else ():
         for scope_metrics in resource_metrics.scope_metrics:
             for metric in scope_metrics.metrics:
-                for point in metric.data.data_points:
-                    engine = values.setdefault(point.attributes[ENGINE_INDEX], {})
+                for point in cast("list[NumberDataPoint]", metric.data.data_points):  # gauges only
+                    attributes: Mapping[str, Any] = point.attributes or {}
+                    engine = values.setdefault(attributes[ENGINE_INDEX], {})
                     if metric.name == KV_CACHE_USAGE:
-                        engine[point.attributes[KV_CACHE_STATE]] = point.value  # "used" or "free"
+                        engine[attributes[KV_CACHE_STATE]] = point.value  # "used" or "free"
                     elif metric.name == KV_CACHE_LIMIT:
                         engine["limit"] = point.value
                     elif metric.name == KV_CACHE_UTILIZATION:

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal, overload
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -90,6 +91,10 @@ def _resource() -> Resource:
     return resource
 
 
+@overload
+def _exporters(signal: Literal["metrics"], export: SignalExport) -> Iterator[MetricExporter]: ...
+@overload
+def _exporters(signal: Literal["traces"], export: SignalExport) -> Iterator[SpanExporter]: ...
 def _exporters(signal: str, export: SignalExport) -> Iterator[MetricExporter | SpanExporter]:
     for name in export.exporters:
         if name == "console":

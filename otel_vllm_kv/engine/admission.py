@@ -91,7 +91,7 @@ class AdmissionRecorder:
 
         #: Requests that carry records not yet delivered.
         self.undelivered: list[Any] = []
-        self._scheduler = weakref.ref(scheduler)
+        self._scheduler: Callable[[], Any] = weakref.ref(scheduler)  # alive: its own methods call us
         self._requests = scheduler.requests  # vLLM's id -> Request map, created once with the scheduler
         self._queue = scheduler.kv_cache_manager.block_pool.free_block_queue
         #: The fields every record of this engine carries unchanged, formatted once.

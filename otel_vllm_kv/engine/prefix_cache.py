@@ -1,4 +1,4 @@
-"""Engine-core side: count the evictable prefix-cache blocks of a pool exactly, without scanning it.
+"""Engine: count the evictable prefix-cache blocks of a pool exactly, without scanning it.
 
 vLLM keeps no such count: a block that holds a cached prefix (it has a ``block_hash``)
 and that no request references (``ref_cnt == 0``) sits in the free queue with the empty
@@ -160,7 +160,7 @@ def _hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Callable]
         else:
             counter.add(counter.evictable(pool, blocks), 1)
 
-    def free_blocks(original: Callable) -> Callable:
+    def free_blocks(original: Any) -> Callable:
         pool = original.__self__
         queue = pool.free_block_queue
 
@@ -179,7 +179,7 @@ def _hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Callable]
 
         return free_blocks
 
-    def unpin_blocks(original: Callable) -> Callable:
+    def unpin_blocks(original: Any) -> Callable:
         pool = original.__self__
         queue = pool.free_block_queue
 
@@ -197,7 +197,7 @@ def _hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Callable]
 
         return unpin_blocks
 
-    def get_new_blocks(original: Callable) -> Callable:
+    def get_new_blocks(original: Any) -> Callable:
         queue = original.__self__.free_block_queue
 
         def get_new_blocks(num_blocks: int) -> Any:
@@ -223,7 +223,7 @@ def _hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Callable]
 
         return get_new_blocks
 
-    def touch(original: Callable) -> Callable:
+    def touch(original: Any) -> Callable:
         pool = original.__self__
 
         def touch(blocks: Any) -> Any:
@@ -240,7 +240,7 @@ def _hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Callable]
 
         return touch
 
-    def evict_blocks(original: Callable) -> Callable:
+    def evict_blocks(original: Any) -> Callable:
         pool = original.__self__
 
         def evict_blocks(*args: Any, **kwargs: Any) -> Any:

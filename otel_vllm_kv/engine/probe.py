@@ -27,7 +27,8 @@ from typing import Any
 
 from otel_vllm_kv.engine import prefix_cache
 from otel_vllm_kv.engine.admission import HOOKED_PARAMETERS, AdmissionRecorder
-from otel_vllm_kv.kv_cache import PoolLayout, free_block_queue, read_engine_identity, read_layout
+from otel_vllm_kv.engine.pool_reading import free_block_queue, read_engine_identity, read_layout
+from otel_vllm_kv.kv_cache import PoolLayout
 from otel_vllm_kv.patching import apply_patches, hook_methods, remove_patches, unhook_methods
 from otel_vllm_kv.relay import SnapshotWriter
 
@@ -86,14 +87,14 @@ class _ProbeRegistry:
 
     def attach(self, scheduler: Any) -> EngineProbe | None:
         """The scheduler's probe, attached (its methods hooked) on first sight."""
-        probe = self._probes.get(scheduler, False)
-        if probe is False:
-            probe = self._probes[scheduler] = None  # until attached: a failure leaves it given up
-            try:
-                probe = self._probes[scheduler] = self._attach(scheduler)
-            except Exception:  # noqa: BLE001 - the engine must never see our failure
-                self.give_up(scheduler)
-                return None
+        if scheduler in self._probes:
+            return self._probes[scheduler]
+        self._probes[scheduler] = None  # until attached: a failure leaves it given up
+        try:
+            probe = self._probes[scheduler] = self._attach(scheduler)
+        except Exception:  # noqa: BLE001 - the engine must never see our failure
+            self.give_up(scheduler)
+            return None
         return probe
 
     def _attach(self, scheduler: Any) -> EngineProbe | None:

@@ -74,15 +74,15 @@ class _CollectionSnapshot:
 
     def __init__(self, reader: SnapshotReader) -> None:
         self._reader = reader
-        self._owner_pid = os.getpid()
+        self._exporter_pid = os.getpid()
         self._lock = threading.Lock()
         self._engines: list[_Engine] = []
         self._served: set[str] = set()
         self._read_at = float("-inf")
 
     def engines(self, instrument: str) -> list[_Engine]:
-        # A forked child inherits the callbacks and a running metric reader: only the owner reports.
-        if os.getpid() != self._owner_pid:
+        # A forked child inherits the callbacks and a running metric reader: only the exporter reports.
+        if os.getpid() != self._exporter_pid:
             return []
         with self._lock:
             now = time.monotonic()
@@ -114,7 +114,7 @@ def _engines(instrument: str) -> list[_Engine]:
 
 
 def _states(used: int | None, free: int | None, attributes: dict) -> Iterable[Observation]:
-    if used is not None:
+    if used is not None and free is not None:
         yield Observation(used, {**attributes, KV_CACHE_STATE: KV_CACHE_STATE_USED})
         yield Observation(free, {**attributes, KV_CACHE_STATE: KV_CACHE_STATE_FREE})
 

@@ -26,6 +26,13 @@ from typing import Any
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import ObjectProxy, register_post_import_hook, wrap_function_wrapper
 
+from otel_vllm_kv.exporter.gauges import (
+    GAUGES,
+    KV_CACHE_ADMISSION_HEADROOM,
+    KV_CACHE_EVICTABLE,
+    KV_CACHE_LIMIT,
+    KV_CACHE_USAGE,
+)
 from otel_vllm_kv.logs import WarnOnce
 from otel_vllm_kv.relay import SnapshotReader
 
@@ -34,15 +41,13 @@ LIMIT_TOKENS = "vllm:kv_cache_limit_tokens"
 EVICTABLE_TOKENS = "vllm:kv_cache_evictable_tokens"
 HEADROOM_TOKENS = "vllm:kv_cache_admission_headroom_tokens"
 _LABELS = ("model_name", "engine")
-#: name: (help, extra label, the occupancy field(s) per label value).
+#: name: (help, extra label, the occupancy field(s) per label value). The help is the OpenTelemetry
+#: gauge's description: each definition is written once, in ``exporter.gauges.GAUGES``.
 FAMILIES: dict[str, tuple[str, str | None, dict[str | None, str]]] = {
-    USAGE_TOKENS: ("KV-cache tokens by state (used or free); used + free = limit.", "state",
-                   {"used": "used_tokens", "free": "free_tokens"}),
-    LIMIT_TOKENS: ("KV-cache token capacity: (blocks - 1 reserved null block) x block size, "
-                   "or vLLM's kv_cache_size_tokens for hybrid models.", None, {None: "limit_tokens"}),
-    EVICTABLE_TOKENS: ("Free KV-cache tokens still holding an unreferenced cached prefix.", None,
-                       {None: "evictable_tokens"}),
-    HEADROOM_TOKENS: ("Free KV-cache tokens beyond vLLM's admission watermark.", None, {None: "headroom_tokens"}),
+    USAGE_TOKENS: (GAUGES[KV_CACHE_USAGE][1], "state", {"used": "used_tokens", "free": "free_tokens"}),
+    LIMIT_TOKENS: (GAUGES[KV_CACHE_LIMIT][1], None, {None: "limit_tokens"}),
+    EVICTABLE_TOKENS: (GAUGES[KV_CACHE_EVICTABLE][1], None, {None: "evictable_tokens"}),
+    HEADROOM_TOKENS: (GAUGES[KV_CACHE_ADMISSION_HEADROOM][1], None, {None: "headroom_tokens"}),
 }
 #: Reads prometheus_client's multiprocess files for a scrape (imported by vLLM in multiprocess mode).
 MULTIPROCESS_MODULE = "prometheus_client.multiprocess"

@@ -84,7 +84,7 @@ class _Annotator:
         span = tracked.span
         if span is None or not span.is_recording():
             return
-        single = tracked.submitted[0] == 1
+        single = tracked.submitted is not None and tracked.submitted[0] == 1
         if not single:
             attributes = {**attributes, names.REQUEST_ID: tracked.external_id}
         if event.kind == ADMITTED:

@@ -53,7 +53,8 @@ class _Engine:
     def publish(self, kv_cache_usage: float) -> None:
         allocatable = self.layout.allocatable_blocks
         free_blocks = min(max(round((1.0 - kv_cache_usage) * allocatable), 0), allocatable)
-        self.writer.write(free_blocks)
+        if self.writer is not None:
+            self.writer.write(free_blocks)
 
 
 class _Directory:
@@ -99,6 +100,8 @@ class _Directory:
             engine.publish(stats.kv_cache_usage)
 
     def _report_from_stats(self, client: Any, engine: _Engine) -> None:
+        if self.relay_directory is None:  # uninstrumented meanwhile
+            return
         engine.writer = StatsSnapshotWriter(self.relay_directory, engine.index, engine.model_name, engine.layout)
         weakref.finalize(client, engine.writer.close)
         _logger.warning(

@@ -1,0 +1,55 @@
+"""Every name, unit, description and setting is defined once, in code; the docs must say the same."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from otel_vllm_kv import environment_variables, span_attributes
+from otel_vllm_kv.exporter.gauges import GAUGES
+from otel_vllm_kv.frontend.metrics_endpoint import FAMILIES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(path: str) -> str:
+    with open(os.path.join(ROOT, path), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def test_every_gauge_is_defined_in_the_docs_with_its_unit_and_description():
+    metrics = read("docs/metrics.md")
+    readme = read("README.md")
+    for name, (unit, description, _) in GAUGES.items():
+        assert f"| `{name}` | `{unit}` |" in metrics, f"{name}: no definition row with unit {unit} in docs/metrics.md"
+        assert f"| `{name}` | {description} |" in metrics, f"{name}: its description differs in docs/metrics.md"
+        assert f"`{name}`" in readme, f"{name} is missing from the README's metric table"
+
+
+def test_vllm_metrics_families_reuse_the_gauges_descriptions_and_are_documented():
+    descriptions = {description for _, description, _ in GAUGES.values()}
+    docs = read("docs/metrics.md")
+    for family, (help_text, _, _) in FAMILIES.items():
+        assert help_text in descriptions, f"{family}: a help text of its own"
+        assert f"`{family}" in docs, f"{family} is not documented"
+
+
+def test_every_span_attribute_and_event_is_documented():
+    docs = read("docs/metrics.md")
+    names = [value for key, value in vars(span_attributes).items() if key.isupper() and isinstance(value, str)]
+    assert len(names) >= 15
+    # The docs group siblings: `vllm.admission.kv_cache.used_tokens` / `free_tokens` / `limit_tokens`.
+    documented = set(re.findall(r"`([a-z_.]+)`", docs))
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        assert name in documented or (leaf in documented and any(d.startswith(parent + ".") for d in documented)), (
+            f"span attribute or event {name} is not in docs/metrics.md"
+        )
+
+
+def test_every_setting_is_in_the_readme():
+    readme = read("README.md")
+    variables = [value for key, value in vars(environment_variables).items() if key.startswith("OTEL_")]
+    assert variables
+    for variable in variables:
+        assert f"| `{variable}` |" in readme, f"{variable} is not in the README's settings table"
