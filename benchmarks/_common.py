@@ -18,6 +18,9 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
+# The scheduler harness (a real Scheduler driven without a model) is the test suite's, tests/schedulers.py.
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
 # Every engine a benchmark starts keeps its CPU KV cache at 1 GiB (as the test suite does);
 # the tiny model's cache is capped at 64 blocks anyway. Engines inherit this.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -6,13 +6,14 @@ admitting ``ADMISSIONS_PER_STEP`` requests, one preemption with its resumption, 
 metric collection. Everything is deterministic: no randomness, no wall-clock branch,
 the same requests in the same order in every process.
 
-A step is ``schedule()``, a synthetic ``ModelRunnerOutput`` (``_scheduler.fake_runner_output``)
+A step is ``schedule()``, a synthetic ``ModelRunnerOutput`` (``schedulers.runner_output``)
 and ``update_from_output()``, which calls ``make_stats``, as ``EngineCore.step`` does. The
 ``harness`` workloads count the synthetic output alone, so it can be taken out of vLLM's figure.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,17 @@ ADMISSIONS_PER_STEP = 4
 #: Prompt tokens shared by every request of the prefix-hit workload: three full blocks.
 SHARED_PREFIX = tuple(range(1000, 1000 + 3 * BLOCK_SIZE))
 PROMPT_MIN, PROMPT_MAX = 16, 80
+
+
+_serials = itertools.count(1)
+
+
+def distinct_request(scheduler: object, num_prompt_tokens: int, max_tokens: int, prefix: tuple[int, ...] = ()) -> object:
+    """A request of ``prefix`` then a serial number: no two requests share a block past ``prefix``."""
+    from schedulers import make_request
+
+    prompt = [*prefix, next(_serials), *range(1, num_prompt_tokens - len(prefix))]
+    return make_request(scheduler, len(prompt), max_tokens, prompt_token_ids=prompt)
 
 
 @dataclass
@@ -45,15 +57,14 @@ class Workload:
     warmup_units = 20
 
     def __init__(self, model_dir: str, log_stats: bool = False) -> None:
-        from _scheduler import build_scheduler, build_vllm_config
+        from schedulers import build_scheduler
 
         self.tally = Tally()
         self.log_stats = log_stats
-        self.vllm_config = build_vllm_config(
-            model_dir, num_blocks=self.num_blocks(), block_size=BLOCK_SIZE, max_num_seqs=512,
-            max_num_batched_tokens=8192,
+        self.scheduler = build_scheduler(
+            model_dir, log_stats=log_stats, num_blocks=self.num_blocks(), block_size=BLOCK_SIZE,
+            served_model_name="tiny", max_num_seqs=512, max_num_batched_tokens=8192,
         )
-        self.scheduler = build_scheduler(self.vllm_config, log_stats=log_stats)
         self.start()
         for _ in range(self.warmup_units):
             self.unit()
@@ -69,17 +80,15 @@ class Workload:
         raise NotImplementedError
 
     def add(self, num_prompt_tokens: int, max_tokens: int, prefix: tuple[int, ...] = ()) -> None:
-        from _scheduler import make_request
-
-        self.scheduler.add_request(make_request(self.scheduler, num_prompt_tokens, max_tokens, prefix))
+        self.scheduler.add_request(distinct_request(self.scheduler, num_prompt_tokens, max_tokens, prefix))
 
     def step(self) -> None:
-        from _scheduler import fake_runner_output
+        from schedulers import runner_output
 
         from otel_vllm_kv.admission_records import TRACE_HEADER_KEY
 
         scheduler_output = self.scheduler.schedule()
-        outputs = self.scheduler.update_from_output(scheduler_output, fake_runner_output(scheduler_output))
+        outputs = self.scheduler.update_from_output(scheduler_output, runner_output(scheduler_output))
         tally = self.tally
         tally.scheduled_tokens += scheduler_output.total_num_scheduled_tokens
         tally.admitted += len(scheduler_output.scheduled_new_reqs)
@@ -193,9 +202,9 @@ class Harness(Decode):
         self.name = f"harness {running}"
 
     def unit(self) -> None:
-        from _scheduler import fake_runner_output
+        from schedulers import runner_output
 
-        fake_runner_output(self.last_output)
+        runner_output(self.last_output)
 
 
 def build(name: str, model_dir: str, max_units: int, reader: object) -> Workload:

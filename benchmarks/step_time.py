@@ -41,17 +41,17 @@ ORDER = "ABBA"
 
 def run_sequence(model_dir: str, blocks: int, steps: int, switch: bool) -> dict[str, list[float]]:
     """µs per step of each A and B block, in order; with ``switch``, B blocks are instrumented."""
-    from _scheduler import build_scheduler, build_vllm_config, fake_runner_output, make_request
+    from _workloads import distinct_request
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from schedulers import build_scheduler, runner_output
 
     from otel_vllm_kv import VLLMKVCacheInstrumentor
 
-    vllm_config = build_vllm_config(model_dir, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=64,
-                                    max_num_batched_tokens=8192)
-    scheduler = build_scheduler(vllm_config, log_stats=False)
+    scheduler = build_scheduler(model_dir, log_stats=False, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE,
+                                served_model_name="tiny", max_num_seqs=64, max_num_batched_tokens=8192)
     for index in range(RUNNING):
-        scheduler.add_request(make_request(scheduler, 16 + (index * 37) % 65, blocks * (steps + 2) + 8))
+        scheduler.add_request(distinct_request(scheduler, 16 + (index * 37) % 65, blocks * (steps + 2) + 8))
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     instrumentor = VLLMKVCacheInstrumentor()
@@ -59,7 +59,7 @@ def run_sequence(model_dir: str, blocks: int, steps: int, switch: bool) -> dict[
 
     def step() -> None:
         output = scheduler.schedule()
-        scheduler.update_from_output(output, fake_runner_output(output))
+        scheduler.update_from_output(output, runner_output(output))
 
     step()  # admit them all
     times: dict[str, list[float]] = {"A": [], "B": []}

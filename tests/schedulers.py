@@ -1,9 +1,15 @@
-"""Real vLLM V1 schedulers for unit tests: everything but the model forward pass is vLLM's own."""
+"""Real vLLM V1 schedulers without a model, for the tests and the benchmarks (the one harness).
+
+Everything but the forward pass is vLLM's own: ``schedule()`` allocates blocks, and
+``update_from_output()`` consumes a ``ModelRunnerOutput`` that sampled one token (id 7) for
+every scheduled request (``runner_output``), as ``EngineCore.step`` would after the model ran.
+"""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from vllm.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, VllmConfig
@@ -17,35 +23,32 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
 _request_ids = itertools.count()
+#: The tiny model's context length: prompt + output of one request must fit.
+MAX_MODEL_LEN = 2048
+SAMPLED_TOKEN = 7
 
 
-def build_scheduler(
+def build_vllm_config(
     model_dir: str,
     num_blocks: int = 11,
     block_size: int = 16,
     data_parallel_index: int = 0,
     served_model_name: str | None = None,
-    log_stats: bool = True,
     enable_prefix_caching: bool = True,
     max_num_seqs: int = 16,
-    sliding_window: int | None = None,
+    max_num_batched_tokens: int | None = None,
     watermark: float = 0.0,
     decode_context_parallel_size: int = 1,
-) -> Scheduler:
-    """A real Scheduler over a real KVCacheManager with ``num_blocks`` blocks (one is vLLM's null block).
-
-    With ``sliding_window``, the model is hybrid as Gemma 2 is: a full-attention KV-cache group
-    and a sliding-window one, sharing the pool. With ``decode_context_parallel_size`` > 1 the
-    scheduler is the one a DCP rank builds; only its block accounting runs here (no workers).
-    """
+) -> VllmConfig:
+    """The configuration an engine core would build for the tiny model, with ``num_blocks`` blocks."""
     model_config = ModelConfig(
-        model=model_dir, max_model_len=2048, dtype="float32", seed=0, served_model_name=served_model_name
+        model=model_dir, max_model_len=MAX_MODEL_LEN, dtype="float32", seed=0, served_model_name=served_model_name
     )
     cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
     cache_config.num_gpu_blocks = num_blocks
     scheduler_config = SchedulerConfig(
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, max_num_seqs), max_model_len=2048,
-        is_encoder_decoder=False, watermark=watermark,
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens or max(MAX_MODEL_LEN, max_num_seqs),
+        max_model_len=MAX_MODEL_LEN, is_encoder_decoder=False, watermark=watermark,
     )
     vllm_config = VllmConfig(
         model_config=model_config, cache_config=cache_config,
@@ -54,6 +57,18 @@ def build_scheduler(
     vllm_config.parallel_config.data_parallel_index = data_parallel_index
     # Set after validation, which wants as many tensor-parallel ranks as DCP ones.
     vllm_config.parallel_config.decode_context_parallel_size = decode_context_parallel_size
+    return vllm_config
+
+
+def scheduler_on(vllm_config: VllmConfig, log_stats: bool = True, sliding_window: int | None = None) -> Scheduler:
+    """A fresh Scheduler (a fresh KVCacheManager and block pool) on ``vllm_config``.
+
+    With ``sliding_window``, the model is hybrid as Gemma 2 is: a full-attention KV-cache group
+    and a sliding-window one, sharing the pool. With a decode-context-parallel size > 1 the
+    scheduler is the one a DCP rank builds; only its block accounting runs here (no workers).
+    """
+    block_size = vllm_config.cache_config.block_size
+    num_blocks = vllm_config.cache_config.num_gpu_blocks
     groups = [KVCacheGroupSpec(["layer"], FullAttentionSpec(
         block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32
     ))]
@@ -66,8 +81,15 @@ def build_scheduler(
         vllm_config=vllm_config, kv_cache_config=kv_cache_config,
         structured_output_manager=StructuredOutputManager(vllm_config),
         # EngineCore passes the scheduler's block size with the DCP factor in it.
-        block_size=block_size * decode_context_parallel_size, log_stats=log_stats,
+        block_size=block_size * vllm_config.parallel_config.decode_context_parallel_size, log_stats=log_stats,
     )
+
+
+def build_scheduler(
+    model_dir: str, log_stats: bool = True, sliding_window: int | None = None, **config: Any
+) -> Scheduler:
+    """A real Scheduler over a real KVCacheManager: ``build_vllm_config(model_dir, **config)``'s."""
+    return scheduler_on(build_vllm_config(model_dir, **config), log_stats=log_stats, sliding_window=sliding_window)
 
 
 def make_request(
@@ -87,6 +109,19 @@ def make_request(
     )
 
 
+def runner_output(scheduler_output: Any) -> ModelRunnerOutput:
+    """What the model runner would return after the step: token 7 sampled for every scheduled request."""
+    request_ids = list(scheduler_output.num_scheduled_tokens)
+    return ModelRunnerOutput(
+        req_ids=request_ids,
+        req_id_to_index={request_id: index for index, request_id in enumerate(request_ids)},
+        sampled_token_ids=[[SAMPLED_TOKEN] for _ in request_ids],
+        logprobs=None,
+        prompt_logprobs_dict={},
+        pooler_output=[],
+    )
+
+
 @dataclass
 class Stepper:
     """Drives ``schedule()`` and ``update_from_output()`` as EngineCore.step does, sampling token 7."""
@@ -100,17 +135,8 @@ class Stepper:
         self.finish(self.scheduler.schedule())
 
     def finish(self, output) -> None:
-        """The second half of a step: the model 'ran' and sampled token 7 for every scheduled request."""
-        request_ids = list(output.num_scheduled_tokens)
-        runner_output = ModelRunnerOutput(
-            req_ids=request_ids,
-            req_id_to_index={request_id: i for i, request_id in enumerate(request_ids)},
-            sampled_token_ids=[[7] for _ in request_ids],
-            logprobs=None,
-            prompt_logprobs_dict={},
-            pooler_output=[],
-        )
-        for engine_outputs in self.scheduler.update_from_output(output, runner_output).values():
+        """The second half of a step: the model 'ran' (``runner_output``)."""
+        for engine_outputs in self.scheduler.update_from_output(output, runner_output(output)).values():
             self.outputs.append(engine_outputs)
             if engine_outputs.scheduler_stats is not None:
                 self.stats.append(engine_outputs.scheduler_stats)
