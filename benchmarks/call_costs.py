@@ -39,15 +39,6 @@ class _Pool:
         return self.field1 + self.field5 + self.field10 + self.field15
 
 
-class _Records:
-    original_headers = None
-    sequence = 0
-    outputs_at_record = 0
-    preempted_ns = 0
-    prefix_hits = 0
-    admitted_generation = -1
-
-
 def _hooked(kind: str) -> _Pool:
     """A pool whose ``get_new_blocks`` is shadowed on the instance the way ``kind`` says."""
     import wrapt
@@ -76,6 +67,8 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
     """name -> (what it stands for, one run)."""
     from opentelemetry.sdk.trace import TracerProvider
 
+    from otel_vllm_kv.engine.admission import RequestRecords
+
     plain, wrapped, any_closure, own_closure = (_hooked(kind) for kind in ("plain", "wrapt", "any", "own"))
     fresh, built = _Pool(), _Pool()
     vars(built)  # CPython builds the instance __dict__ on first access; attribute reads then take another path
@@ -94,7 +87,8 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
         "4 attribute reads, __dict__ built": ("the same after one vars(object)", built.read),
         "SimpleNamespace of 7 fields": ("a request's state, built with keywords",
                                         lambda: SimpleNamespace(a=None, b=[], c=0, d=0, e=0, f=0, g=-1)),
-        "class with defaults, 2 fields set": ("the same state, defaults on the class", _new_records),
+        "class with defaults, 2 fields set": ("the same state, defaults on the class (admission.RequestRecords)",
+                                               lambda: _new_records(RequestRecords)),
         "SDK span.add_event, 14 attributes": ("one admission event of a batch span",
                                               lambda: span.add_event("admitted", attributes14, timestamp=next(events))),
         "SDK span.add_event, 7 attributes": ("half the attributes",
@@ -103,8 +97,9 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
     }
 
 
-def _new_records() -> _Records:
-    records = _Records()
+def _new_records(records_class: type) -> object:
+    """The probe's per-request state as ``admission.new_records`` builds it (without the request)."""
+    records = records_class()
     records.original_headers = None
     records.pending = []
     return records
