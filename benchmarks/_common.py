@@ -6,6 +6,7 @@ subprocesses stays light.
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import json
 import os
@@ -136,6 +137,23 @@ def exit_with(main) -> None:
     except SanityError as error:
         print(f"SANITY CHECK FAILED: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+def add_child_arguments(parser, timeout: float, per: str) -> None:
+    """The options of a benchmark that runs its engines in child processes of its own."""
+    parser.add_argument("--model-dir", help="where to write the tiny model (default: a temporary directory)")
+    parser.add_argument("--timeout", type=float, default=timeout, help=f"seconds allowed per {per} (default {timeout:g})")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+
+
+def exit_as_parent_or_child(parse_args, parent, child) -> None:
+    """Run a benchmark that re-runs itself as measured children: ``child`` when called with ``--child``."""
+
+    def main() -> int:
+        args = parse_args(None)
+        return child(args) if args.child else parent(args)
+
+    exit_with(main)
 
 
 def run_child(script: str, spec: dict, log_path: str, timeout: float, **environment: str) -> dict:

@@ -49,7 +49,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SanityError, check, command_line, markdown_table, median, print_header, run_child
+from _common import (
+    SanityError,
+    add_child_arguments,
+    check,
+    command_line,
+    exit_as_parent_or_child,
+    markdown_table,
+    median,
+    print_header,
+    run_child,
+)
 
 ALL_VARIANTS = ("plain", "ours", "vllm-tracing", "vllm-tracing+ours")
 WARMUP_SPAN = "benchmark warm-up batch"
@@ -315,12 +325,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-stats", action="store_true",
                         help="run every variant with vLLM's statistics on (as `vllm serve` does); by default only "
                         "the vllm-tracing variants have them, because vLLM's tracing requires them")
-    parser.add_argument("--model-dir", help="where to write the tiny model (default: a temporary directory)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per engine run (default 900)")
+    add_child_arguments(parser, timeout=900, per="engine run")
     parser.add_argument("--smoke", action="store_true",
                         help="plain + ours, 16 short requests, 1 round: checks that everything works "
                         "(exit 1 if a check fails); timings are meaningless")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return args
@@ -339,10 +347,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return child(args) if args.child else parent(args)
-
-
 if __name__ == "__main__":  # vLLM on CPU spawns its engine core, which re-imports this module
-    sys.exit(main())
+    exit_as_parent_or_child(parse_args, parent, child)

@@ -44,7 +44,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SanityError, command_line, markdown_table, print_header, run_child
+from _common import (
+    SanityError,
+    add_child_arguments,
+    command_line,
+    exit_as_parent_or_child,
+    markdown_table,
+    print_header,
+    run_child,
+)
 
 VARIANTS = ("ours", "plain")
 MIB = 1024 * 1024
@@ -271,12 +279,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=200, help="untimed requests before the first reading (default 200)")
     parser.add_argument("--threshold-mib", type=float, default=0.5,
                         help="allowed growth per 1,000 requests, MiB (default 0.5)")
-    parser.add_argument("--model-dir", help="where to write the tiny model (default: a temporary directory)")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per variant (default 1800)")
+    add_child_arguments(parser, timeout=1800, per="variant")
     parser.add_argument("--smoke", action="store_true",
                         help="ours only, checkpoints 50,100: checks that everything works (exit 1 if a check "
                         "fails); too small to judge growth")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return args
@@ -291,10 +297,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return child(args) if args.child else parent(args)
-
-
 if __name__ == "__main__":  # vLLM on CPU spawns its engine core, which re-imports this module
-    sys.exit(main())
+    exit_as_parent_or_child(parse_args, parent, child)
