@@ -7,6 +7,7 @@ behind after ``uninstrument()`` on a live scheduler.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import sys
@@ -123,3 +124,63 @@ def test_a_hook_whose_parameters_differ_from_the_method_is_refused():
     assert "get_new_blocks" not in vars(pool)
     hook_methods(pool, {"get_new_blocks": lambda original: lambda *args, **kwargs: original(*args, **kwargs)})
     assert pool.get_new_blocks(2) == [None, None] and "get_new_blocks" in vars(pool)
+
+
+def _dict_built(target: object, attribute: str) -> bool:
+    """Whether CPython built ``target``'s ``__dict__`` (which slows every attribute read on it).
+
+    Without reading ``__dict__`` (that would build it): a built one is among the object's
+    referents, holding ``attribute``; inline values are referents one by one instead.
+    """
+    value = getattr(target, attribute)
+    return any(type(referent) is dict and referent.get(attribute, referent) is value
+               for referent in gc.get_referents(target))
+
+
+def test_the_probe_never_builds_the_dict_of_vllms_objects(tiny_model_dir):
+    """Found by instruction counts: ``vars(pool)`` once made every later read on it slower.
+
+    Plain vLLM already builds the scheduler's and each request's; the KV-cache manager's and the
+    block pool's it does not, and the package must leave them so.
+    """
+
+    class Calibration:
+        def __init__(self) -> None:
+            self.field = object()
+
+    fresh, built = Calibration(), Calibration()
+    vars(built)
+    if _dict_built(fresh, "field") or not _dict_built(built, "field"):
+        pytest.skip("this Python lays out instance attributes differently")
+
+    def run(instrumented: bool) -> dict[str, bool]:
+        reader, provider = new_reader()
+        instrumentor = VLLMKVCacheInstrumentor()
+        if instrumented:
+            instrumentor.instrument(meter_provider=provider)
+        try:
+            scheduler = build_scheduler(tiny_model_dir, num_blocks=64, block_size=16)
+            requests = [make_request(scheduler, num_prompt_tokens=40, max_tokens=6, first_token=100 * i)
+                        for i in range(4)]
+            for request in requests:
+                scheduler.add_request(request)
+            stepper = Stepper(scheduler)
+            stepper.step()
+            stepper.step()
+            objects = {
+                "scheduler": (scheduler, "kv_cache_manager"),
+                "manager": (scheduler.kv_cache_manager, "block_pool"),
+                "pool": (scheduler.kv_cache_manager.block_pool, "free_block_queue"),
+                "request": (requests[0], "request_id"),
+            }
+            built = {name: _dict_built(target, attribute) for name, (target, attribute) in objects.items()}
+            stepper.run_until_idle()
+            scheduler.shutdown()
+            return built
+        finally:
+            if instrumented:
+                instrumentor.uninstrument()
+            provider.shutdown()
+
+    plain, ours = run(False), run(True)
+    assert ours == plain, f"dicts built with the package: {ours}, without: {plain}"
