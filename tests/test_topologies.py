@@ -1,4 +1,4 @@
-"""``vllm serve`` in the topologies operators run (README, Topologies), under
+"""``vllm serve`` in the topologies operators run (docs/architecture.md, Topologies), under
 ``opentelemetry-instrument``, each run with and without this package
 (``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=vllm_kv``) against a real OTLP receiver.
 
