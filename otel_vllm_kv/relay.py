@@ -22,6 +22,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from otel_vllm_kv.kv_cache import GroupLayout, KVCacheOccupancy, PoolLayout, occupancy
 from otel_vllm_kv.processes import is_alive
@@ -43,6 +44,11 @@ _STATS_PREFIX = "stats-"
 #: A stats file's record: free blocks, and when the statistics arrived (time.time_ns()).
 _STATS_VALUES = struct.Struct("<qq")
 _READ_ATTEMPTS = 64
+#: A first read that finds the writer mid-write waits this long at most, in pauses of the second.
+_FIRST_READ_WAIT_SECONDS = 0.2
+_FIRST_READ_PAUSE_SECONDS = 0.0005
+#: What an attempt returns when the writer rewrote the record during every try.
+_BUSY = object()
 
 _file_counter = itertools.count()
 
@@ -190,8 +196,22 @@ class _MappedFile:
 
         A writer that rewrites the record during every attempt leaves the last consistent
         record this reader saw (at most the writes of those attempts old): an engine that
-        published is never reported as absent.
+        published is never reported as absent. A reader that has seen none yet waits for the
+        writer to finish its write (on a busy machine the writer can be descheduled inside it
+        for a time slice or more), up to ``_FIRST_READ_WAIT_SECONDS``: only a writer that died
+        mid-write gets its engine left out, and the reader drops files of dead writers.
         """
+        values = self._attempt()
+        if values is not _BUSY or self._last is not None:
+            return self._last if values is _BUSY else values
+        deadline = time.monotonic() + _FIRST_READ_WAIT_SECONDS
+        while values is _BUSY and time.monotonic() < deadline:
+            time.sleep(_FIRST_READ_PAUSE_SECONDS)  # gives the writer the CPU
+            values = self._attempt()
+        return None if values is _BUSY else values
+
+    def _attempt(self) -> Any:
+        """A consistent record (also kept as the last one), None (nothing published), or ``_BUSY``."""
         for _ in range(_READ_ATTEMPTS):
             (before,) = _SEQUENCE.unpack_from(self.map, _SEQUENCE_OFFSET)
             if before & 1:
@@ -203,7 +223,7 @@ class _MappedFile:
                     self._last = values
                     return values
                 return None
-        return self._last
+        return _BUSY
 
 
 def _creation_order(name: str) -> tuple[int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import stat
+import threading
 import time
 
 from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout
@@ -34,6 +35,26 @@ def test_a_record_being_rewritten_is_not_read(tmp_path):
 
     _SEQUENCE.pack_into(writer._map, _SEQUENCE_OFFSET, writer._sequence)
     assert reader.read() == []
+
+
+def test_a_first_read_waits_for_a_writer_descheduled_mid_write(tmp_path):
+    """On a busy machine the writer can lose the CPU between its two sequence stores; a reader that
+    has seen no record yet must wait for it (the tight-loop race test below lost up to 878 reads of
+    1 M this way, under load), not report the engine absent."""
+    writer = SnapshotWriter(str(tmp_path), engine_index=0, model_name="tiny", layout=LAYOUT)
+    writer.write(40, [0])
+    from otel_vllm_kv.relay import _SEQUENCE, _SEQUENCE_OFFSET
+
+    stuck = writer._sequence + 1
+    writer._map[_SEQUENCE_OFFSET:_SEQUENCE_OFFSET + _SEQUENCE.size] = _SEQUENCE.pack(stuck)
+    finish = threading.Timer(0.03, lambda: writer._map.__setitem__(
+        slice(_SEQUENCE_OFFSET, _SEQUENCE_OFFSET + _SEQUENCE.size), _SEQUENCE.pack(stuck + 1)))
+    finish.start()
+    try:
+        (snapshot,) = SnapshotReader(str(tmp_path)).read()
+    finally:
+        finish.join()
+    assert snapshot.free_blocks == 40
 
 
 def test_closed_writer_disappears(tmp_path):
