@@ -67,8 +67,6 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
     """name -> (what it stands for, one run)."""
     from opentelemetry.sdk.trace import TracerProvider
 
-    from otel_vllm_kv.engine.admission import RequestRecords
-
     plain, wrapped, any_closure, own_closure = (_hooked(kind) for kind in ("plain", "wrapt", "any", "own"))
     fresh, built = _Pool(), _Pool()
     vars(built)  # CPython builds the instance __dict__ on first access; attribute reads then take another path
@@ -87,8 +85,8 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
         "4 attribute reads, __dict__ built": ("the same after one vars(object)", built.read),
         "SimpleNamespace of 7 fields": ("a request's state, built with keywords",
                                         lambda: SimpleNamespace(a=None, b=[], c=0, d=0, e=0, f=0, g=-1)),
-        "class with defaults, 2 fields set": ("the same state, defaults on the class (admission.RequestRecords)",
-                                               lambda: _new_records(RequestRecords)),
+        "class with defaults, 2 fields set": ("the same state, defaults on the class (what the probe no longer builds)",
+                                               lambda: _new_records(_RequestRecords)),
         "SDK span.add_event, 14 attributes": ("one admission event of a batch span",
                                               lambda: span.add_event("admitted", attributes14, timestamp=next(events))),
         "SDK span.add_event, 7 attributes": ("half the attributes",
@@ -97,8 +95,15 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
     }
 
 
+class _RequestRecords:
+    """A per-request state object as the probe once kept one: seven fields, defaults on the class."""
+
+    sequence = outputs_at_record = preempted_ns = prefix_hits = 0
+    admitted_generation = -1
+
+
 def _new_records(records_class: type) -> object:
-    """The probe's per-request state as ``admission.new_records`` builds it (without the request)."""
+    """Such an object built as the probe built it (without the request); it now keeps none."""
     records = records_class()
     records.original_headers = None
     records.pending = []

@@ -39,6 +39,7 @@ def build_vllm_config(
     max_num_batched_tokens: int | None = None,
     watermark: float = 0.0,
     decode_context_parallel_size: int = 1,
+    policy: str = "fcfs",
 ) -> VllmConfig:
     """The configuration an engine core would build for the tiny model, with ``num_blocks`` blocks."""
     model_config = ModelConfig(
@@ -48,7 +49,7 @@ def build_vllm_config(
     cache_config.num_gpu_blocks = num_blocks
     scheduler_config = SchedulerConfig(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens or max(MAX_MODEL_LEN, max_num_seqs),
-        max_model_len=MAX_MODEL_LEN, is_encoder_decoder=False, watermark=watermark,
+        max_model_len=MAX_MODEL_LEN, is_encoder_decoder=False, watermark=watermark, policy=policy,
     )
     vllm_config = VllmConfig(
         model_config=model_config, cache_config=cache_config,

@@ -26,8 +26,9 @@ def events_of(request) -> list:
     return decode(headers[TRACE_HEADER_KEY]) if TRACE_HEADER_KEY in headers else []
 
 
-def test_each_admission_sees_the_pool_right_after_its_own_allocation(tiny_model_dir):
-    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])  # deques read in C; a heap through get_request_counts
+def test_each_admission_sees_the_pool_right_after_its_own_allocation(tiny_model_dir, policy):
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16, policy=policy)
     first = make_request(scheduler, num_prompt_tokens=40, max_tokens=50, first_token=0)
     second = make_request(scheduler, num_prompt_tokens=20, max_tokens=50, first_token=500)
     third = make_request(scheduler, num_prompt_tokens=100, max_tokens=50, first_token=900)  # does not fit yet
@@ -146,7 +147,7 @@ def test_no_per_request_state_outlives_the_requests(tiny_model_dir):
 
     scheduler.finish_requests([requests[0].request_id, requests[5].request_id], RequestStatus.FINISHED_ABORTED)
     stepper.run_until_idle()
-    assert any(admission.STATE_ATTRIBUTE in vars(request) for request in requests), "requests had records"
+    assert any(admission.ADMITTED_GENERATION_ATTRIBUTE in vars(request) for request in requests), "requests had state"
     assert probe.registry.attach(scheduler).recorder.undelivered == [], "every record was delivered"
     alive = [weakref.ref(request) for request in requests]
     del requests

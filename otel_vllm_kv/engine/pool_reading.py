@@ -8,6 +8,7 @@ equivalent, so a vLLM that moved them fails at attach, not with wrong numbers.
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Any
 
 from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout
@@ -69,6 +70,23 @@ def free_block_queue(scheduler: Any) -> Any:
     if queue.num_free_blocks != pool.get_num_free_blocks():
         raise RuntimeError("BlockPool.get_num_free_blocks no longer reads free_block_queue.num_free_blocks")
     return queue
+
+
+def waiting_queues(scheduler: Any) -> tuple[deque, ...] | None:
+    """The queues whose lengths ``Scheduler.get_request_counts()[1]`` adds, where each is a ``deque``.
+
+    vLLM's FCFS queue (the default policy) is a ``deque`` with a Python ``__len__`` that calls
+    ``super().__len__()``: two frames and a ``super`` object per queue, about 5,000 instructions
+    per admission through ``get_request_counts``; ``deque.__len__`` reads the same lengths in C.
+    None (use ``get_request_counts``) for other queues, e.g. the priority policy's heap.
+    """
+    found = (getattr(scheduler, "waiting", None), getattr(scheduler, "kv_holding_waiting", None))
+    queues = tuple(queue for queue in found if isinstance(queue, deque))
+    if len(queues) != len(found):
+        return None
+    if sum(map(deque.__len__, queues)) != scheduler.get_request_counts()[1]:
+        raise RuntimeError("Scheduler.get_request_counts no longer counts waiting and kv_holding_waiting")
+    return queues
 
 
 def read_engine_identity(scheduler: Any) -> tuple[int, str]:

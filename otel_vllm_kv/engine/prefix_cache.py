@@ -147,9 +147,11 @@ def _hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Callable]
         """``blocks`` were released and ``num_joined`` of them joined the free queue: count the evictable."""
         if single:
             hashed = len(blocks) - list(map(_block_hash, blocks)).count(None)  # counted in C
-            if num_joined == len(blocks) or not hashed:
-                # Every block joined this pool's free queue (or none has a hash): the hashed ones are
-                # the evictable ones, without a Python loop over the blocks.
+            if not hashed:
+                return
+            if num_joined == len(blocks):
+                # Every block joined this pool's free queue: the hashed ones are the evictable ones,
+                # without a Python loop over the blocks.
                 counter.changed(hashed)
                 return
             count = 0
@@ -213,7 +215,9 @@ def _hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Callable]
                             if block.block_hash is not None:
                                 cached.append(block)
                             block = block.next_free_block
-                        if single:
+                        if not cached:
+                            pass  # none of the popped blocks holds a cached prefix: nothing moves
+                        elif single:
                             counter.changed(-len(cached))
                         else:
                             counter.add(cached, -1)
