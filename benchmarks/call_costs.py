@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections import deque
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -74,6 +75,12 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
     attributes14 = {f"vllm.admission.attribute{index}": index * 1000 for index in range(13)} | {"vllm.request.id": "r1"}
     attributes7 = dict(list(attributes14.items())[:7])
     events = iter(range(10**9))
+    from otel_vllm_kv.admission_records import ENGINE_RECORD_FORMAT as record_format
+
+    record_fields = ("admitted", 1, 1_795_000_000_123_456_789, "0,256,4080", 200, 4, 0, 12_345_678, 3)
+    queue = _FCFSQueue(range(3))
+    queues = (queue, queue)
+    queue_length = deque.__len__
     return {
         "empty": ("the loop alone (subtracted from every other case)", lambda: None),
         "method call": ("pool.get_new_blocks(4), vLLM's own method", lambda: plain.get_new_blocks(4)),
@@ -87,6 +94,15 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
                                         lambda: SimpleNamespace(a=None, b=[], c=0, d=0, e=0, f=0, g=-1)),
         "class with defaults, 2 fields set": ("the same state, defaults on the class (what the probe no longer builds)",
                                                lambda: _new_records(_RequestRecords)),
+        "record %-format": ("an admission record's text: 9 fields, 2 of them nanoseconds",
+                            lambda: record_format % record_fields),
+        "record f-string": ("the same text as an f-string", lambda: _record_fstring(*record_fields)),
+        "len() of vLLM's FCFS queue": ("two queues, each through its Python __len__ (get_request_counts)",
+                                       lambda: len(queue) + len(queue)),
+        "deque.__len__ of the same": ("the same lengths read in C, sum(map(...)) (admission.AdmissionRecorder)",
+                                      lambda: sum(map(deque.__len__, queues))),
+        "deque.__len__, two calls": ("the same, one direct call per queue",
+                                     lambda: queue_length(queue) + queue_length(queue)),
         "SDK span.add_event, 14 attributes": ("one admission event of a batch span",
                                               lambda: span.add_event("admitted", attributes14, timestamp=next(events))),
         "SDK span.add_event, 7 attributes": ("half the attributes",
@@ -95,11 +111,23 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
     }
 
 
+class _FCFSQueue(deque):
+    """vLLM's ``FCFSRequestQueue`` as far as its length goes: a ``deque`` with a Python ``__len__``."""
+
+    def __len__(self) -> int:
+        return super().__len__()
+
+
 class _RequestRecords:
     """A per-request state object as the probe once kept one: seven fields, defaults on the class."""
 
     sequence = outputs_at_record = preempted_ns = prefix_hits = 0
     admitted_generation = -1
+
+
+def _record_fstring(kind: str, sequence: int, now: int, engine: str, free: int, own: int, hits: int, wait: int,
+                    waiting: int) -> str:
+    return f"{kind},{sequence},{now},{engine},{free},{own},{hits},{wait},{waiting}"
 
 
 def _new_records(records_class: type) -> object:
