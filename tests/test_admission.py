@@ -125,6 +125,7 @@ def test_preemption_and_resumption_are_recorded_in_order(tiny_model_dir):
     kinds = [[event.kind for event in history[r.request_id]] for r in requests]
     preempted = [k for k in kinds if PREEMPTED in k]
     assert preempted, f"no preemption happened: {kinds}"
+    assert [admission.PREEMPTED_NS_ATTRIBUTE in vars(r) for r in requests] == [PREEMPTED in k for k in kinds]
     for sequence in preempted:
         assert sequence[0] == ADMITTED
         assert sequence[1:] == [PREEMPTED, RESUMED] * ((len(sequence) - 1) // 2)

@@ -55,7 +55,6 @@ ADMITTED_GENERATION_ATTRIBUTE = "_otel_vllm_kv_admitted"
 """``num_preemptions`` at the last admission recorded: a KV connector asks for the blocks first."""
 PREEMPTED_NS_ATTRIBUTE = "_otel_vllm_kv_preempted_ns"
 """When the request was last preempted, for the wait of its resumption."""
-STATE_ATTRIBUTES = (ADMITTED_GENERATION_ATTRIBUTE, PREEMPTED_NS_ATTRIBUTE)
 
 # A record's number comes from vLLM's own count (``Request.num_preemptions``, raised inside
 # ``_preempt_request``): the admission is 1, the k-th preemption 2k, the resumption after it 2k + 1.
