@@ -62,7 +62,7 @@ class _Engine(NamedTuple):
 # ones, and callbacks cannot be unregistered: create once per meter, read ``_source``.
 _meters_with_instruments: weakref.WeakSet[Meter] = weakref.WeakSet()
 #: A snapshot older than this is read again even within what looks like one collection.
-_MAX_SNAPSHOT_AGE = 0.5
+_MAX_SNAPSHOT_AGE = 2.0  # longer than one collection takes, also on a loaded machine (0.5 s may not be)
 
 
 class _CollectionSnapshot:
