@@ -75,9 +75,13 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
     attributes14 = {f"vllm.admission.attribute{index}": index * 1000 for index in range(13)} | {"vllm.request.id": "r1"}
     attributes7 = dict(list(attributes14.items())[:7])
     events = iter(range(10**9))
-    from otel_vllm_kv.admission_records import ENGINE_RECORD_FORMAT as record_format
+    from otel_vllm_kv.admission_records import RECORD
 
-    record_fields = ("admitted", 1, 1_795_000_000_123_456_789, "0,256,4080", 200, 4, 0, 12_345_678, 3)
+    # An admission record's fields: kind, sequence, time, engine index, blocks, capacity, free, own, hits,
+    # wait, waiting; as decimal text the nanosecond clock and the engine's three fields preformatted.
+    text_fields = ("admitted", 1, 1_795_000_000_123_456_789, "0,256,4080", 200, 4, 0, 12_345_678, 3)
+    packed_fields = (0, 1, 1_795_000_000.123_456_7, 0, 256, 4080, 200, 4, 0, 0.012_345_678, 3)
+    pack = RECORD.pack
     queue = _FCFSQueue(range(3))
     queues = (queue, queue)
     queue_length = deque.__len__
@@ -94,9 +98,11 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
                                         lambda: SimpleNamespace(a=None, b=[], c=0, d=0, e=0, f=0, g=-1)),
         "class with defaults, 2 fields set": ("the same state, defaults on the class (what the probe no longer builds)",
                                                lambda: _new_records(_RequestRecords)),
-        "record %-format": ("an admission record's text: 9 fields, 2 of them nanoseconds",
-                            lambda: record_format % record_fields),
-        "record f-string": ("the same text as an f-string", lambda: _record_fstring(*record_fields)),
+        "record %-format": ("an admission record as decimal text: 9 fields, 2 of them nanoseconds",
+                            lambda: _RECORD_TEXT % text_fields),
+        "record f-string": ("the same text as an f-string", lambda: _record_fstring(*text_fields)),
+        "record struct + hex": ("the same record packed by one struct call, hex-encoded (admission.AdmissionRecorder)",
+                                lambda: pack(*packed_fields).hex()),
         "len() of vLLM's FCFS queue": ("two queues, each through its Python __len__ (get_request_counts)",
                                        lambda: len(queue) + len(queue)),
         "deque.__len__ of the same": ("the same lengths read in C, sum(map(...)) (admission.AdmissionRecorder)",
@@ -109,6 +115,10 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
                                              lambda: span.add_event("admitted", attributes7, timestamp=next(events))),
         "SDK span.set_attributes, 14": ("the attributes of a one-request span", lambda: span.set_attributes(attributes14)),
     }
+
+
+#: An admission record as decimal text (the engine's encoding before the struct one).
+_RECORD_TEXT = "%s,%d,%d,%s,%d,%d,%d,%d,%d"
 
 
 class _FCFSQueue(deque):

@@ -69,6 +69,15 @@ class ServerProcess:
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(1)
 
+    def wait_api_servers(self, count: int, timeout: float = 120) -> None:
+        """Until ``count`` API-server processes have started: /health answers once one has, and a
+        request sent before the others are up never reaches them (nor do their exports start)."""
+        deadline = time.monotonic() + timeout
+        while self.stderr.count("Application startup complete") < count:
+            assert self.process.poll() is None, "server exited:\n" + "".join(self.stderr_lines[-60:])
+            assert time.monotonic() < deadline, f"fewer than {count} API servers started"
+            time.sleep(0.5)
+
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 

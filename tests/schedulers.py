@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from vllm.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, VllmConfig
+from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, ParallelConfig, SchedulerConfig, VllmConfig
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_group_id, get_request_block_hasher, init_none_hash
@@ -40,6 +40,7 @@ def build_vllm_config(
     watermark: float = 0.0,
     decode_context_parallel_size: int = 1,
     policy: str = "fcfs",
+    example_connector_dir: str | None = None,
 ) -> VllmConfig:
     """The configuration an engine core would build for the tiny model, with ``num_blocks`` blocks."""
     model_config = ModelConfig(
@@ -56,6 +57,13 @@ def build_vllm_config(
         scheduler_config=scheduler_config, parallel_config=ParallelConfig(),
     )
     vllm_config.parallel_config.data_parallel_index = data_parallel_index
+    if example_connector_dir is not None:
+        # vLLM's example KV connector (disk storage under the directory), as a P/D deployment has one.
+        vllm_config.kv_transfer_config = KVTransferConfig(
+            kv_connector="ExampleConnector", kv_role="kv_both",
+            kv_connector_extra_config={"shared_storage_path": example_connector_dir},
+        )
+        vllm_config.scheduler_config.disable_hybrid_kv_cache_manager = True  # it supports one group only
     # Set after validation, which wants as many tensor-parallel ranks as DCP ones.
     vllm_config.parallel_config.decode_context_parallel_size = decode_context_parallel_size
     return vllm_config

@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from schedulers import Stepper, build_scheduler, make_request
+from schedulers import Stepper, build_scheduler, build_vllm_config, make_request, scheduler_on
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
 from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RESUMED, TRACE_HEADER_KEY, decode
@@ -47,6 +47,36 @@ def test_each_admission_sees_the_pool_right_after_its_own_allocation(tiny_model_
     assert attributes["vllm.admission.kv_cache.free_tokens"] == 112
     assert attributes["vllm.admission.kv_cache.limit_tokens"] == 160
     assert attributes["vllm.request.kv_cache.tokens"] == 48
+
+
+def test_a_kv_connector_changes_no_record(tiny_model_dir, tmp_path):
+    """With a KV connector the admission is recorded at ``get_blocks`` (the connector asks first), not at
+    ``record_prefix_cache_stats``: the same records, each once, including a prefix hit and a preemption."""
+    def run(example_connector_dir):
+        scheduler = scheduler_on(build_vllm_config(
+            tiny_model_dir, num_blocks=6, block_size=16, example_connector_dir=example_connector_dir))
+        assert ("get_blocks" in vars(scheduler.kv_cache_manager)) == (example_connector_dir is not None)
+        stepper = Stepper(scheduler)
+        requests = crowd(scheduler, 2) + [make_request(scheduler, 30, max_tokens=3, first_token=0)]  # 0's prefix
+        scheduler.add_request(requests[-1])
+        seen: dict[str, dict[int, tuple]] = {request.request_id: {} for request in requests}
+        for _ in range(400):
+            if not scheduler.has_requests():
+                break
+            output = scheduler.schedule()
+            for request in requests:
+                for record in events_of(request):
+                    fields = record._replace(time=0.0, queue_seconds=0.0)
+                    assert seen[request.request_id].setdefault(record.sequence, fields) == fields
+            stepper.finish(output)
+        return [list(seen[request.request_id].values()) for request in requests]
+
+    plain, with_connector = run(None), run(str(tmp_path))
+    assert with_connector == plain
+    kinds = [record.kind for records in plain for record in records]
+    assert PREEMPTED in kinds and RESUMED in kinds, kinds
+    assert [records[0].waiting for records in plain] == [2, 1, 0]
+    assert plain[2][0].cached_tokens == 16, "one full block of request 0's prompt"
 
 
 def test_hybrid_admissions_carry_tokens_of_vllms_group_aware_capacity(tiny_model_dir):
@@ -125,7 +155,7 @@ def test_preemption_and_resumption_are_recorded_in_order(tiny_model_dir):
     kinds = [[event.kind for event in history[r.request_id]] for r in requests]
     preempted = [k for k in kinds if PREEMPTED in k]
     assert preempted, f"no preemption happened: {kinds}"
-    assert [admission.PREEMPTED_NS_ATTRIBUTE in vars(r) for r in requests] == [PREEMPTED in k for k in kinds]
+    assert [admission.PREEMPTED_TIME_ATTRIBUTE in vars(r) for r in requests] == [PREEMPTED in k for k in kinds]
     for sequence in preempted:
         assert sequence[0] == ADMITTED
         assert sequence[1:] == [PREEMPTED, RESUMED] * ((len(sequence) - 1) // 2)
@@ -148,7 +178,7 @@ def test_no_per_request_state_outlives_the_requests(tiny_model_dir):
 
     scheduler.finish_requests([requests[0].request_id, requests[5].request_id], RequestStatus.FINISHED_ABORTED)
     stepper.run_until_idle()
-    assert any(admission.ADMITTED_GENERATION_ATTRIBUTE in vars(request) for request in requests), "requests had state"
+    assert any(admission.PREEMPTED_TIME_ATTRIBUTE in vars(request) for request in requests), "requests had state"
     assert probe.registry.attach(scheduler).recorder.undelivered == [], "every record was delivered"
     alive = [weakref.ref(request) for request in requests]
     del requests
@@ -161,9 +191,9 @@ def test_records_round_trip_exactly_and_garbage_is_rejected():
     from otel_vllm_kv.admission_records import AdmissionRecord, encode
 
     events = [
-        AdmissionRecord(ADMITTED, 1, 1_795_000_000_123_456_789, 3, 64, 63 * 128, 17, own_blocks=2, cached_tokens=256,
-                     queue_ns=12_345_678, waiting=9),
-        AdmissionRecord(PREEMPTED, 2, 1_795_000_000_223_456_789, 3, 64, -1, 40, waiting=10),
+        AdmissionRecord(ADMITTED, 1, 1_795_000_000.123_456_7, 3, 64, 63 * 128, 17, own_blocks=2, cached_tokens=256,
+                        queue_seconds=0.012_345_678, waiting=9),
+        AdmissionRecord(PREEMPTED, 2, 1_795_000_000.223_456_7, 3, 64, -1, 40, waiting=10),
     ]
     assert decode(encode(events)) == events
     for garbage in ("", "admitted,1,2", '[["admitted",1]]'):

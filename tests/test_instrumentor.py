@@ -347,17 +347,21 @@ def _fail_after(calls: int, error: Exception):
         ("otel_vllm_kv.engine.probe.EngineProbe.publish", RuntimeError("block pool changed")),  # the probe's read
         ("otel_vllm_kv.relay.SnapshotWriter.write", OSError(28, "No space left on device")),  # a full relay
         # a block-pool hook of the evictable count, inside vLLM's free_blocks / touch / get_new_blocks
-        ("otel_vllm_kv.engine.prefix_cache.EvictableBlocks.changed", AttributeError("KVCacheBlock has no ref_cnt")),
+        ("otel_vllm_kv.engine.prefix_cache._block_hash", AttributeError("KVCacheBlock has no _block_hash")),
     ],
 )
 def test_a_fault_mid_run_warns_once_and_withdraws_the_engine(target, error, reader, tiny_model_dir, monkeypatch,
                                                               caplog):
-    module_name, class_name, method = target.rsplit(".", 2)
-    owner = getattr(importlib.import_module(module_name), class_name)
-    original = getattr(owner, method)
+    owner_name, name = target.rsplit(".", 1)
+    try:
+        owner = importlib.import_module(owner_name)  # a module's function
+    except ModuleNotFoundError:  # a class's method
+        module_name, class_name = owner_name.rsplit(".", 1)
+        owner = getattr(importlib.import_module(module_name), class_name)
+    original = getattr(owner, name)
     failing = _fail_after(2, error)
     monkeypatch.setattr(probe.registry, "_warned", False)  # the warning is once per process
-    monkeypatch.setattr(owner, method, lambda self, *args: failing(original, self, *args))
+    monkeypatch.setattr(owner, name, lambda *args: failing(original, *args))
     scheduler = build_scheduler(tiny_model_dir)
     for _ in range(3):
         scheduler.add_request(make_request(scheduler, num_prompt_tokens=20, max_tokens=20))

@@ -103,6 +103,7 @@ def serve(model_dir: str, receiver: OtlpProtoTestServer, topology: Topology,
         server = stack.enter_context(
             instrumented_server(model_dir, env, exporters, topology.args(rpc_port))
         )
+        server.wait_api_servers(topology.api_servers)
         http_servers = [server, *(node for node in nodes if node.port is not None)]
         for node in http_servers[1:]:
             node.wait_healthy()
@@ -219,6 +220,8 @@ class Topology:
     """Whether the second node is a server too (external load balancing) rather than ``--headless``."""
     instances: int = 1
     """Process trees that each report every engine index (independent instances)."""
+    api_servers: int = 1
+    """API-server processes of the first ``vllm serve``."""
     probed_engines: int | None = None
     """Engines that run a probe, hence whose requests' spans are annotated; default: all."""
 
@@ -238,10 +241,14 @@ _HEADLESS = (*_TWO_NODES, "--headless", "--data-parallel-start-rank", "1")
 
 TOPOLOGIES = {
     # vllm serve starts one API-server process per engine by default (internal load balancing).
-    "data parallel 2, OTLP": Topology(("--data-parallel-size", "2"), "otlp", engines=2, server_spans=REQUESTS),
+    "data parallel 2, OTLP": Topology(
+        ("--data-parallel-size", "2"), "otlp", engines=2, server_spans=REQUESTS, api_servers=2,
+    ),
     # Every spawned process tries the launcher's Prometheus port; opentelemetry-instrument then
     # skips the API servers altogether (no server spans), with or without this package.
-    "one engine, 2 API servers, Prometheus": Topology(("--api-server-count", "2"), "prometheus", 1, server_spans=0),
+    "one engine, 2 API servers, Prometheus": Topology(
+        ("--api-server-count", "2"), "prometheus", 1, server_spans=0, api_servers=2,
+    ),
     # Two "nodes" on this host, each its own process tree and relay: the head serves HTTP and
     # runs engine 0; the headless node runs engine 1 and exports it itself.
     "head and headless node, OTLP": Topology(

@@ -89,6 +89,18 @@ def waiting_queues(scheduler: Any) -> tuple[deque, ...] | None:
     return queues
 
 
+def request_blocks(scheduler: Any) -> tuple[dict, ...]:
+    """Each KV-cache group's ``req_to_blocks`` map: ``KVCacheManager.get_blocks`` reads these.
+
+    Read at admission with one lookup, instead of ``get_blocks`` building a ``KVCacheBlocks``.
+    """
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    maps = tuple(manager.req_to_blocks for manager in managers)
+    if not maps or not all(isinstance(blocks, dict) for blocks in maps):
+        raise RuntimeError("the KV-cache managers no longer keep a req_to_blocks map per group")
+    return maps
+
+
 def read_engine_identity(scheduler: Any) -> tuple[int, str]:
     """The engine's data-parallel index and served model name, as vLLM labels its own metrics."""
     parallel = scheduler.vllm_config.parallel_config
