@@ -56,20 +56,11 @@ def test_a_kv_connector_changes_no_record(tiny_model_dir, tmp_path):
         scheduler = scheduler_on(build_vllm_config(
             tiny_model_dir, num_blocks=6, block_size=16, example_connector_dir=example_connector_dir))
         assert ("get_blocks" in vars(scheduler.kv_cache_manager)) == (example_connector_dir is not None)
-        stepper = Stepper(scheduler)
         requests = crowd(scheduler, 2) + [make_request(scheduler, 30, max_tokens=3, first_token=0)]  # 0's prefix
         scheduler.add_request(requests[-1])
-        seen: dict[str, dict[int, tuple]] = {request.request_id: {} for request in requests}
-        for _ in range(400):
-            if not scheduler.has_requests():
-                break
-            output = scheduler.schedule()
-            for request in requests:
-                for record in events_of(request):
-                    fields = record._replace(time=0.0, queue_seconds=0.0)
-                    assert seen[request.request_id].setdefault(record.sequence, fields) == fields
-            stepper.finish(output)
-        return [list(seen[request.request_id].values()) for request in requests]
+        history = records_until_idle(scheduler, requests)
+        return [[record._replace(time=0.0, queue_seconds=0.0) for record in history[request.request_id]]
+                for request in requests]
 
     plain, with_connector = run(None), run(str(tmp_path))
     assert with_connector == plain
@@ -138,20 +129,25 @@ def crowd(scheduler, count: int) -> list:
     return requests
 
 
-def test_preemption_and_resumption_are_recorded_in_order(tiny_model_dir):
-    scheduler = build_scheduler(tiny_model_dir, num_blocks=6, block_size=16)
+def records_until_idle(scheduler, requests) -> dict[str, list]:
+    """Step until idle; each request's records in the order first seen (a record seen again is unchanged)."""
     stepper = Stepper(scheduler)
-    requests = crowd(scheduler, 2)
-    history: dict[str, list] = {request.request_id: [] for request in requests}
+    seen: dict[str, dict[int, tuple]] = {request.request_id: {} for request in requests}
     for _ in range(400):
         if not scheduler.has_requests():
             break
         output = scheduler.schedule()
         for request in requests:
-            for event in events_of(request):
-                if event.sequence > len(history[request.request_id]):
-                    history[request.request_id].append(event)
+            for record in events_of(request):
+                assert seen[request.request_id].setdefault(record.sequence, record) == record
         stepper.finish(output)
+    return {request_id: list(records.values()) for request_id, records in seen.items()}
+
+
+def test_preemption_and_resumption_are_recorded_in_order(tiny_model_dir):
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=6, block_size=16)
+    requests = crowd(scheduler, 2)
+    history = records_until_idle(scheduler, requests)
     kinds = [[event.kind for event in history[r.request_id]] for r in requests]
     preempted = [k for k in kinds if PREEMPTED in k]
     assert preempted, f"no preemption happened: {kinds}"
