@@ -28,7 +28,7 @@ yet, emptied at the end of the step that delivers them.
 This runs at every admission, so it is written for the interpreter: a record is packed straight
 into its text by one ``struct`` call (no record object, no int conversion of the clock), its
 number is derived from vLLM's own ``num_preemptions``, the engine's fields are closure cells,
-and an admission costs two of our frames besides the hook's (``benchmarks/call_costs.py``).
+and an admission costs two frames of ours: the hook and ``_carry`` (``benchmarks/call_costs.py``).
 """
 
 from __future__ import annotations
@@ -88,7 +88,6 @@ class AdmissionRecorder:
     def hooks(self, give_up: Callable[[], None]) -> tuple[dict, dict]:
         """The hooks of the scheduler's and the manager's own methods (``patching.hook_methods``)."""
         recorder = self
-        admit = self._admitter()
 
         def preempt_request(original: Callable) -> Callable:
             def _preempt_request(*args: Any, **kwargs: Any) -> Any:  # rare: any signature
@@ -101,20 +100,9 @@ class AdmissionRecorder:
 
             return _preempt_request
 
-        def record_prefix_cache_stats(original: Callable) -> Callable:
-            def record_prefix_cache_stats(request: Any, num_hits: int) -> Any:
-                result = original(request, num_hits)
-                try:
-                    admit(request, num_hits)
-                except Exception:  # noqa: BLE001
-                    give_up()
-                return result
-
-            return record_prefix_cache_stats
-
-        on_manager = {"record_prefix_cache_stats": record_prefix_cache_stats}
+        on_manager = {"record_prefix_cache_stats": lambda original: self._admitter(original, give_up)}
         if not self._without_connector:
-            on_manager["get_blocks"] = self._unlooked_admissions(admit, give_up)
+            on_manager["get_blocks"] = self._unlooked_admissions(self._admitter(None, give_up), give_up)
         return {"_preempt_request": preempt_request}, on_manager
 
     def _unlooked_admissions(self, admit: Callable[[Any, int], None], give_up: Callable[[], None]) -> Callable:
@@ -140,12 +128,14 @@ class AdmissionRecorder:
 
         return get_blocks
 
-    def _admitter(self) -> Callable[[Any, int], None]:
+    def _admitter(self, original: Callable | None, give_up: Callable[[], None]) -> Callable[[Any, int], Any]:
         """The admission recorder: ``admit(request, local prefix-cache hits)``, the request's blocks allocated
         and the request not popped from its queue yet.
 
-        The engine's fields are closure cells (cheaper than attribute reads) and the waiting count is
-        inline: two frames per admission, this and ``_carry``.
+        With vLLM's ``record_prefix_cache_stats`` as ``original`` it is that method's hook (calling it
+        first), so an admission costs one frame of ours besides ``_carry``; with None, the recorder the
+        ``get_blocks`` hook calls. The engine's fields are closure cells (cheaper than attribute reads)
+        and the waiting count is inline.
         """
         queue = self._queue
         engine_index, num_blocks, limit_tokens = self._engine
@@ -156,36 +146,41 @@ class AdmissionRecorder:
         undelivered = self.undelivered
         once = not self._without_connector  # with a connector, two hooks can see one admission
 
-        def admit(request: Any, hits: int) -> None:
-            generation = request.num_preemptions  # 0: first admission; k: the resumption after the k-th preemption
-            if once:
-                if getattr(request, "_otel_vllm_kv_admitted", -1) == generation:
-                    return  # recorded when its blocks were allocated, before an asynchronous load
-                request._otel_vllm_kv_admitted = generation  # ADMITTED_GENERATION_ATTRIBUTE
-            now = time()
-            # Since the preemption, when we saw it; else since arrival (as for a first admission).
-            queued = now - ((generation and getattr(request, "_otel_vllm_kv_preempted", 0.0)) or request.arrival_time)
-            if queued < 0.0:
-                queued = 0.0  # the wall clock stepped back
-            if single_group is not None:
-                own_blocks = len(single_group[request.request_id])  # a full-attention group holds no null block
-            else:
-                own_blocks = 0
-                request_id = request.request_id
-                for blocks in group_blocks:
-                    own_blocks += sum(1 for block in blocks.get(request_id, ()) if not block.is_null)  # outside a window
-            # Still queued: the request itself is not waiting any more.
-            if queues is None:
-                waiting = scheduler().get_request_counts()[1] - 1
-            else:
-                waiting = _queue_length(queues[0]) + _queue_length(queues[1]) - 1
-            record = _pack(
-                _RESUMED if generation else _ADMITTED, 2 * generation + 1, now, engine_index, num_blocks,
-                limit_tokens, queue.num_free_blocks, own_blocks, hits, queued, waiting,
-            ).hex()
-            _carry(undelivered, request, record)
+        def record_prefix_cache_stats(request: Any, num_hits: int) -> Any:
+            result = None if original is None else original(request, num_hits)
+            try:
+                generation = request.num_preemptions  # 0: first admission; k: the resumption after the k-th preemption
+                if once:
+                    if getattr(request, "_otel_vllm_kv_admitted", -1) == generation:
+                        return result  # recorded when its blocks were allocated, before an asynchronous load
+                    request._otel_vllm_kv_admitted = generation  # ADMITTED_GENERATION_ATTRIBUTE
+                now = time()
+                # Since the preemption, when we saw it; else since arrival (as for a first admission).
+                queued = now - ((generation and getattr(request, "_otel_vllm_kv_preempted", 0.0)) or request.arrival_time)
+                if queued < 0.0:
+                    queued = 0.0  # the wall clock stepped back
+                if single_group is not None:
+                    own_blocks = len(single_group[request.request_id])  # a full-attention group holds no null block
+                else:
+                    own_blocks = 0
+                    request_id = request.request_id
+                    for blocks in group_blocks:
+                        own_blocks += sum(1 for block in blocks.get(request_id, ()) if not block.is_null)  # outside a window
+                # Still queued: the request itself is not waiting any more.
+                if queues is None:
+                    waiting = scheduler().get_request_counts()[1] - 1
+                else:
+                    waiting = _queue_length(queues[0]) + _queue_length(queues[1]) - 1
+                record = _pack(
+                    _RESUMED if generation else _ADMITTED, 2 * generation + 1, now, engine_index, num_blocks,
+                    limit_tokens, queue.num_free_blocks, own_blocks, num_hits, queued, waiting,
+                ).hex()
+                _carry(undelivered, request, record)
+            except Exception:  # noqa: BLE001 - the engine must never see our failure
+                give_up()
+            return result
 
-        return admit
+        return record_prefix_cache_stats
 
     def preemption(self, request: Any) -> None:
         now = request._otel_vllm_kv_preempted = time()  # PREEMPTED_TIME_ATTRIBUTE
