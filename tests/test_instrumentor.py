@@ -237,20 +237,20 @@ def test_unrecognised_vllm_gets_one_warning_and_no_patch(monkeypatch, caplog):
 
 
 def test_a_hooked_method_with_another_signature_gets_one_warning_and_no_patch(monkeypatch, caplog):
-    """The hot hooks take vLLM's own parameters: a vLLM whose ``popleft_n`` grew one is not patched."""
-    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
+    """The hot hooks take vLLM's own parameters: a vLLM whose ``get_new_blocks`` grew one is not patched."""
+    from vllm.v1.core.block_pool import BlockPool
 
-    original = FreeKVCacheBlockQueue.popleft_n
+    original = BlockPool.get_new_blocks
 
-    def popleft_n(self, n, zero_fill=False):
-        return original(self, n)
+    def get_new_blocks(self, num_blocks, zero_fill=False):
+        return original(self, num_blocks)
 
-    monkeypatch.setattr(FreeKVCacheBlockQueue, "popleft_n", popleft_n)
+    monkeypatch.setattr(BlockPool, "get_new_blocks", get_new_blocks)
     with caplog.at_level(logging.WARNING, logger="otel_vllm_kv"):
         VLLMKVCacheInstrumentor().instrument(meter_provider=new_reader()[1])
     try:
         (warning,) = [r.getMessage() for r in caplog.records if r.name.startswith("otel_vllm_kv")]
-        assert "FreeKVCacheBlockQueue.popleft_n(n)" in warning, warning
+        assert "BlockPool.get_new_blocks(num_blocks)" in warning, warning
         assert_unpatched()
     finally:
         VLLMKVCacheInstrumentor().uninstrument()
@@ -346,7 +346,7 @@ def _fail_after(calls: int, error: Exception):
     [
         ("otel_vllm_kv.engine.probe.EngineProbe.publish", RuntimeError("block pool changed")),  # the probe's read
         ("otel_vllm_kv.relay.SnapshotWriter.write", OSError(28, "No space left on device")),  # a full relay
-        # a free-queue hook of the evictable count, inside vLLM's free_blocks / get_new_blocks
+        # a block-pool hook of the evictable count, inside vLLM's free_blocks / touch / get_new_blocks
         ("otel_vllm_kv.engine.prefix_cache._block_hash", AttributeError("KVCacheBlock has no _block_hash")),
     ],
 )

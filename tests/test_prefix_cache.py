@@ -147,21 +147,15 @@ def test_a_collected_pool_leaves_no_counter_behind(hooks, tiny_model_dir):
 
 def test_only_watched_pools_are_wrapped_and_forgetting_restores_them(hooks, tiny_model_dir):
     from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
 
     watched_scheduler, other = (build_scheduler(tiny_model_dir, num_blocks=41, block_size=16) for _ in range(2))
     pool, other_pool = watched_scheduler.kv_cache_manager.block_pool, other.kv_cache_manager.block_pool
     watched(watched_scheduler)
-    hooked = ((BlockPool, prefix_cache.POOL_METHODS), (FreeKVCacheBlockQueue, prefix_cache.QUEUE_METHODS))
-    for cls, names in hooked:
-        mine, others = ((target if cls is BlockPool else target.free_block_queue) for target in (pool, other_pool))
-        for name in names:
-            assert hasattr(vars(mine)[name], "__wrapped__"), name
-            assert name not in vars(others) and getattr(cls, name) is vars(cls)[name]
+    for name in prefix_cache.POOL_METHODS:
+        assert hasattr(vars(pool)[name], "__wrapped__"), name
+        assert name not in vars(other_pool) and getattr(BlockPool, name) is vars(BlockPool)[name]
     prefix_cache.forget(pool)
-    for cls, names in hooked:
-        target = pool if cls is BlockPool else pool.free_block_queue
-        assert not any(hasattr(getattr(target, name), "__wrapped__") for name in names)
+    assert not any(hasattr(getattr(pool, name), "__wrapped__") for name in prefix_cache.POOL_METHODS)
 
 
 def test_one_shot_iterators_still_reach_vllm_whole(hooks, tiny_model_dir):
@@ -172,22 +166,3 @@ def test_one_shot_iterators_still_reach_vllm_whole(hooks, tiny_model_dir):
     assert counter.per_group == evictable_per_group(scheduler) == [4]
     pool.evict_blocks(block.block_id for block in cached[2:4])
     assert counter.per_group == evictable_per_group(scheduler) == [2]
-
-
-def test_every_move_through_the_free_queue_is_counted_at_either_end(hooks, tiny_model_dir):
-    """The queue's own methods, called directly (a KV connector or a future vLLM may call any of them)."""
-    scheduler, counter, pool, cached = after_one_finished_request(tiny_model_dir)
-    queue = pool.free_block_queue
-    first = cached_free_blocks(scheduler)[0]
-    moves = [
-        lambda: queue.remove(first),
-        lambda: queue.prepend_n([first]),
-        lambda: queue.popleft(),  # the block prepended
-        lambda: queue.append(first),
-        lambda: queue.popleft_n(queue.num_free_blocks),  # every free block, the cached ones among them
-        lambda: queue.append_n(cached),
-    ]
-    for move in moves:
-        move()
-        assert counter.per_group == evictable_per_group(scheduler)
-    assert counter.per_group == [len(cached)] == [6]
