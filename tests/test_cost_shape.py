@@ -75,7 +75,8 @@ def test_uninstrumenting_a_live_scheduler_leaves_nothing_on_it_and_instrumenting
     instrumentor = VLLMKVCacheInstrumentor()
     stepper = decoding(tiny_model_dir, 4, 64)  # built before instrument(): attached at its next step
     scheduler = stepper.scheduler
-    objects = (scheduler, scheduler.kv_cache_manager, scheduler.kv_cache_manager.block_pool)
+    pool = scheduler.kv_cache_manager.block_pool
+    objects = (scheduler, scheduler.kv_cache_manager, pool, pool.free_block_queue)
     before = [set(vars(target)) for target in objects]
     for _ in range(2):
         instrumentor.instrument(meter_provider=provider)
@@ -83,8 +84,9 @@ def test_uninstrumenting_a_live_scheduler_leaves_nothing_on_it_and_instrumenting
         assert read_gauges(reader), "the live scheduler is observed"
         wrapped = vars(scheduler)["make_stats"]
         assert not hasattr(wrapped.__wrapped__, "__wrapped__"), "one hook, around vLLM's own method"
-        for name in prefix_cache.POOL_METHODS:
-            assert not hasattr(vars(objects[2])[name].__wrapped__, "__wrapped__"), name
+        for target, names in ((pool, prefix_cache.POOL_METHODS), (pool.free_block_queue, prefix_cache.QUEUE_METHODS)):
+            for name in names:
+                assert not hasattr(vars(target)[name].__wrapped__, "__wrapped__"), name
         instrumentor.uninstrument()
         assert [set(vars(target)) for target in objects] == before, "no attribute of ours is left"
         calls = our_calls(stepper.step)
@@ -104,13 +106,13 @@ def test_the_hot_hooks_take_exactly_the_parameters_they_declare(tiny_model_dir):
         manager = scheduler.kv_cache_manager
         checked = []
         for target, declared in ((manager, admission.HOOKED_PARAMETERS),
-                                 (manager.block_pool, prefix_cache.HOOKED_PARAMETERS)):
+                                 (manager.block_pool.free_block_queue, prefix_cache.QUEUE_PARAMETERS)):
             for name, names in declared.items():
                 hook = vars(target).get(name)  # get_blocks is hooked only with a KV connector
                 if hook is not None:
                     assert tuple(inspect.signature(hook, follow_wrapped=False).parameters) == names, name
                     checked.append(name)
-        assert checked == ["record_prefix_cache_stats", "free_blocks", "touch", "get_new_blocks"]
+        assert checked == ["record_prefix_cache_stats", "append_n", "popleft_n", "remove", "append", "popleft"]
         scheduler.shutdown()
     finally:
         instrumentor.uninstrument()

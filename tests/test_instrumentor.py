@@ -17,7 +17,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
-from otel_vllm_kv.engine import probe
+from otel_vllm_kv.engine import prefix_cache, probe
 from otel_vllm_kv.exporter.gauges import KV_CACHE_LIMIT, KV_CACHE_USAGE, KV_CACHE_UTILIZATION
 from otel_vllm_kv.frontend import spans
 
@@ -237,20 +237,20 @@ def test_unrecognised_vllm_gets_one_warning_and_no_patch(monkeypatch, caplog):
 
 
 def test_a_hooked_method_with_another_signature_gets_one_warning_and_no_patch(monkeypatch, caplog):
-    """The hot hooks take vLLM's own parameters: a vLLM whose ``get_new_blocks`` grew one is not patched."""
-    from vllm.v1.core.block_pool import BlockPool
+    """The hot hooks take vLLM's own parameters: a vLLM whose ``popleft_n`` grew one is not patched."""
+    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
 
-    original = BlockPool.get_new_blocks
+    original = FreeKVCacheBlockQueue.popleft_n
 
-    def get_new_blocks(self, num_blocks, zero_fill=False):
-        return original(self, num_blocks)
+    def popleft_n(self, n, zero_fill=False):
+        return original(self, n)
 
-    monkeypatch.setattr(BlockPool, "get_new_blocks", get_new_blocks)
+    monkeypatch.setattr(FreeKVCacheBlockQueue, "popleft_n", popleft_n)
     with caplog.at_level(logging.WARNING, logger="otel_vllm_kv"):
         VLLMKVCacheInstrumentor().instrument(meter_provider=new_reader()[1])
     try:
         (warning,) = [r.getMessage() for r in caplog.records if r.name.startswith("otel_vllm_kv")]
-        assert "BlockPool.get_new_blocks(num_blocks)" in warning, warning
+        assert "FreeKVCacheBlockQueue.popleft_n(n)" in warning, warning
         assert_unpatched()
     finally:
         VLLMKVCacheInstrumentor().uninstrument()
@@ -346,8 +346,6 @@ def _fail_after(calls: int, error: Exception):
     [
         ("otel_vllm_kv.engine.probe.EngineProbe.publish", RuntimeError("block pool changed")),  # the probe's read
         ("otel_vllm_kv.relay.SnapshotWriter.write", OSError(28, "No space left on device")),  # a full relay
-        # a block-pool hook of the evictable count, inside vLLM's free_blocks / touch / get_new_blocks
-        ("otel_vllm_kv.engine.prefix_cache._block_hash", AttributeError("KVCacheBlock has no _block_hash")),
     ],
 )
 def test_a_fault_mid_run_warns_once_and_withdraws_the_engine(target, error, reader, tiny_model_dir, monkeypatch,
@@ -362,7 +360,30 @@ def test_a_fault_mid_run_warns_once_and_withdraws_the_engine(target, error, read
     failing = _fail_after(2, error)
     monkeypatch.setattr(probe.registry, "_warned", False)  # the warning is once per process
     monkeypatch.setattr(owner, name, lambda *args: failing(original, *args))
-    scheduler = build_scheduler(tiny_model_dir)
+    run_expecting_one_warning_and_no_series(build_scheduler(tiny_model_dir), reader, caplog)
+
+
+def test_a_fault_in_a_free_queue_hook_warns_once_and_withdraws_the_engine(reader, tiny_model_dir, monkeypatch,
+                                                                         caplog):
+    """The evictable count fails inside vLLM's ``free_blocks`` (its ``append_n`` hook), mid-run."""
+
+    class FailingCounts(list):
+        def __setitem__(self, index, value):
+            raise RuntimeError("the count cannot be updated")
+
+    original_init = prefix_cache.EvictableBlocks.__init__
+
+    def init_failing_counts(self, pool, num_groups):
+        original_init(self, pool, num_groups)  # an empty pool: nothing counted yet
+        self.per_group = FailingCounts(self.per_group)
+
+    monkeypatch.setattr(probe.registry, "_warned", False)
+    monkeypatch.setattr(prefix_cache.EvictableBlocks, "__init__", init_failing_counts)
+    run_expecting_one_warning_and_no_series(build_scheduler(tiny_model_dir), reader, caplog)
+
+
+def run_expecting_one_warning_and_no_series(scheduler, reader, caplog) -> None:
+    """Three requests run to completion; the fault gave one warning, and the engine's series went."""
     for _ in range(3):
         scheduler.add_request(make_request(scheduler, num_prompt_tokens=20, max_tokens=20))
     stepper = Stepper(scheduler)

@@ -130,6 +130,14 @@ def test_connector_evictions_and_unpinned_blocks_are_counted(hooks, tiny_model_d
     pool.unpin_blocks(cached[2:4], on_reuse=lambda block: None)  # ... and lets them go
     assert counter.per_group == evictable_per_group(scheduler) == [4]
 
+    # Unpinned blocks join the free queue's tail with or without a hash: only the hashed one counts.
+    fresh = pool.get_new_blocks(2)
+    assert [block.block_hash for block in fresh] == [None, None]
+    pool.touch(cached[4:5])
+    assert counter.per_group == evictable_per_group(scheduler) == [3]
+    pool.unpin_blocks([*fresh, cached[4]], on_reuse=lambda block: None)
+    assert counter.per_group == evictable_per_group(scheduler) == [4]
+
 
 def test_a_collected_pool_leaves_no_counter_behind(hooks, tiny_model_dir):
     import gc
@@ -147,15 +155,20 @@ def test_a_collected_pool_leaves_no_counter_behind(hooks, tiny_model_dir):
 
 def test_only_watched_pools_are_wrapped_and_forgetting_restores_them(hooks, tiny_model_dir):
     from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
 
     watched_scheduler, other = (build_scheduler(tiny_model_dir, num_blocks=41, block_size=16) for _ in range(2))
     pool, other_pool = watched_scheduler.kv_cache_manager.block_pool, other.kv_cache_manager.block_pool
     watched(watched_scheduler)
-    for name in prefix_cache.POOL_METHODS:
-        assert hasattr(vars(pool)[name], "__wrapped__"), name
-        assert name not in vars(other_pool) and getattr(BlockPool, name) is vars(BlockPool)[name]
+    hooked = ((pool, other_pool, BlockPool, prefix_cache.POOL_METHODS),
+              (pool.free_block_queue, other_pool.free_block_queue, FreeKVCacheBlockQueue, prefix_cache.QUEUE_METHODS))
+    for target, other_target, cls, names in hooked:
+        for name in names:
+            assert hasattr(vars(target)[name], "__wrapped__"), name
+            assert name not in vars(other_target) and getattr(cls, name) is vars(cls)[name]
     prefix_cache.forget(pool)
-    assert not any(hasattr(getattr(pool, name), "__wrapped__") for name in prefix_cache.POOL_METHODS)
+    for target, _, _, names in hooked:
+        assert not any(name in vars(target) for name in names)
 
 
 def test_one_shot_iterators_still_reach_vllm_whole(hooks, tiny_model_dir):

@@ -45,15 +45,16 @@ MANAGER_METHODS = ("record_prefix_cache_stats", "get_blocks")
 class EngineProbe:
     """One scheduler's view: publishes its free and evictable block counts when they change."""
 
-    __slots__ = ("_queue", "_evictable", "_writer", "_last", "_last_version", "close", "layout",
+    __slots__ = ("_queue", "_evictable", "_counts", "_writer", "_last", "_last_counts", "close", "layout",
                  "engine_index", "scheduler", "recorder")
 
     def __init__(self, scheduler: Any, writer: SnapshotWriter, layout: PoolLayout, engine_index: int) -> None:
         self._queue = free_block_queue(scheduler)
         self._evictable = prefix_cache.watch(scheduler.kv_cache_manager.block_pool, len(layout.groups))
         self._writer = writer
+        self._counts = self._evictable.per_group  # updated in place by the pool hooks
         self._last = -1
-        self._last_version = -1
+        self._last_counts: list[int] = []
         self.layout = layout
         self.engine_index = engine_index
         self.scheduler = weakref.ref(scheduler)
@@ -66,13 +67,13 @@ class EngineProbe:
     def publish(self) -> None:
         """After a step: publish the pool if it changed, and let the step's outputs' records go."""
         free_blocks = self._queue.num_free_blocks
-        evictable = self._evictable
-        if free_blocks != self._last or evictable.version != self._last_version:
-            if evictable.failed:
-                raise RuntimeError("a block-pool hook failed: the evictable count is no longer exact")
+        counts = self._counts
+        if self._evictable.failed:
+            raise RuntimeError("a block-pool hook failed: the evictable count is no longer exact")
+        if free_blocks != self._last or counts != self._last_counts:
             self._last = free_blocks
-            self._last_version = evictable.version
-            self._writer.write(free_blocks, evictable.per_group)
+            self._last_counts = counts.copy()
+            self._writer.write(free_blocks, counts)
         if self.recorder.undelivered:
             self.recorder.deliver()
 
