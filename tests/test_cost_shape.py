@@ -146,8 +146,8 @@ def _dict_built(target: object, attribute: str) -> bool:
 def test_the_probe_never_builds_the_dict_of_vllms_objects(tiny_model_dir):
     """Found by instruction counts: ``vars(pool)`` once made every later read on it slower.
 
-    Plain vLLM already builds the scheduler's and each request's; the KV-cache manager's and the
-    block pool's it does not, and the package must leave them so.
+    Plain vLLM already builds the scheduler's and each request's; the KV-cache manager's, the
+    block pool's and its free queue's it does not, and the package must leave them so.
     """
 
     class Calibration:
@@ -177,6 +177,7 @@ def test_the_probe_never_builds_the_dict_of_vllms_objects(tiny_model_dir):
                 "scheduler": (scheduler, "kv_cache_manager"),
                 "manager": (scheduler.kv_cache_manager, "block_pool"),
                 "pool": (scheduler.kv_cache_manager.block_pool, "free_block_queue"),
+                "free queue": (scheduler.kv_cache_manager.block_pool.free_block_queue, "num_free_blocks"),
                 "request": (requests[0], "request_id"),
             }
             built = {name: _dict_built(target, attribute) for name, (target, attribute) in objects.items()}

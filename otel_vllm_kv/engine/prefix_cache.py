@@ -260,8 +260,11 @@ QUEUE_PARAMETERS = {"append_n": ("blocks",), "popleft_n": ("n",), "remove": ("bl
 QUEUE_METHODS = tuple(QUEUE_PARAMETERS)
 #: The ``BlockPool`` methods hooked on each watched pool (any signature).
 POOL_METHODS = ("unpin_blocks", "evict_blocks", "reset_prefix_cache")
-#: (module, "Class.method", parameters or None) the count needs in this vLLM.
+#: (module, "Class.method", parameters or None) the count needs in this vLLM: the hooked methods, and
+#: ``prepend_n``, where ``free_blocks`` puts the blocks without a hash (vLLM 0.31 and 0.32 split them so;
+#: a vLLM without it would append them too, and the count would be wrong).
 REQUIRED = (
     *((FREE_QUEUE_MODULE, f"FreeKVCacheBlockQueue.{name}", names) for name, names in QUEUE_PARAMETERS.items()),
+    (FREE_QUEUE_MODULE, "FreeKVCacheBlockQueue.prepend_n", ("blocks",)),
     *((BLOCK_POOL_MODULE, f"BlockPool.{name}", None) for name in POOL_METHODS),
 )
