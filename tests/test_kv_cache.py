@@ -8,6 +8,9 @@ from schedulers import Stepper, build_scheduler, make_request
 from otel_vllm_kv.engine.pool_reading import read_engine_identity, read_layout
 from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout, occupancy
 
+#: Every test runs on vLLM's Scheduler and on its AsyncScheduler (``vllm_scheduler``).
+pytestmark = pytest.mark.usefixtures("vllm_scheduler")
+
 
 def tokens_of(scheduler):
     return occupancy(read_layout(scheduler), scheduler.kv_cache_manager.block_pool.get_num_free_blocks())
@@ -135,12 +138,14 @@ def test_engine_identity(tiny_model_dir):
 
 
 def test_running_request_holds_blocks_for_its_prompt_and_all_but_the_last_sampled_token(tiny_model_dir):
-    """The expectation the engine tests compute: ceil((prompt + outputs - 1) / block_size) blocks."""
+    """The expectation the engine tests compute: ceil((prompt + outputs - 1) / block_size) blocks;
+    with ``AsyncScheduler`` also the token of the step still in flight (its placeholder)."""
     scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
     request = make_request(scheduler, num_prompt_tokens=30, max_tokens=100)
     scheduler.add_request(request)
     stepper = Stepper(scheduler)
     for _ in range(40):
         stepper.step()
-        expected_blocks = -(-(request.num_prompt_tokens + request.num_output_tokens - 1) // 16)
+        in_flight = len(stepper.in_flight)
+        expected_blocks = -(-(request.num_prompt_tokens + request.num_output_tokens - 1 + in_flight) // 16)
         assert tokens_of(scheduler).used_tokens == expected_blocks * 16

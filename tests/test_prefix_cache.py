@@ -12,6 +12,9 @@ from otel_vllm_kv.engine import prefix_cache
 from otel_vllm_kv.engine.pool_reading import read_layout
 from otel_vllm_kv.kv_cache import occupancy
 
+#: Every test runs on vLLM's Scheduler and on its AsyncScheduler (``vllm_scheduler``).
+pytestmark = pytest.mark.usefixtures("vllm_scheduler")
+
 
 @pytest.fixture
 def hooks():

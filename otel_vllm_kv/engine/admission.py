@@ -170,7 +170,7 @@ class AdmissionRecorder:
                 if queues is None:
                     waiting = scheduler().get_request_counts()[1] - 1
                 else:
-                    waiting = _queue_length(queues[0]) + _queue_length(queues[1]) - 1
+                    waiting = _queue_length(queues[0]) + _queue_length(queues[1]) + _queue_length(queues[2]) - 1
                 record = _pack(
                     _RESUMED if generation else _ADMITTED, 2 * generation + 1, now, engine_index, num_blocks,
                     limit_tokens, queue.num_free_blocks, own_blocks, num_hits, queued, waiting,
@@ -195,7 +195,7 @@ class AdmissionRecorder:
         queues = self._waiting_queues
         if queues is None:
             return self._scheduler().get_request_counts()[1]
-        return _queue_length(queues[0]) + _queue_length(queues[1])
+        return sum(map(_queue_length, queues))
 
     def deliver(self) -> None:
         """At the end of a step: requests that produced an output (or finished) have had their records sent."""

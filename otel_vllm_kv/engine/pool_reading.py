@@ -72,21 +72,28 @@ def free_block_queue(scheduler: Any) -> Any:
     return queue
 
 
-def waiting_queues(scheduler: Any) -> tuple[deque, ...] | None:
-    """The queues whose lengths ``Scheduler.get_request_counts()[1]`` adds, where each is a ``deque``.
+def waiting_queues(scheduler: Any) -> tuple[deque, deque, deque] | None:
+    """The queues whose lengths ``Scheduler.get_request_counts()[1]`` adds, where each is a ``deque``:
+    ``waiting`` and ``kv_holding_waiting``, and ``async_kv_waiting`` from vLLM 0.34 (an empty
+    stand-in before, so the admission hook always adds three lengths).
 
     vLLM's FCFS queue (the default policy) is a ``deque`` with a Python ``__len__`` that calls
-    ``super().__len__()``: two frames and a ``super`` object per queue, 4,324 instructions for the
+    ``super().__len__()``: two frames and a ``super`` object per queue, 4,324 instructions for
     two; ``deque.__len__`` reads the same lengths in C, 2,540 (``benchmarks/call_costs.py``).
     None (use ``get_request_counts``) for other queues, e.g. the priority policy's heap.
     """
-    found = (getattr(scheduler, "waiting", None), getattr(scheduler, "kv_holding_waiting", None))
-    queues = tuple(queue for queue in found if isinstance(queue, deque))
-    if len(queues) != len(found):
+    found = tuple(getattr(scheduler, name, None) for name in WAITING_QUEUES)
+    if found[2] is None:  # before vLLM 0.34
+        found = (found[0], found[1], deque())
+    if not all(isinstance(queue, deque) for queue in found):
         return None
-    if sum(map(deque.__len__, queues)) != scheduler.get_request_counts()[1]:
-        raise RuntimeError("Scheduler.get_request_counts no longer counts waiting and kv_holding_waiting")
-    return queues
+    if sum(map(deque.__len__, found)) != scheduler.get_request_counts()[1]:
+        raise RuntimeError(f"Scheduler.get_request_counts no longer counts {', '.join(WAITING_QUEUES)}")
+    return found  # type: ignore[return-value]  # three deques, checked above
+
+
+#: The scheduler's waiting queues, as ``get_request_counts`` adds them (the third from vLLM 0.34).
+WAITING_QUEUES = ("waiting", "kv_holding_waiting", "async_kv_waiting")
 
 
 def request_blocks(scheduler: Any) -> tuple[dict, ...]:

@@ -9,6 +9,9 @@ only where blocks enter or leave the free queue, or lose their hash while in it:
   tail (``FreeKVCacheBlockQueue.append_n``: each one counts), the others to the front
   (``prepend_n``: none counts, so it is not hooked); ``unpin_blocks`` appends released
   blocks with or without a hash (its hook makes ``append_n`` look at each hash);
+* ``free_blocks(evict_first=True)`` (vLLM 0.34 on; the SimpleCPUOffload connector's lazy
+  mode) prepends the hashed blocks too: the pool's ``free_blocks`` is hooked where it takes
+  ``evict_first``, and counts them only then (one call per freed request otherwise);
 * ``touch`` (a prefix hit) takes unreferenced blocks out of it (``remove``);
 * ``get_new_blocks(n)`` pops its first n blocks (``popleft_n``), then evicts their hashes;
 * ``evict_blocks`` (KV connectors) and ``reset_prefix_cache`` drop hashes.
@@ -19,12 +22,18 @@ not grow with the pool. A failing hook marks the count as no longer exact (the p
 stops reporting the engine) and lets vLLM's call run untouched. The count starts from one
 scan of the free queue when the probe attaches (at ``Scheduler.__init__``, the pool is still
 empty then). Hashes carry their KV-cache group, so hybrid models get a count per group.
+
+A block's hash is read from its slot, spelled ``block_hash`` from vLLM 0.34 and
+``_block_hash`` (under a ``block_hash`` property) before: ``hash_slot`` picks it once.
 """
 
 from __future__ import annotations
 
+import inspect
+import types
 import weakref
 from collections.abc import Callable, Iterable
+from operator import attrgetter
 from typing import Any
 
 from otel_vllm_kv.patching import hook_methods, unhook_methods
@@ -36,9 +45,11 @@ FREE_QUEUE_MODULE = "vllm.v1.core.kv_cache_utils"
 class EvictableBlocks:
     """The evictable blocks of one ``BlockPool``, per KV-cache group."""
 
-    __slots__ = ("per_group", "failed", "single_group", "appending_unhashed", "_group_of")
+    __slots__ = ("per_group", "failed", "single_group", "appending_unhashed", "hash_of", "_group_of")
 
     def __init__(self, pool: Any, num_groups: int) -> None:
+        #: A block's hash, read from the slot this vLLM keeps it in (a C call, no property frame).
+        self.hash_of = attrgetter(hash_slot(type(pool.null_block)))
         #: Updated in place (the hooks hold the list): the probe publishes when it differs from the last.
         self.per_group = [0] * max(num_groups, 1)
         #: Set when a hook could not count: the number is no longer exact.
@@ -57,8 +68,9 @@ class EvictableBlocks:
         """``blocks`` entered (sign 1) or left (sign -1) the free queue: count those with a hash."""
         group_of = self._group_of
         per_group = self.per_group
+        hash_of = self.hash_of
         for block in blocks:
-            block_hash = block._block_hash
+            block_hash = hash_of(block)
             if block_hash is not None:
                 per_group[0 if group_of is None else group_of(block_hash)] += sign
 
@@ -68,6 +80,15 @@ class EvictableBlocks:
     def fail(self) -> None:
         """A hook could not count: the number is no longer exact (the probe reads this at every publish)."""
         self.failed = True
+
+
+def hash_slot(block_class: type) -> str:
+    """The slot of ``KVCacheBlock`` that holds the hash: ``block_hash`` (vLLM 0.34 on), else
+    ``_block_hash`` under vLLM's ``block_hash`` property (0.31 to 0.33). Raises if neither."""
+    for name in HASH_SLOTS:
+        if isinstance(inspect.getattr_static(block_class, name, None), types.MemberDescriptorType):
+            return name
+    raise RuntimeError(f"{block_class.__name__} keeps its hash in none of the slots {', '.join(HASH_SLOTS)}")
 
 
 def _group_reader() -> Callable[[Any], int]:
@@ -92,12 +113,13 @@ _watched: weakref.WeakSet[Any] = weakref.WeakSet()
 
 def watch(pool: Any, num_groups: int) -> EvictableBlocks:
     """Start counting on ``pool``: its and its free queue's own methods are hooked, so no other pool pays."""
-    if pool.null_block._block_hash is not pool.null_block.block_hash:
-        raise RuntimeError("KVCacheBlock.block_hash no longer reads the _block_hash slot")
     forget(pool)  # never two counts on one pool
     counter = EvictableBlocks(pool, num_groups)
+    null_block = pool.null_block
+    if counter.hash_of(null_block) is not null_block.block_hash:
+        raise RuntimeError("KVCacheBlock.block_hash is not the slot the count reads")
     hook_methods(pool.free_block_queue, _queue_hooks(counter))
-    hook_methods(pool, _pool_hooks(counter))
+    hook_methods(pool, _pool_hooks(counter, frees_evicting_first=takes_evict_first(pool)))
     _watched.add(pool)
     return counter
 
@@ -106,7 +128,7 @@ def forget(pool: Any) -> None:
     if pool in _watched:
         _watched.discard(pool)
         unhook_methods(pool.free_block_queue, QUEUE_METHODS)
-        unhook_methods(pool, POOL_METHODS)
+        unhook_methods(pool, (*POOL_METHODS, "free_blocks"))
 
 
 def clear() -> None:
@@ -123,6 +145,7 @@ def _queue_hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Cal
     """
     single = counter.single_group
     counts = counter.per_group  # updated in place, never replaced
+    hash_of = counter.hash_of
 
     def append_n(original: Callable) -> Callable:
         def append_n(blocks: list[Any]) -> Any:
@@ -167,7 +190,7 @@ def _queue_hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Cal
             """``touch`` (a prefix hit) takes an unreferenced block out of the free queue."""
             result = original(block)
             try:
-                if block._block_hash is not None:
+                if hash_of(block) is not None:
                     if single:
                         counts[0] -= 1
                     else:
@@ -203,8 +226,14 @@ def _queue_hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Cal
     return {"append_n": append_n, "popleft_n": popleft_n, "remove": remove, "append": append, "popleft": popleft}
 
 
-def _pool_hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Callable]]:
-    """The pool's methods that drop hashes or append blocks without one (rare: any signature)."""
+def takes_evict_first(pool: Any) -> bool:
+    """Whether this vLLM's ``free_blocks`` can put hashed blocks at the front (0.34 on)."""
+    return "evict_first" in inspect.signature(type(pool).free_blocks).parameters
+
+
+def _pool_hooks(counter: EvictableBlocks, frees_evicting_first: bool) -> dict[str, Callable[[Callable], Callable]]:
+    """The pool's methods that drop hashes or append blocks without one (rare: any signature), and
+    ``free_blocks`` where it takes ``evict_first`` (vLLM's own parameters)."""
 
     def unpin_blocks(original: Callable) -> Callable:
         def unpin_blocks(*args: Any, **kwargs: Any) -> Any:
@@ -241,7 +270,38 @@ def _pool_hooks(counter: EvictableBlocks) -> dict[str, Callable[[Callable], Call
 
         return reset_prefix_cache
 
-    return {"unpin_blocks": unpin_blocks, "evict_blocks": evict_blocks, "reset_prefix_cache": reset_prefix_cache}
+    def free_blocks(original: Any) -> Callable:
+        pool = original.__self__
+
+        def free_blocks(ordered_blocks: Iterable[Any], evict_first: bool = False) -> Any:
+            """``evict_first`` sends hashed blocks to ``prepend_n``, which is not hooked: count them here."""
+            if not evict_first:
+                return original(ordered_blocks)
+            blocks = list(ordered_blocks)  # looked at twice, by vLLM then by the count
+            result = original(blocks, evict_first)
+            try:
+                counter.add(_prepended_with_hash(pool, blocks, counter.hash_of), 1)
+            except Exception:  # noqa: BLE001 - the engine must never see our failure
+                counter.fail()
+            return result
+
+        return free_blocks
+
+    hooks = {"unpin_blocks": unpin_blocks, "evict_blocks": evict_blocks, "reset_prefix_cache": reset_prefix_cache}
+    if frees_evicting_first:
+        hooks["free_blocks"] = free_blocks
+    return hooks
+
+
+def _prepended_with_hash(pool: Any, blocks: list[Any], hash_of: Callable[[Any], Any]) -> Iterable[Any]:
+    """The blocks of ``pool`` that ``free_blocks(blocks, evict_first=True)`` put in its free queue with
+    a hash (each once). Blocks of another pool were handed to that pool's own ``free_blocks``."""
+    own = pool.blocks
+    freed = {}
+    for block in blocks:
+        if block.ref_cnt == 0 and not block.is_null and hash_of(block) is not None and own[block.block_id] is block:
+            freed[block.block_id] = block
+    return freed.values()
 
 
 def _reusable(value: Any) -> Any:
@@ -258,8 +318,11 @@ def _evicted(pool: Any, block_ids: Iterable[int]) -> list[Any]:
 QUEUE_PARAMETERS = {"append_n": ("blocks",), "popleft_n": ("n",), "remove": ("block",), "append": ("block",),
                     "popleft": ()}
 QUEUE_METHODS = tuple(QUEUE_PARAMETERS)
-#: The ``BlockPool`` methods hooked on each watched pool (any signature).
+#: The ``BlockPool`` methods hooked on each watched pool (any signature); ``free_blocks`` too where it takes
+#: ``evict_first``.
 POOL_METHODS = ("unpin_blocks", "evict_blocks", "reset_prefix_cache")
+#: Where ``KVCacheBlock`` keeps its hash, newest spelling first.
+HASH_SLOTS = ("block_hash", "_block_hash")
 #: (module, "Class.method", parameters or None) the count needs in this vLLM: the hooked methods, and
 #: ``prepend_n``, where ``free_blocks`` puts the blocks without a hash (vLLM 0.31 and 0.32 split them so;
 #: a vLLM without it would append them too, and the count would be wrong).
