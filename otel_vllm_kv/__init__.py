@@ -67,9 +67,7 @@ class VLLMKVCacheInstrumentor(BaseInstrumentor):
     def _instrument(self, **kwargs: Any) -> None:
         keep_warnings_visible()
         settings = read_settings()  # a bad value raises here, naming the variable, before any change
-        reason = compat.unsupported_reason()
-        if reason is not None:
-            compat.warn_unsupported(reason)
+        if not compat.supported():  # one INFO or WARNING line per process tree
             return
         role = resolve_role(settings.relay_parent_directory)
         if role.is_exporter:

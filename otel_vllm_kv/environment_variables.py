@@ -25,3 +25,11 @@ OTEL_PYTHON_VLLM_KV_EXPORTER = "OTEL_PYTHON_VLLM_KV_EXPORTER"
 Internal, set by the instrumented process as ``<pid>:<relay directory>`` and inherited
 by the engine processes it starts, which therefore act as probes. Do not set it.
 """
+
+OTEL_PYTHON_VLLM_KV_VERSION_REPORTED = "OTEL_PYTHON_VLLM_KV_VERSION_REPORTED"
+"""
+.. envvar:: OTEL_PYTHON_VLLM_KV_VERSION_REPORTED
+
+Internal, set by the first process that checks the installed vLLM and logs the verdict (one
+INFO or WARNING line); the processes it starts inherit it and do not repeat the line. Do not set it.
+"""

@@ -8,6 +8,7 @@ import pytest
 from schedulers import Stepper, build_scheduler, cached_free_blocks, evictable_per_group, make_request
 from vllm.v1.request import RequestStatus
 
+from otel_vllm_kv import compat
 from otel_vllm_kv.engine import prefix_cache
 from otel_vllm_kv.engine.pool_reading import read_layout
 from otel_vllm_kv.kv_cache import occupancy
@@ -182,3 +183,44 @@ def test_one_shot_iterators_still_reach_vllm_whole(hooks, tiny_model_dir):
     assert counter.per_group == evictable_per_group(scheduler) == [4]
     pool.evict_blocks(block.block_id for block in cached[2:4])
     assert counter.per_group == evictable_per_group(scheduler) == [2]
+
+
+def test_blocks_freed_to_be_evicted_first_are_counted_at_every_step(hooks, tiny_model_dir):
+    """vLLM 0.34's ``free_blocks(evict_first=True)`` puts hashed blocks at the front of the free queue.
+
+    The pattern of vLLM's SimpleCPUOffload connector in its lazy mode: it holds blocks it is copying
+    out (``touch``) and frees them later with ``evict_first=True``. Here it holds cached and running
+    requests' blocks under the random load of a real scheduler; the walk of the free queue agrees
+    with the count after every step and every such free.
+    """
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=48, block_size=16)
+    pool = scheduler.kv_cache_manager.block_pool
+    if not prefix_cache.takes_evict_first(pool):
+        pytest.skip(f"vLLM {compat.vllm_version()}'s free_blocks has no evict_first")
+    counter, stepper, rng = watched(scheduler), Stepper(scheduler), random.Random(11)
+    prefixes = [[rng.randrange(30_000) for _ in range(96)] for _ in range(3)]
+    held: list[list] = []
+    freed_first_with_hash = 0
+    for step in range(300):
+        if step < 240 and rng.random() < 0.4:
+            prompt = rng.choice(prefixes)[: rng.randrange(16, 96)] + [rng.randrange(30_000) for _ in range(8)]
+            scheduler.add_request(make_request(scheduler, len(prompt), rng.randrange(1, 40), prompt_token_ids=prompt))
+        if rng.random() < 0.3:  # the connector holds some hashed blocks, free or in use, while it copies them
+            hashed = [block for block in pool.blocks[1:] if block.block_hash is not None]
+            if hashed:
+                blocks = rng.sample(hashed, min(len(hashed), rng.randrange(1, 4)))
+                pool.touch(blocks)
+                held.append(blocks)
+        if held and rng.random() < 0.4:  # ... and frees them, to be evicted first
+            blocks = held.pop(0)
+            freed_first_with_hash += sum(1 for block in blocks if block.ref_cnt == 1 and block.block_hash is not None)
+            pool.free_blocks(iter(blocks), evict_first=True)
+            assert counter.per_group == evictable_per_group(scheduler), f"free at step {step}"
+        if scheduler.has_requests():
+            stepper.step()
+        assert counter.per_group == evictable_per_group(scheduler), f"step {step}"
+    assert freed_first_with_hash > 10, "hashed blocks should have been freed to the front"
+    for blocks in held:
+        pool.free_blocks(blocks, evict_first=True)
+    stepper.run_until_idle()
+    assert not counter.failed and counter.per_group == evictable_per_group(scheduler)

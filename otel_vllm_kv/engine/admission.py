@@ -41,6 +41,7 @@ from typing import Any
 
 from otel_vllm_kv.admission_records import ADMITTED, KINDS, PREEMPTED, RECORD, RESUMED, TRACE_HEADER_KEY
 from otel_vllm_kv.engine.pool_reading import request_blocks, waiting_queues
+from otel_vllm_kv.internals import attribute
 
 _queue_length = deque.__len__
 _pack = RECORD.pack
@@ -228,3 +229,13 @@ def _carry(undelivered: list, request: Any, record: str) -> None:
         outputs = request._output_token_ids
         undelivered.append((request, headers, outputs, len(outputs)))
         request.trace_headers = {**headers, TRACE_HEADER_KEY: record} if headers else {TRACE_HEADER_KEY: record}
+
+
+#: What the recorder reads of the scheduler and of each vLLM ``Request`` (``internals``).
+REQUIRED = (
+    attribute("vllm.v1.core.sched.scheduler", "Scheduler.requests"),
+    *(attribute("vllm.v1.request", f"Request.{name}") for name in (
+        "trace_headers", "num_preemptions", "_output_token_ids", "arrival_time", "status", "request_id",
+        "num_computed_tokens",
+    )),
+)

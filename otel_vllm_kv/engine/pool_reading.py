@@ -11,7 +11,11 @@ import math
 from collections import deque
 from typing import Any
 
+from otel_vllm_kv.internals import attribute, method
 from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout
+
+_SCHEDULER = "vllm.v1.core.sched.scheduler"
+_MANAGER = "vllm.v1.core.kv_cache_manager"
 
 
 def read_layout(scheduler: Any) -> PoolLayout:
@@ -82,14 +86,14 @@ def waiting_queues(scheduler: Any) -> tuple[deque, deque, deque] | None:
     two; ``deque.__len__`` reads the same lengths in C, 2,540 (``benchmarks/call_costs.py``).
     None (use ``get_request_counts``) for other queues, e.g. the priority policy's heap.
     """
-    found = tuple(getattr(scheduler, name, None) for name in WAITING_QUEUES)
-    if found[2] is None:  # before vLLM 0.34
-        found = (found[0], found[1], deque())
-    if not all(isinstance(queue, deque) for queue in found):
+    waiting, kv_holding, async_kv = (getattr(scheduler, name, None) for name in WAITING_QUEUES)
+    if async_kv is None:  # before vLLM 0.34
+        async_kv = deque()
+    if not (isinstance(waiting, deque) and isinstance(kv_holding, deque) and isinstance(async_kv, deque)):
         return None
-    if sum(map(deque.__len__, found)) != scheduler.get_request_counts()[1]:
+    if len(waiting) + len(kv_holding) + len(async_kv) != scheduler.get_request_counts()[1]:
         raise RuntimeError(f"Scheduler.get_request_counts no longer counts {', '.join(WAITING_QUEUES)}")
-    return found  # type: ignore[return-value]  # three deques, checked above
+    return waiting, kv_holding, async_kv
 
 
 #: The scheduler's waiting queues, as ``get_request_counts`` adds them (the third from vLLM 0.34).
@@ -116,3 +120,15 @@ def read_engine_identity(scheduler: Any) -> tuple[int, str]:
     if isinstance(served, (list, tuple)):
         served = served[0]
     return int(index), str(served)
+
+
+#: What is read here, at attach (``internals``).
+REQUIRED = (
+    method("vllm.v1.core.block_pool", "BlockPool.get_num_free_blocks"),
+    method(_SCHEDULER, "Scheduler.get_request_counts"),
+    attribute("vllm.v1.core.block_pool", "BlockPool.num_gpu_blocks"),
+    *(attribute(_SCHEDULER, f"Scheduler.{name}") for name in ("kv_cache_manager", "vllm_config", *WAITING_QUEUES[:2])),
+    attribute(_SCHEDULER, f"Scheduler.{WAITING_QUEUES[2]}", required=False),
+    *(attribute(_MANAGER, f"KVCacheManager.{name}") for name in ("block_pool", "kv_cache_config", "coordinator")),
+    attribute("vllm.v1.core.single_type_kv_cache_manager", "SingleTypeKVCacheManager.req_to_blocks"),
+)

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import Any
 
+from otel_vllm_kv.internals import attribute, method, slot
 from otel_vllm_kv.patching import hook_methods, unhook_methods
 
 BLOCK_POOL_MODULE = "vllm.v1.core.block_pool"
@@ -287,7 +288,9 @@ def _pool_hooks(counter: EvictableBlocks, frees_evicting_first: bool) -> dict[st
 
         return free_blocks
 
-    hooks = {"unpin_blocks": unpin_blocks, "evict_blocks": evict_blocks, "reset_prefix_cache": reset_prefix_cache}
+    hooks: dict[str, Callable[[Callable], Callable]] = {
+        "unpin_blocks": unpin_blocks, "evict_blocks": evict_blocks, "reset_prefix_cache": reset_prefix_cache,
+    }
     if frees_evicting_first:
         hooks["free_blocks"] = free_blocks
     return hooks
@@ -321,13 +324,21 @@ QUEUE_METHODS = tuple(QUEUE_PARAMETERS)
 #: The ``BlockPool`` methods hooked on each watched pool (any signature); ``free_blocks`` too where it takes
 #: ``evict_first``.
 POOL_METHODS = ("unpin_blocks", "evict_blocks", "reset_prefix_cache")
-#: Where ``KVCacheBlock`` keeps its hash, newest spelling first.
-HASH_SLOTS = ("block_hash", "_block_hash")
-#: (module, "Class.method", parameters or None) the count needs in this vLLM: the hooked methods, and
-#: ``prepend_n``, where ``free_blocks`` puts the blocks without a hash (vLLM 0.31 and 0.32 split them so;
-#: a vLLM without it would append them too, and the count would be wrong).
+#: Where ``KVCacheBlock`` keeps its hash: ``block_hash`` from vLLM 0.34, ``_block_hash`` before.
+BLOCK_HASH = slot(FREE_QUEUE_MODULE, "KVCacheBlock.block_hash", "_block_hash")
+HASH_SLOTS = (BLOCK_HASH.member, *BLOCK_HASH.spellings)
+#: What the count needs in this vLLM: the hooked methods; ``prepend_n``, where ``free_blocks`` puts the
+#: blocks without a hash (a vLLM without it would append them too, and the count would be wrong);
+#: ``free_blocks`` as 0.31 to 0.33 (no ``evict_first``) or 0.34 spell it (another parameter could move
+#: hashed blocks elsewhere); what the hooks and the first scan read of blocks, queue and pool.
 REQUIRED = (
-    *((FREE_QUEUE_MODULE, f"FreeKVCacheBlockQueue.{name}", names) for name, names in QUEUE_PARAMETERS.items()),
-    (FREE_QUEUE_MODULE, "FreeKVCacheBlockQueue.prepend_n", ("blocks",)),
-    *((BLOCK_POOL_MODULE, f"BlockPool.{name}", None) for name in POOL_METHODS),
+    *(method(FREE_QUEUE_MODULE, f"FreeKVCacheBlockQueue.{name}", names) for name, names in QUEUE_PARAMETERS.items()),
+    method(FREE_QUEUE_MODULE, "FreeKVCacheBlockQueue.prepend_n", ("blocks",)),
+    *(method(BLOCK_POOL_MODULE, f"BlockPool.{name}") for name in POOL_METHODS),
+    method(BLOCK_POOL_MODULE, "BlockPool.free_blocks", ("ordered_blocks",), ("ordered_blocks", "evict_first=")),
+    BLOCK_HASH,
+    *(slot(FREE_QUEUE_MODULE, f"KVCacheBlock.{name}") for name in ("block_id", "ref_cnt", "is_null", "next_free_block")),
+    *(attribute(FREE_QUEUE_MODULE, f"FreeKVCacheBlockQueue.{name}")
+      for name in ("num_free_blocks", "fake_free_list_head", "fake_free_list_tail")),
+    *(attribute(BLOCK_POOL_MODULE, f"BlockPool.{name}") for name in ("free_block_queue", "null_block", "blocks")),
 )

@@ -28,6 +28,7 @@ from typing import Any
 from otel_vllm_kv.engine import prefix_cache
 from otel_vllm_kv.engine.admission import HOOKED_PARAMETERS, AdmissionRecorder
 from otel_vllm_kv.engine.pool_reading import free_block_queue, read_engine_identity, read_layout
+from otel_vllm_kv.internals import method
 from otel_vllm_kv.kv_cache import PoolLayout
 from otel_vllm_kv.patching import apply_patches, hook_methods, remove_patches, unhook_methods
 from otel_vllm_kv.relay import SnapshotWriter
@@ -203,10 +204,10 @@ PATCHES = (
     (SCHEDULER_MODULE, "Scheduler.__init__", _attach_after),
     (SCHEDULER_MODULE, "Scheduler.make_stats", _attach_after),
 )
-#: (module, "Class.method", parameters or None) the per-scheduler hooks need in this vLLM.
+#: The methods the per-scheduler hooks shadow (``internals``).
 REQUIRED = (
-    *((SCHEDULER_MODULE, f"Scheduler.{name}", None) for name in SCHEDULER_METHODS),
-    *((KV_CACHE_MANAGER_MODULE, f"KVCacheManager.{name}", HOOKED_PARAMETERS.get(name)) for name in MANAGER_METHODS),
+    *(method(SCHEDULER_MODULE, f"Scheduler.{name}") for name in SCHEDULER_METHODS),
+    *(method(KV_CACHE_MANAGER_MODULE, f"KVCacheManager.{name}", HOOKED_PARAMETERS[name]) for name in MANAGER_METHODS),
 )
 
 
