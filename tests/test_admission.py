@@ -11,7 +11,7 @@ from schedulers import Stepper, build_scheduler, build_vllm_config, make_request
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
 from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RESUMED, TRACE_HEADER_KEY, decode
-from otel_vllm_kv.engine import admission, probe
+from otel_vllm_kv.engine import admission, pool_reading, probe
 
 #: Every test runs on vLLM's Scheduler and on its AsyncScheduler (``vllm_scheduler``).
 pytestmark = pytest.mark.usefixtures("vllm_scheduler")
@@ -193,3 +193,23 @@ def test_records_round_trip_exactly_and_garbage_is_rejected():
     for garbage in ("", "admitted,1,2", '[["admitted",1]]'):
         with pytest.raises(ValueError):
             decode(garbage)
+
+
+def test_the_waiting_count_reads_every_queue_vllm_counts(tiny_model_dir):
+    """``vllm.admission.waiting_requests`` is vLLM's ``get_request_counts()[1]``: from 0.34 that adds
+    ``async_kv_waiting`` (requests that may load their KV asynchronously, queued apart) to ``waiting``
+    and ``kv_holding_waiting``. A request queued there is counted by the admissions before it."""
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
+    if getattr(scheduler, "async_kv_waiting", None) is None:
+        pytest.skip("this vLLM has no async_kv_waiting queue")
+    first = make_request(scheduler, num_prompt_tokens=20, max_tokens=5, first_token=0)
+    later = make_request(scheduler, num_prompt_tokens=20, max_tokens=5, first_token=500)
+    scheduler.add_request(first)
+    scheduler.async_kv_waiting.add_request(later)  # where vLLM queues it with --max-num-inflight-kv-loads
+    scheduler.requests[later.request_id] = later
+    assert scheduler.get_request_counts()[1] == 2
+    scheduler.schedule()
+    (a,), (b,) = events_of(first), events_of(later)
+    assert (a.waiting, b.waiting) == (1, 0), "the request in async_kv_waiting was still queued"
+    recorder = probe.registry.attach(scheduler).recorder
+    assert recorder._waiting_requests() == scheduler.get_request_counts()[1] == 0
