@@ -11,7 +11,7 @@ from schedulers import Stepper, build_scheduler, build_vllm_config, make_request
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
 from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RESUMED, TRACE_HEADER_KEY, decode
-from otel_vllm_kv.engine import admission, pool_reading, probe
+from otel_vllm_kv.engine import admission, probe
 
 #: Every test runs on vLLM's Scheduler and on its AsyncScheduler (``vllm_scheduler``).
 pytestmark = pytest.mark.usefixtures("vllm_scheduler")
