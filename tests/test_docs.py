@@ -53,3 +53,12 @@ def test_every_setting_is_in_the_readme():
     assert variables
     for variable in variables:
         assert f"| `{variable}` |" in readme, f"{variable} is not in the README's settings table"
+
+
+def test_the_version_policy_doc_has_a_row_per_tested_release_and_the_tables_size():
+    from otel_vllm_kv import compat, internals
+
+    versions = read("docs/versions.md")
+    for release in compat.TESTED_RELEASES:
+        assert re.search(rf"^\| {re.escape(release)} ", versions, re.MULTILINE), f"no row for {release}"
+    assert f"{len(internals.required())} entries" in versions, "the table's size changed: update docs/versions.md"
