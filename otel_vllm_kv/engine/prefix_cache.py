@@ -302,7 +302,8 @@ def _prepended_with_hash(pool: Any, blocks: list[Any], hash_of: Callable[[Any], 
     own = pool.blocks
     freed = {}
     for block in blocks:
-        if block.ref_cnt == 0 and not block.is_null and hash_of(block) is not None and own[block.block_id] is block:
+        if (block.ref_cnt == 0 and not block.is_null and hash_of(block) is not None
+                and block.block_id < len(own) and own[block.block_id] is block):
             freed[block.block_id] = block
     return freed.values()
 
