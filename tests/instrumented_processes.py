@@ -157,3 +157,9 @@ def run_instrumented(script: list[str], env: dict[str, str], exporter_args: list
         [OPENTELEMETRY_INSTRUMENT, *exporter_args, sys.executable, *script],
         env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def package_complaints(output: str) -> list[str]:
+    """Lines of a process's output that name this package, but for its one INFO line on the vLLM release."""
+    return [line for line in output.splitlines()
+            if ("otel-vllm-kv" in line or "otel_vllm_kv" in line) and not line.startswith("INFO")]
