@@ -53,7 +53,7 @@ class ServerProcess:
     port: int | None
     """None for a process that serves no HTTP (``vllm serve --headless``)."""
     stderr_lines: list[str] = field(default_factory=list)
-    """What the process wrote to stderr and stdout, in order."""
+    """What the process wrote to stderr."""
 
     @property
     def stderr(self) -> str:
@@ -117,13 +117,12 @@ def _stop(process: subprocess.Popen) -> None:
 def vllm_process(
     command: list[str], env: dict[str, str], port: int | None = None, wait: bool = True
 ) -> Iterator[ServerProcess]:
-    """Run ``command``, its stderr and stdout collected; healthy on ``port`` first if one is given (and
+    """Run ``command``, its stderr collected; healthy on ``port`` first if one is given (and
     ``wait``); stopped at exit."""
-    # vLLM logs to stdout (its INFO lines, the package's version verdict among them), Python's last-resort
-    # handler and uvicorn to stderr: one stream keeps their order.
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # stderr: uvicorn, Python's last-resort handler and the package's version verdict; vLLM's own log is stdout.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     server = ServerProcess(process, port)
-    threading.Thread(target=lambda: server.stderr_lines.extend(process.stdout), daemon=True).start()
+    threading.Thread(target=lambda: server.stderr_lines.extend(process.stderr), daemon=True).start()
     try:
         if port is not None and wait:
             server.wait_healthy()
