@@ -42,7 +42,7 @@ from otel_vllm_kv.logs import keep_warnings_visible
 from otel_vllm_kv.package import _instruments_any
 from otel_vllm_kv.patching import apply_patches, remove_patches
 from otel_vllm_kv.relay import SnapshotReader
-from otel_vllm_kv.roles import resolve_role
+from otel_vllm_kv.roles import MalformedVariable, report_malformed, resolve_role
 from otel_vllm_kv.settings import read_settings
 from otel_vllm_kv.version import __version__
 
@@ -69,7 +69,11 @@ class VLLMKVCacheInstrumentor(BaseInstrumentor):
         settings = read_settings()  # a bad value raises here, naming the variable, before any change
         if not compat.supported():  # one INFO or WARNING line per process tree
             return
-        role = resolve_role(settings.relay_parent_directory)
+        try:
+            role = resolve_role(settings.relay_parent_directory)
+        except MalformedVariable as error:  # inherited, not configured: not the caller's fault
+            report_malformed(error)
+            return
         if role.is_exporter:
             meter = get_meter(__name__, __version__, kwargs.get("meter_provider"), schema_url=_SCHEMA_URL)
             gauges.create_instruments(meter)

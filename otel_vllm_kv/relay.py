@@ -1,11 +1,12 @@
 """Shared-memory relay: each engine publishes its pool snapshot, the exporter process reads it.
 
-One small file per engine (per scheduler) in the exporter's private relay directory,
-mapped into memory on both sides. The header is written once, before the file
-appears under its final name; the record after it is a seqlock (an odd sequence
-number while the writer is mid-update), so the reader never sees a torn record
-and neither side ever blocks on the other. A writer whose reader died keeps
-writing into memory nobody reads; a reader drops files whose writer died.
+One small file per engine (per scheduler) in the exporter's private relay directory. The
+writer maps it into memory; the reader reads it with ``pread``. The header is written once,
+before the file appears under its final name; the record after it is a seqlock (an odd
+sequence number while the writer is mid-update), so the reader never sees a torn record
+and neither side ever blocks on the other. A writer whose reader died keeps writing into
+memory nobody reads; a reader drops files whose writer died (it held the file's lock:
+``liveness``).
 
 Two kinds of file: ``engine-*``, written by an engine's probe (exact, with evictable
 blocks per group), and ``stats-*``, written by a frontend for an engine that runs no
@@ -16,16 +17,21 @@ the same engine; the newest record wins. A probe's file always wins over them.
 
 from __future__ import annotations
 
+import errno
 import itertools
-import mmap
+import logging
 import os
+import stat
 import struct
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_RELAY_DIR
 from otel_vllm_kv.kv_cache import GroupLayout, KVCacheOccupancy, PoolLayout, occupancy
-from otel_vllm_kv.processes import is_alive
+from otel_vllm_kv.liveness import HeldLock, is_held
+
+_logger = logging.getLogger(__name__)
 
 _MAGIC = b"OVKV"
 _FORMAT_VERSION = 3
@@ -49,6 +55,14 @@ _FIRST_READ_WAIT_SECONDS = 0.2
 _FIRST_READ_PAUSE_SECONDS = 0.0005
 #: What an attempt returns when the writer rewrote the record during every try.
 _BUSY = object()
+#: A statistics record older than this is not reported: its frontend lives, but the engine may not.
+STATS_MAX_AGE_SECONDS = 300.0
+#: Bounds of what a relay file may say, far beyond any real pool, so that every gauge derived from
+#: it fits an int64 (OTLP's integer): tokens(x) <= limit <= 2^53.
+_MAX_BLOCKS = 2**40
+_MAX_TOKENS = 2**53
+_MAX_BLOCK_SIZE = 2**24
+_MAX_GROUPS = 64
 
 _file_counter = itertools.count()
 
@@ -65,9 +79,27 @@ def _encode_groups(layout: PoolLayout) -> bytes:
 
 
 def _decode_groups(text: str) -> tuple[GroupLayout, ...]:
+    """The groups of ``_encode_groups``; raises ValueError on anything else."""
     if not text:
         return ()
-    return tuple(GroupLayout(kind, int(size)) for kind, _, size in (item.rpartition(":") for item in text.split(";")))
+    groups = []
+    for kind, _, size in (item.rpartition(":") for item in text.split(";")):
+        if not kind.isprintable() or not size.isdigit() or not 1 <= int(size) <= _MAX_BLOCK_SIZE:
+            raise ValueError(f"a KV-cache group {kind!r}:{size!r} out of range")
+        groups.append(GroupLayout(kind, int(size)))
+    return tuple(groups)
+
+
+class NoSpace(OSError):
+    """The relay's file system is full: this engine is not reported (the caller warns, once)."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(
+            errno.ENOSPC,
+            f"otel-vllm-kv: no space left in {directory} ({OTEL_PYTHON_VLLM_KV_RELAY_DIR}) for a relay file: "
+            f"this engine's KV cache is not reported; vLLM is unaffected. Free space there, or set "
+            f"{OTEL_PYTHON_VLLM_KV_RELAY_DIR} to a directory with room (a few KiB per engine)",
+        )
 
 
 @dataclass(frozen=True)
@@ -89,9 +121,17 @@ class EngineSnapshot:
 
 
 class _RelayFile:
-    """One relay file: the header written once, then a record rewritten in place under a seqlock."""
+    """One relay file: the header written once, then a record rewritten in place under a seqlock.
 
-    __slots__ = ("_map", "_path", "_sequence", "_values")
+    Its pages are reserved before anything is written: a full tmpfs then refuses the file
+    (``NoSpace``) instead of failing a later write. It is written with ``pwrite``, never
+    through a mapping: a store into a mapped page that a full tmpfs cannot give, or past the
+    end of a file something shrank, raises SIGBUS, which no ``except`` catches. The writer
+    holds the file's lock (``liveness``) for as long as it lives, from before the file appears
+    under its name.
+    """
+
+    __slots__ = ("_descriptor", "_path", "_sequence", "_values", "_lock")
 
     def __init__(self, directory: str, prefix: str, engine_index: int, model_name: str, layout: PoolLayout,
                  values: struct.Struct) -> None:
@@ -102,35 +142,40 @@ class _RelayFile:
         encoded = model_name.encode("utf-8")[:_MODEL_NAME_BYTES]
         groups = _encode_groups(layout)
         self._values = values
-        size = _VALUES_OFFSET + self._values.size
-        descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(descriptor, size)
-            self._map = mmap.mmap(descriptor, size)
-        finally:
-            os.close(descriptor)
         limit = -1 if layout.limit_tokens is None else layout.limit_tokens
         watermark = -1 if layout.watermark_blocks is None else layout.watermark_blocks
-        _HEADER.pack_into(
-            self._map, 0, _MAGIC, _FORMAT_VERSION, len(encoded), engine_index, pid, layout.num_blocks,
+        header = _HEADER.pack(
+            _MAGIC, _FORMAT_VERSION, len(encoded), engine_index, pid, layout.num_blocks,
             limit, watermark, len(groups), len(layout.groups), encoded, groups,
         )
+        self._descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(self._descriptor, 0, _VALUES_OFFSET + values.size)
+            os.pwrite(self._descriptor, header, 0)
+            # Locked through a descriptor of its own: a forked child closes that one (``liveness``)
+            # but keeps its copy of the writing one.
+            self._lock = HeldLock(os.open(temporary, os.O_RDONLY | os.O_CLOEXEC))
+            os.rename(temporary, self._path)
+        except OSError as error:
+            os.close(self._descriptor)
+            os.unlink(temporary)
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(directory) from error
+            raise
         self._sequence = 0
-        os.rename(temporary, self._path)
 
     def _write_values(self, *values: int) -> None:
         """Publish one record; the odd sequence number marks it as being rewritten.
 
-        The sequence number is copied in whole (slice assignment, one aligned 8-byte store):
-        ``struct.pack_into`` zeroes its target before it packs, and a reader that saw that 0
-        would take the engine for one that published nothing yet. The values may be packed in
-        place: the odd sequence number guards them.
+        Three writes, in this order: the odd sequence number, the values, the next even one.
+        The sequence number is 8 aligned bytes, written whole.
         """
+        descriptor = self._descriptor
         sequence = self._sequence + 1
-        self._map[_SEQUENCE_OFFSET:_VALUES_OFFSET] = _SEQUENCE.pack(sequence)
-        self._values.pack_into(self._map, _VALUES_OFFSET, *values)
+        os.pwrite(descriptor, _SEQUENCE.pack(sequence), _SEQUENCE_OFFSET)
+        os.pwrite(descriptor, self._values.pack(*values), _VALUES_OFFSET)
         self._sequence = sequence + 1
-        self._map[_SEQUENCE_OFFSET:_VALUES_OFFSET] = _SEQUENCE.pack(self._sequence)
+        os.pwrite(descriptor, _SEQUENCE.pack(self._sequence), _SEQUENCE_OFFSET)
 
     def close(self) -> None:
         """Withdraw the file: the reader stops reporting this engine."""
@@ -138,6 +183,10 @@ class _RelayFile:
             os.unlink(self._path)
         except OSError:
             pass
+        self._lock.release()
+        descriptor, self._descriptor = self._descriptor, -1
+        if descriptor >= 0:
+            os.close(descriptor)
 
 
 class SnapshotWriter(_RelayFile):
@@ -165,34 +214,69 @@ class StatsSnapshotWriter(_RelayFile):
         self._write_values(free_blocks, time.time_ns())
 
 
-class _MappedFile:
-    __slots__ = ("map", "engine_index", "model_name", "pid", "layout", "from_stats", "_values", "_last")
+class BadRelayFile(ValueError):
+    """A file in the relay that no writer of this package made, or that changed under the reader."""
+
+
+def _check(condition: bool, what: str) -> None:
+    if not condition:
+        raise BadRelayFile(what)
+
+
+class _OpenedFile:
+    """The reader's side of one relay file: read with ``pread``, never mapped.
+
+    A mapping faults (SIGBUS) where its file shrank; a read returns short, and the file is
+    dropped. The file is opened without following a symlink, without blocking on a FIFO, and
+    only if regular; every value is checked against its range before it reaches a gauge.
+    """
+
+    __slots__ = ("descriptor", "engine_index", "model_name", "pid", "layout", "from_stats", "_values", "_last")
 
     def __init__(self, path: str, from_stats: bool) -> None:
         self.from_stats = from_stats
         self._last: tuple[int, ...] | None = None
-        with open(path, "rb") as handle:
-            self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        self.descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            (magic, version, name_length, self.engine_index, self.pid, num_blocks, limit, watermark,
-             groups_length, num_groups, name, groups) = _HEADER.unpack_from(self.map, 0)
-            if magic != _MAGIC or version != _FORMAT_VERSION:
-                raise ValueError(f"{path} is not a version {_FORMAT_VERSION} relay file")
-            self._values = _STATS_VALUES if from_stats else _values_struct(num_groups)
-            if len(self.map) < _VALUES_OFFSET + self._values.size:
-                raise ValueError(f"{path} is truncated")
-        except (ValueError, struct.error) as error:
-            self.map.close()
-            raise ValueError(f"{path} is not a readable relay file") from error
+            self._read_header()
+        except BaseException:
+            os.close(self.descriptor)
+            raise
+
+    def _read_header(self) -> None:
+        _check(stat.S_ISREG(os.fstat(self.descriptor).st_mode), "not a regular file")
+        header = os.pread(self.descriptor, _HEADER.size, 0)
+        _check(len(header) == _HEADER.size, "shorter than a header")
+        (magic, version, name_length, self.engine_index, self.pid, num_blocks, limit, watermark,
+         groups_length, num_groups, name, groups) = _HEADER.unpack(header)
+        _check(magic == _MAGIC and version == _FORMAT_VERSION, f"not a version {_FORMAT_VERSION} relay file")
+        _check(self.engine_index >= 0, f"engine index {self.engine_index}")
+        _check(2 <= num_blocks <= _MAX_BLOCKS, f"{num_blocks} blocks")
+        _check(limit == -1 or 0 <= limit <= _MAX_TOKENS, f"a limit of {limit} tokens")
+        _check(watermark == -1 or 0 <= watermark <= num_blocks, f"a watermark of {watermark} blocks")
+        _check(name_length <= _MODEL_NAME_BYTES and groups_length <= _GROUPS_BYTES, "a header field's length")
+        _check(num_groups <= _MAX_GROUPS, f"{num_groups} groups")
+        try:
+            layout_groups = _decode_groups(groups[:groups_length].decode("ascii"))
+        except ValueError as error:  # UnicodeDecodeError included
+            raise BadRelayFile(f"its KV-cache groups: {error}") from None
+        _check(len(layout_groups) == num_groups, f"{len(layout_groups)} groups where {num_groups} were announced")
+        self._values = _STATS_VALUES if self.from_stats else _values_struct(num_groups)
         self.model_name = name[:name_length].decode("utf-8", "replace")
-        layout_groups = _decode_groups(groups[:groups_length].decode("ascii", "replace"))
         self.layout = PoolLayout(
             num_blocks, None if limit < 0 else limit, None if watermark < 0 else watermark, layout_groups
         )
 
+    def close(self) -> None:
+        os.close(self.descriptor)
+
+    def writer_lives(self) -> bool:
+        return is_held(self.descriptor)
+
     def read_values(self) -> tuple[int, ...] | None:
         """Read a consistent record, or None if nothing was published yet: (free blocks, evictable
-        per group) from a probe, (free blocks, arrival time) from statistics.
+        per group) from a probe, (free blocks, arrival time) from statistics. Raises BadRelayFile
+        for a record out of range or a file that shrank.
 
         A writer that rewrites the record during every attempt leaves the last consistent
         record this reader saw (at most the writes of those attempts old): an engine that
@@ -211,19 +295,32 @@ class _MappedFile:
         return None if values is _BUSY else values
 
     def _attempt(self) -> Any:
-        """A consistent record (also kept as the last one), None (nothing published), or ``_BUSY``."""
+        """A consistent record (also kept as the last one), None (nothing published), or ``_BUSY``.
+
+        Consistent: two reads of the sequence number and the values, byte for byte equal, with
+        an even sequence number. The writer makes it odd before it touches a value.
+        """
+        size = _SEQUENCE.size + self._values.size
         for _ in range(_READ_ATTEMPTS):
-            (before,) = _SEQUENCE.unpack_from(self.map, _SEQUENCE_OFFSET)
-            if before & 1:
+            record = os.pread(self.descriptor, size, _SEQUENCE_OFFSET)
+            _check(len(record) == size, "shorter than its record")
+            (sequence,) = _SEQUENCE.unpack_from(record)
+            if sequence & 1 or os.pread(self.descriptor, size, _SEQUENCE_OFFSET) != record:
                 continue
-            values = self._values.unpack_from(self.map, _VALUES_OFFSET)
-            (after,) = _SEQUENCE.unpack_from(self.map, _SEQUENCE_OFFSET)
-            if before == after:
-                if before:
-                    self._last = values
-                    return values
+            if not sequence:
                 return None
+            values = self._values.unpack_from(record, _SEQUENCE.size)
+            self._check_values(values)
+            self._last = values
+            return values
         return _BUSY
+
+    def _check_values(self, values: tuple[int, ...]) -> None:
+        free_blocks = values[0]
+        _check(0 <= free_blocks < self.layout.num_blocks, f"{free_blocks} free blocks")
+        if not self.from_stats:
+            evictable = values[1:]
+            _check(min(evictable) >= 0 and sum(evictable) <= free_blocks, f"{evictable} evictable blocks")
 
 
 def _creation_order(name: str) -> tuple[int, int]:
@@ -236,15 +333,21 @@ def _creation_order(name: str) -> tuple[int, int]:
 
 
 class SnapshotReader:
-    """Exporter: maps every engine file of one relay directory and reads the latest records."""
+    """Exporter: reads every engine file of one relay directory.
+
+    One bad file (made by no writer of this package, or changed under the reader, or out of
+    range) is skipped with one warning and costs no other engine; files of writers that died
+    are removed.
+    """
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self._files: dict[str, _MappedFile] = {}
+        self._files: dict[str, _OpenedFile] = {}
+        self._skipped: set[str] = set()
 
     def read(self) -> list[EngineSnapshot]:
         """One snapshot per live engine: the newest probe file where an engine index repeats, else
-        the newest record of statistics."""
+        the newest record of statistics (if younger than ``STATS_MAX_AGE_SECONDS``)."""
         try:
             names = sorted(
                 (name for name in os.listdir(self.directory) if name.startswith((_PROBE_PREFIX, _STATS_PREFIX))),
@@ -255,24 +358,29 @@ class SnapshotReader:
         self._forget_missing(set(names))
         probed: dict[tuple[int, str], EngineSnapshot] = {}
         from_stats: dict[tuple[int, str], tuple[int, EngineSnapshot]] = {}
+        oldest_stats_ns = time.time_ns() - int(STATS_MAX_AGE_SECONDS * 1e9)
         for name in names:
-            mapped = self._open(name)
-            if mapped is None:
+            opened = self._open(name)
+            if opened is None:
                 continue
-            if not is_alive(mapped.pid):
-                self._discard(name, unlink=True)
+            try:
+                if not opened.writer_lives():
+                    self._discard(name, unlink=True)
+                    continue
+                values = opened.read_values()
+            except (OSError, BadRelayFile) as error:
+                self._skip(name, error)
                 continue
-            values = mapped.read_values()
             if values is None:
                 continue
-            key = (mapped.engine_index, mapped.model_name)
-            if mapped.from_stats:
+            key = (opened.engine_index, opened.model_name)
+            if opened.from_stats:
                 free_blocks, arrived_ns = values
-                if key not in from_stats or arrived_ns > from_stats[key][0]:
-                    snapshot = EngineSnapshot(*key, mapped.pid, mapped.layout, free_blocks, None)
+                if arrived_ns >= oldest_stats_ns and (key not in from_stats or arrived_ns > from_stats[key][0]):
+                    snapshot = EngineSnapshot(*key, opened.pid, opened.layout, free_blocks, None)
                     from_stats[key] = (arrived_ns, snapshot)
             else:
-                probed[key] = EngineSnapshot(*key, mapped.pid, mapped.layout, values[0], values[1:])
+                probed[key] = EngineSnapshot(*key, opened.pid, opened.layout, values[0], values[1:])
         unprobed = [snapshot for key, (_, snapshot) in from_stats.items() if key not in probed]
         return [*probed.values(), *unprobed]
 
@@ -280,24 +388,34 @@ class SnapshotReader:
         for name in list(self._files):
             self._discard(name, unlink=False)
 
-    def _open(self, name: str) -> _MappedFile | None:
-        mapped = self._files.get(name)
-        if mapped is None:
+    def _open(self, name: str) -> _OpenedFile | None:
+        opened = self._files.get(name)
+        if opened is None and name not in self._skipped:
             try:
                 path = os.path.join(self.directory, name)
-                mapped = self._files[name] = _MappedFile(path, from_stats=name.startswith(_STATS_PREFIX))
-            except (OSError, ValueError):
+                opened = self._files[name] = _OpenedFile(path, from_stats=name.startswith(_STATS_PREFIX))
+            except FileNotFoundError:
+                return None  # withdrawn meanwhile
+            except (OSError, BadRelayFile) as error:
+                self._skip(name, error)
                 return None
-        return mapped
+        return opened
+
+    def _skip(self, name: str, error: Exception) -> None:
+        """Leave a bad file out from now on, with one warning."""
+        self._discard(name, unlink=False)
+        self._skipped.add(name)
+        _logger.warning("otel-vllm-kv: skipping %s in the relay %s: %s", name, self.directory, error)
 
     def _forget_missing(self, present: set[str]) -> None:
         for name in [name for name in self._files if name not in present]:
             self._discard(name, unlink=False)
+        self._skipped &= present
 
     def _discard(self, name: str, unlink: bool) -> None:
-        mapped = self._files.pop(name, None)
-        if mapped is not None:
-            mapped.map.close()
+        opened = self._files.pop(name, None)
+        if opened is not None:
+            opened.close()
         if unlink:
             try:
                 os.unlink(os.path.join(self.directory, name))

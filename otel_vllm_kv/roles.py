@@ -6,21 +6,46 @@ spawned child re-imports the user's main module and, under ``opentelemetry-instr
 is auto-instrumented again, so ``instrument()`` runs there too. The exporter therefore
 records itself in an environment variable before any engine starts; a process that
 inherits the variable from a live exporter probes (an engine) or annotates spans (a frontend),
-and never exports the gauges.
+and never exports the gauges. The exporter proves it lives by the lock it holds on its relay
+directory (``liveness``), never by its pid alone.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 
-from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_EXPORTER
-from otel_vllm_kv.processes import is_alive
+from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_EXPORTER, OTEL_PYTHON_VLLM_KV_RELAY_DIR
+from otel_vllm_kv.liveness import HeldLock, directory_is_held
 
-_RELAY_PREFIX = "otel-vllm-kv-"
+_logger = logging.getLogger(__name__)
+
+#: Relay directories are ``otel-vllm-kv-relay-<random>``; releases before the lock named them
+#: ``otel-vllm-kv-<pid>-<random>``, which this package neither joins nor removes.
+RELAY_PREFIX = "otel-vllm-kv-relay-"
+#: The largest pid Linux hands out (``PID_MAX_LIMIT`` on 64-bit: 2^22).
+_PID_MAX = 4_194_304
+_EXPORTER_VALUE = re.compile(r"([1-9][0-9]{0,6}):(/.+)", re.ASCII)
+
+
+class MalformedVariable(ValueError):
+    """``OTEL_PYTHON_VLLM_KV_EXPORTER`` holds something the package never writes there."""
+
+
+_malformed_reported = False
+
+
+def report_malformed(error: MalformedVariable) -> None:
+    """One ERROR per process (the plugin and ``instrument()`` may both meet the variable)."""
+    global _malformed_reported
+    if not _malformed_reported:
+        _malformed_reported = True
+        _logger.error("otel-vllm-kv: %s", error)
 
 
 @dataclass(frozen=True)
@@ -34,14 +59,21 @@ class Role:
 
 
 def inherited_role() -> Role | None:
-    """The role named by the environment, if it names a live exporter and an existing relay."""
+    """The role named by the environment, if it names a live exporter's relay; raises
+    ``MalformedVariable`` if the variable holds what no exporter writes (never anything else)."""
     value = os.environ.get(OTEL_PYTHON_VLLM_KV_EXPORTER, "")
-    pid_text, _, directory = value.partition(":")
-    if not pid_text.isdigit() or not os.path.isdir(directory):
+    if not value:
         return None
-    pid = int(pid_text)
-    if pid != os.getpid() and not is_alive(pid):
-        return None
+    match = _EXPORTER_VALUE.fullmatch(value)
+    if match is None or int(match[1]) > _PID_MAX or not os.path.basename(match[2]).startswith(RELAY_PREFIX):
+        raise MalformedVariable(
+            f"{OTEL_PYTHON_VLLM_KV_EXPORTER}={value[:200]!r} is malformed; it is set by otel-vllm-kv itself "
+            f"as <pid>:<absolute path of an {RELAY_PREFIX}* directory>. Unset it. otel-vllm-kv stays "
+            "inactive in this process; vLLM is unaffected."
+        )
+    pid, directory = int(match[1]), match[2]
+    if not directory_is_held(directory):
+        return None  # its exporter died: nobody reads that relay
     return Role(pid, directory)
 
 
@@ -51,18 +83,47 @@ def resolve_role(relay_parent_directory: str) -> Role:
     if role is not None:
         return role
     remove_stale_relays(relay_parent_directory)
-    directory = tempfile.mkdtemp(prefix=f"{_RELAY_PREFIX}{os.getpid()}-", dir=relay_parent_directory)
+    directory = _create_relay(relay_parent_directory)
     exporter_pid = os.getpid()
     atexit.register(_remove_relay, directory, exporter_pid)
     os.environ[OTEL_PYTHON_VLLM_KV_EXPORTER] = f"{exporter_pid}:{directory}"
     return Role(exporter_pid, directory)
 
 
+_relay_lock: HeldLock | None = None
+
+
+def _create_relay(parent_directory: str) -> str:
+    """A new private relay directory, locked by this process before it appears under its name.
+
+    It is made under a hidden name, locked, then renamed: another exporter's sweep never
+    sees it unlocked. A failure names the setting (a full tmpfs gives ENOSPC here).
+    """
+    global _relay_lock
+    try:
+        hidden = tempfile.mkdtemp(prefix=f".{RELAY_PREFIX}", dir=parent_directory)
+        try:
+            lock = HeldLock(os.open(hidden, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            directory = os.path.join(parent_directory, os.path.basename(hidden)[1:])
+            os.rename(hidden, directory)
+        except OSError:
+            shutil.rmtree(hidden, ignore_errors=True)
+            raise
+    except OSError as error:
+        raise ValueError(
+            f"{OTEL_PYTHON_VLLM_KV_RELAY_DIR}={parent_directory!r} is unusable: cannot create a relay "
+            f"directory there ({error.strerror}); accepted values: an existing, writable directory "
+            "(default /dev/shm)"
+        ) from error
+    _relay_lock = lock
+    return directory
+
+
 def remove_stale_relays(parent_directory: str) -> list[str]:
     """Remove relay directories of this user whose exporter died without its exit handler (SIGKILL).
 
-    A directory whose pid is alive is kept, even if the pid was reused: leaking a few
-    hundred bytes is better than removing a live relay.
+    Stale means unlocked: a live exporter holds its directory's lock, whatever pid namespace
+    it runs in, so no exporter ever removes another's live relay.
     """
     removed: list[str] = []
     try:
@@ -70,14 +131,13 @@ def remove_stale_relays(parent_directory: str) -> list[str]:
     except OSError:
         return removed
     for entry in entries:
-        pid_text = entry.name[len(_RELAY_PREFIX):].partition("-")[0]
-        if not entry.name.startswith(_RELAY_PREFIX) or not pid_text.isdigit():
+        if not entry.name.startswith(RELAY_PREFIX):
             continue
         try:
             mine = entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid()
         except OSError:
             continue
-        if mine and not is_alive(int(pid_text)):
+        if mine and not directory_is_held(entry.path):
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.path)
     return removed
@@ -87,3 +147,5 @@ def _remove_relay(directory: str, exporter_pid: int) -> None:
     # A forked child inherits atexit handlers; only the exporter removes the relay.
     if os.getpid() == exporter_pid:
         shutil.rmtree(directory, ignore_errors=True)
+        if _relay_lock is not None:
+            _relay_lock.release()

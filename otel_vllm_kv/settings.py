@@ -46,6 +46,12 @@ def _relay_parent_directory(configured: str) -> str:
         if os.path.isdir(_SHARED_MEMORY) and os.access(_SHARED_MEMORY, os.W_OK | os.X_OK):
             return _SHARED_MEMORY
         return tempfile.gettempdir()
+    if not os.path.isabs(configured):
+        # Processes the exporter starts may run elsewhere; a relative path would name another directory there.
+        raise ValueError(
+            f"{OTEL_PYTHON_VLLM_KV_RELAY_DIR}={configured!r} is a relative path; accepted values: an existing, "
+            "writable directory given as an absolute path (default /dev/shm)"
+        )
     if not os.path.isdir(configured):
         raise ValueError(
             f"{OTEL_PYTHON_VLLM_KV_RELAY_DIR}={configured!r} is not an existing directory; accepted values: "

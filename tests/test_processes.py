@@ -6,6 +6,8 @@ import multiprocessing
 import os
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from schedulers import Stepper, build_scheduler, make_request
@@ -69,17 +71,98 @@ def test_forked_child_exports_nothing(reader, tiny_model_dir):
 
 
 def test_a_dead_owner_named_in_the_environment_is_ignored(tmp_path, monkeypatch):
-    """An engine started after its instrumenting parent died, or with a stale variable, stays unpatched."""
+    """An engine started after its instrumenting parent died, or with a stale variable, stays unpatched:
+    a relay nobody holds locked has no exporter, whatever its pid (1 always runs)."""
     from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_EXPORTER
-    from otel_vllm_kv.roles import inherited_role
+    from otel_vllm_kv.roles import RELAY_PREFIX, inherited_role
 
-    child = multiprocessing.get_context("spawn").Process(target=os.getpid)
-    child.start()
-    child.join()
-    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_EXPORTER, f"{child.pid}:{tmp_path}")
+    relay = tmp_path / f"{RELAY_PREFIX}left-behind"
+    relay.mkdir()
+    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_EXPORTER, f"1:{relay}")
     assert inherited_role() is None
-    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_EXPORTER, "not-a-pid:/nowhere")
-    assert inherited_role() is None
+
+
+MALFORMED = ["2147483648:/tmp", "\u00b2:/tmp", "1:/tmp", "0:/dev/shm/otel-vllm-kv-relay-x", "-1:/x", "7",
+             "not-a-pid:/nowhere", "12:relative/otel-vllm-kv-relay-x", "4194305:/dev/shm/otel-vllm-kv-relay-x"]
+
+
+@pytest.mark.parametrize("value", MALFORMED)
+def test_a_malformed_exporter_variable_is_named_as_such(value, monkeypatch):
+    from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_EXPORTER
+    from otel_vllm_kv.roles import MalformedVariable, inherited_role
+
+    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_EXPORTER, value)
+    with pytest.raises(MalformedVariable, match=OTEL_PYTHON_VLLM_KV_EXPORTER):
+        inherited_role()
+
+
+def test_a_malformed_exporter_variable_is_one_error_and_no_patch(monkeypatch, caplog):
+    """vLLM loads the plugin in every process and does not catch what it raises: nothing may escape.
+    ``instrument()`` logs one ERROR too and stays inactive (the variable is inherited, not configured)."""
+    from vllm.v1.engine import output_processor
+
+    from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_EXPORTER
+    from otel_vllm_kv.plugin import load_vllm_plugin
+
+    monkeypatch.setattr("otel_vllm_kv.roles._malformed_reported", False, raising=False)
+    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_EXPORTER, "2147483648:/tmp")  # once an OverflowError in the plugin
+    load_vllm_plugin()
+    load_vllm_plugin()
+    instrumentor = VLLMKVCacheInstrumentor()
+    instrumentor.instrument()
+    try:
+        assert not hasattr(output_processor.OutputProcessor.process_outputs, "__wrapped__"), "nothing patched"
+        errors = [record for record in caplog.records if record.levelname == "ERROR"]
+        assert len(errors) == 1 and OTEL_PYTHON_VLLM_KV_EXPORTER in errors[0].getMessage()
+    finally:
+        instrumentor.uninstrument()
+
+
+@given(st.text(max_size=80))
+def test_any_exporter_variable_gives_a_role_none_or_a_malformed_error(value):
+    from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_EXPORTER
+    from otel_vllm_kv.roles import MalformedVariable, inherited_role
+
+    if "\x00" in value:
+        return  # an environment variable cannot hold it
+    saved = os.environ.get(OTEL_PYTHON_VLLM_KV_EXPORTER)
+    os.environ[OTEL_PYTHON_VLLM_KV_EXPORTER] = value
+    try:
+        assert inherited_role() is None
+    except MalformedVariable:
+        pass
+    finally:
+        if saved is None:
+            del os.environ[OTEL_PYTHON_VLLM_KV_EXPORTER]
+        else:
+            os.environ[OTEL_PYTHON_VLLM_KV_EXPORTER] = saved
+
+
+def test_a_relative_relay_directory_is_refused(monkeypatch, tmp_path):
+    """vLLM's processes may run elsewhere: a relative path would name another directory there."""
+    from otel_vllm_kv.settings import read_settings
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="OTEL_PYTHON_VLLM_KV_RELAY_DIR='.' is a relative path"):
+        read_settings({"OTEL_PYTHON_VLLM_KV_RELAY_DIR": "."})
+
+
+def test_a_relay_parent_without_room_names_the_setting(tmp_path):
+    """A tmpfs out of inodes refuses the relay directory itself (ENOSPC from ``mkdtemp``)."""
+    import subprocess
+
+    from otel_vllm_kv.roles import resolve_role
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,nr_inodes=1", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a tmpfs needs root (or CAP_SYS_ADMIN)")
+    try:
+        with pytest.raises(ValueError, match=f"OTEL_PYTHON_VLLM_KV_RELAY_DIR='{mount}' is unusable"):
+            resolve_role(str(mount))
+        assert os.listdir(mount) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_relay_of_a_killed_owner_is_removed_by_the_next_owner(tmp_path):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import stat
+import struct
 import threading
 import time
 
 from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout
-from otel_vllm_kv.processes import is_alive
 from otel_vllm_kv.relay import SnapshotReader, SnapshotWriter
 
 LAYOUT = PoolLayout(num_blocks=64, limit_tokens=63 * 128, groups=(GroupLayout("full_attention", 128),))
@@ -33,7 +33,7 @@ def test_a_record_being_rewritten_is_not_read(tmp_path):
     writer._sequence += 1  # as if the writer were between its two sequence stores
     from otel_vllm_kv.relay import _SEQUENCE, _SEQUENCE_OFFSET
 
-    _SEQUENCE.pack_into(writer._map, _SEQUENCE_OFFSET, writer._sequence)
+    os.pwrite(writer._descriptor, _SEQUENCE.pack(writer._sequence), _SEQUENCE_OFFSET)
     assert reader.read() == []
 
 
@@ -46,9 +46,8 @@ def test_a_first_read_waits_for_a_writer_descheduled_mid_write(tmp_path):
     from otel_vllm_kv.relay import _SEQUENCE, _SEQUENCE_OFFSET
 
     stuck = writer._sequence + 1
-    writer._map[_SEQUENCE_OFFSET:_SEQUENCE_OFFSET + _SEQUENCE.size] = _SEQUENCE.pack(stuck)
-    finish = threading.Timer(0.03, lambda: writer._map.__setitem__(
-        slice(_SEQUENCE_OFFSET, _SEQUENCE_OFFSET + _SEQUENCE.size), _SEQUENCE.pack(stuck + 1)))
+    os.pwrite(writer._descriptor, _SEQUENCE.pack(stuck), _SEQUENCE_OFFSET)
+    finish = threading.Timer(0.03, lambda: os.pwrite(writer._descriptor, _SEQUENCE.pack(stuck + 1), _SEQUENCE_OFFSET))
     finish.start()
     try:
         (snapshot,) = SnapshotReader(str(tmp_path)).read()
@@ -80,20 +79,70 @@ def test_files_of_dead_writers_are_dropped_and_removed(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def _publish_then_wait(directory: str, done) -> None:
+    """A writer that publishes, then waits for ``done`` (a pipe's end) to close."""
+    writer = SnapshotWriter(directory, engine_index=5, model_name="gone", layout=LAYOUT)
+    writer.write(3, [0])
+    os.read(done, 1)
+
+
 def test_an_unreaped_dead_writer_counts_as_dead(tmp_path):
+    read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.close(write_end)
+        _publish_then_wait(str(tmp_path), read_end)
         os._exit(0)
+    reader = SnapshotReader(str(tmp_path))
     try:
+        while not reader.read():
+            time.sleep(0.01)
+        os.close(write_end)
         for _ in range(200):  # until the child is a zombie: exited, not yet waited for
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                if stat.read().rpartition(b")")[2].split()[0] == b"Z":
+            with open(f"/proc/{pid}/stat", "rb") as stat_file:
+                if stat_file.read().rpartition(b")")[2].split()[0] == b"Z":
                     break
             time.sleep(0.01)
-        assert not is_alive(pid)
+        assert reader.read() == []
     finally:
         os.waitpid(pid, 0)
-    assert is_alive(os.getpid())
+
+
+def test_a_live_pid_in_a_dead_writers_file_proves_nothing(tmp_path):
+    """A pid is reused, and means nothing in another pid namespace: only the writer's lock counts."""
+    from otel_vllm_kv.relay import _HEADER
+
+    child = multiprocessing.get_context("spawn").Process(target=_write_and_exit, args=(str(tmp_path),))
+    child.start()
+    child.join()
+    (name,) = os.listdir(tmp_path)
+    pid_offset = struct.calcsize("<4sHHi")  # the header's writer pid follows magic, version, name length, index
+    with open(tmp_path / name, "r+b") as relay_file:
+        relay_file.seek(pid_offset)
+        relay_file.write(struct.pack("<I", os.getpid()))  # a live process now has the dead writer's pid
+    assert _HEADER.unpack_from((tmp_path / name).read_bytes())[4] == os.getpid()
+    assert SnapshotReader(str(tmp_path)).read() == []
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_forked_child_does_not_keep_a_dead_writer_alive(tmp_path):
+    """A child forked from an engine shares its descriptors; it closes its copy of the lock at fork."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the engine: publishes, forks a long-lived child of its own, and dies
+        os.close(write_end)
+        writer = SnapshotWriter(str(tmp_path), engine_index=5, model_name="gone", layout=LAYOUT)
+        writer.write(3, [0])
+        if os.fork() == 0:
+            os.read(read_end, 1)
+            os._exit(0)
+        os._exit(0)
+    os.close(read_end)
+    try:
+        os.waitpid(pid, 0)
+        assert SnapshotReader(str(tmp_path)).read() == [], "the engine died; its forked child must not hold its lock"
+    finally:
+        os.close(write_end)
 
 
 def test_one_series_per_engine_and_newest_file_wins(tmp_path):
@@ -131,7 +180,8 @@ def test_writer_survives_its_reader_and_directory(tmp_path):
 
 
 def test_long_model_names_are_truncated_not_rejected(tmp_path):
-    SnapshotWriter(str(tmp_path), 0, "m" * 1000, LAYOUT).write(1, [0])
+    writer = SnapshotWriter(str(tmp_path), 0, "m" * 1000, LAYOUT)
+    writer.write(1, [0])
     (snapshot,) = SnapshotReader(str(tmp_path)).read()
     assert snapshot.model_name == "m" * 256
 
@@ -150,7 +200,8 @@ def test_a_hybrid_layout_and_its_per_group_counts_round_trip(tmp_path):
 
 def test_an_unknown_capacity_travels_as_none(tmp_path):
     layout = PoolLayout(num_blocks=11, limit_tokens=None, groups=(GroupLayout("mamba", 2048), GroupLayout("x", 16)))
-    SnapshotWriter(str(tmp_path), engine_index=0, model_name="m", layout=layout).write(4, [0, 0])
+    writer = SnapshotWriter(str(tmp_path), engine_index=0, model_name="m", layout=layout)
+    writer.write(4, [0, 0])
     (snapshot,) = SnapshotReader(str(tmp_path)).read()
     assert snapshot.layout == layout and snapshot.occupancy().used_tokens is None
 
@@ -166,7 +217,8 @@ def test_statistics_files_newest_arrival_wins_and_a_probe_wins_over_them(tmp_pat
     (snapshot,) = SnapshotReader(directory).read()
     assert (snapshot.engine_index, snapshot.free_blocks, snapshot.evictable_blocks) == (1, 20, None)
     assert (snapshot.layout.watermark_blocks, snapshot.occupancy().headroom_tokens) == (None, None)
-    SnapshotWriter(directory, engine_index=1, model_name="tiny", layout=LAYOUT).write(7, [0])
+    probed = SnapshotWriter(directory, engine_index=1, model_name="tiny", layout=LAYOUT)
+    probed.write(7, [0])
     (snapshot,) = SnapshotReader(directory).read()
     assert (snapshot.free_blocks, snapshot.evictable_blocks) == (7, (0,)), "the probe's file wins"
 
@@ -193,12 +245,9 @@ def test_a_reader_never_loses_a_published_engine_to_a_concurrent_write(tmp_path)
         reader = SnapshotReader(str(tmp_path))
         reader.read()
         (mapped,) = reader._files.values()
-        lost, reads, deadline = 0, 0, time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            for _ in range(1000):
-                lost += mapped.read_values() is None
-            reads += 1000
+        reads = 100_000  # about 2 s: each read is two pread calls racing the writer's stores
+        lost = sum(mapped.read_values() is None for _ in range(reads))
     finally:
         writer.kill()
         writer.join()
-    assert reads > 100_000 and lost == 0, f"{lost} of {reads} reads lost the engine"
+    assert lost == 0, f"{lost} of {reads} reads lost the engine"

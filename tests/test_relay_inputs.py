@@ -1,0 +1,251 @@
+"""Hostile files in the relay: each spoils only itself, with one warning, and never hangs, faults or
+overflows the exporter (or the user's own metrics exported beside the gauges)."""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import signal
+import struct
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder import encode_metrics
+
+from otel_vllm_kv.exporter import gauges
+from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout
+from otel_vllm_kv.relay import (
+    _HEADER,
+    _SEQUENCE,
+    _SEQUENCE_OFFSET,
+    _VALUES_OFFSET,
+    SnapshotReader,
+    SnapshotWriter,
+    StatsSnapshotWriter,
+)
+
+LAYOUT = PoolLayout(num_blocks=64, limit_tokens=63 * 16, groups=(GroupLayout("full_attention", 16),))
+INT64 = (-(2**63), 2**63 - 1)
+#: The header's fields in order, as ``relay._HEADER`` packs them.
+HEADER_FIELDS = ("magic", "version", "name_length", "engine_index", "pid", "num_blocks", "limit", "watermark",
+                 "groups_length", "num_groups", "name", "groups")
+
+
+def _relay_warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "otel_vllm_kv.relay"]
+
+
+def _patch_header(path, **fields) -> None:
+    """Rewrite some header fields of a relay file in place (its writer keeps its lock)."""
+    values = dict(zip(HEADER_FIELDS, _HEADER.unpack_from(path.read_bytes())))
+    values.update(fields)
+    with open(path, "r+b") as relay_file:
+        relay_file.write(_HEADER.pack(*values.values()))
+
+
+def _overwrite(path, offset: int, data: bytes) -> None:
+    """Change a relay file behind its writer's back (as another process of the same user could)."""
+    with open(path, "r+b") as relay_file:
+        relay_file.seek(offset)
+        relay_file.write(data)
+
+
+def _only_file(directory, prefix="engine-"):
+    (name,) = [name for name in os.listdir(directory) if name.startswith(prefix)]
+    return directory / name
+
+
+@pytest.fixture
+def good_engine(tmp_path):
+    """A live writer beside which each hostile file is planted: it must stay reported."""
+    writer = SnapshotWriter(str(tmp_path), engine_index=0, model_name="good", layout=LAYOUT)
+    writer.write(40, [2])
+    yield writer
+    writer.close()
+
+
+def _reported(directory) -> dict[int, int]:
+    return {snapshot.engine_index: snapshot.free_blocks for snapshot in SnapshotReader(str(directory)).read()}
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_named_like_a_relay_file_neither_hangs_nor_hides_the_others(tmp_path, good_engine, caplog):
+    os.mkfifo(tmp_path / "engine-7-1-1-0")
+    assert _reported(tmp_path) == {0: 40}
+    (warning,) = _relay_warnings(caplog)
+    assert "engine-7-1-1-0" in warning and "not a regular file" in warning
+
+
+def test_a_symlink_or_directory_named_like_a_relay_file_is_not_followed(tmp_path, good_engine, caplog):
+    os.symlink(_only_file(tmp_path), tmp_path / "engine-8-1-1-0")
+    (tmp_path / "stats-9-1-1-0").mkdir()
+    assert _reported(tmp_path) == {0: 40}
+    assert len(_relay_warnings(caplog)) == 2
+
+
+def test_a_writer_pid_beyond_any_pid_costs_nothing(tmp_path, good_engine):
+    """Liveness is the writer's lock: the header's pid (here 2^31, once an OverflowError that emptied
+    every callback) is never given to the kernel."""
+    other = SnapshotWriter(str(tmp_path), engine_index=1, model_name="good", layout=LAYOUT)
+    other.write(30, [0])
+    _patch_header(tmp_path / os.path.basename(other._path), pid=2**31)
+    assert _reported(tmp_path) == {0: 40, 1: 30}
+    other.close()
+
+
+@pytest.mark.parametrize(("header", "values"), [
+    ({"num_blocks": 2**64 - 1}, (40, 0)),
+    ({}, (-(2**63), 0)),
+    ({}, (40, 41)),  # more evictable blocks than free ones
+    ({"limit": 2**62}, (40, 0)),
+    ({"groups": b"full_attention:0", "groups_length": 16}, (40, 0)),
+])
+def test_values_out_of_range_spoil_only_their_engine_and_never_the_users_metrics(
+        tmp_path, good_engine, caplog, header, values):
+    """A value out of int64 range once failed the OTLP export of the whole batch, the user's own
+    metrics with it. Every value is checked against its range before it reaches a gauge."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    bad = SnapshotWriter(str(tmp_path), engine_index=1, model_name="bad", layout=LAYOUT)
+    bad_path = tmp_path / os.path.basename(bad._path)
+    _patch_header(bad_path, **header)
+    record = _SEQUENCE.pack(2) + struct.pack("<qq", *values)
+    _overwrite(bad_path, _SEQUENCE_OFFSET, record)
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("the user's")
+    meter.create_counter("requests").add(3)
+    gauges.create_instruments(meter)
+    gauges.set_source(SnapshotReader(str(tmp_path)))
+    try:
+        data = reader.get_metrics_data()
+    finally:
+        gauges.set_source(None)
+        bad.close()
+    exported = encode_metrics(data)  # raises on an int64 overflow
+    names = {metric.name for resource in exported.resource_metrics for scope in resource.scope_metrics
+             for metric in scope.metrics}
+    assert {"requests", gauges.KV_CACHE_USAGE} <= names
+    models = {point.attributes[gauges.MODEL_NAME] for metric in _metrics(data, gauges.KV_CACHE_LIMIT)
+              for point in metric.data.data_points}
+    assert models == {"good"}
+    (warning,) = _relay_warnings(caplog)
+    assert os.path.basename(bad._path) in warning
+
+
+def _metrics(data, name):
+    return [metric for resource in data.resource_metrics for scope in resource.scope_metrics
+            for metric in scope.metrics if metric.name == name]
+
+
+def test_a_file_shrunk_under_the_reader_is_dropped_not_a_fault(tmp_path, good_engine):
+    """A mapped file that shrinks raises SIGBUS on the next read of the lost page, which kills the
+    process: the reader reads with ``pread`` instead. Run in a forked child so that a fault shows."""
+    shrunk = SnapshotWriter(str(tmp_path), engine_index=1, model_name="good", layout=LAYOUT)
+    shrunk.write(30, [0])
+    pid = os.fork()
+    if pid == 0:
+        reader = SnapshotReader(str(tmp_path))
+        first = {s.engine_index for s in reader.read()}
+        os.truncate(shrunk._path, 0)  # every mapped page now lies past the end
+        second = {s.engine_index for s in reader.read()}
+        os._exit(0 if (first, second) == ({0, 1}, {0}) else 1)
+    _, status = os.waitpid(pid, 0)
+    shrunk.close()
+    assert not os.WIFSIGNALED(status), f"the reader died of {signal.Signals(os.WTERMSIG(status)).name}"
+    assert os.WEXITSTATUS(status) == 0
+
+
+def test_a_writer_survives_its_file_being_shrunk(tmp_path):
+    """The engine writes with ``pwrite``: a shrunk file grows again where a mapping would fault."""
+    writer = SnapshotWriter(str(tmp_path), engine_index=0, model_name="good", layout=LAYOUT)
+    pid = os.fork()
+    if pid == 0:
+        os.truncate(writer._path, 0)
+        writer.write(30, [0])
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    writer.close()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_a_statistics_record_too_old_is_not_reported(tmp_path):
+    """A frontend outlives the remote engine it reported from statistics: that engine's last values age out."""
+    from otel_vllm_kv.relay import _STATS_VALUES, STATS_MAX_AGE_SECONDS
+
+    layout = PoolLayout(num_blocks=64, limit_tokens=63 * 16, watermark_blocks=None)
+    writer = StatsSnapshotWriter(str(tmp_path), 3, "remote", layout)
+    writer.write(20)
+    assert _reported(tmp_path) == {3: 20}
+    arrived = time.time_ns() - int((STATS_MAX_AGE_SECONDS + 1) * 1e9)
+    _overwrite(writer._path, _SEQUENCE_OFFSET, _SEQUENCE.pack(4) + _STATS_VALUES.pack(20, arrived))
+    assert _reported(tmp_path) == {}
+    writer.write(21)
+    assert _reported(tmp_path) == {3: 21}, "a new record reports it again"
+    writer.close()
+
+
+# Fuzzing: files a writer of this package never makes, held locked as a live writer holds its own.
+
+def _valid_file(num_groups: int = 1) -> bytearray:
+    groups = ";".join(["full_attention:16"] * num_groups).encode()
+    header = _HEADER.pack(b"OVKV", 3, 4, 0, 1, 64, 63 * 16, 0, len(groups), num_groups, b"fuzz", groups)
+    record = _SEQUENCE.pack(2) + struct.pack(f"<q{num_groups}q", 40, *([1] * num_groups))
+    return bytearray(header + record)
+
+
+def _read_planted(directory, name: str, content: bytes):
+    path = directory / name
+    path.write_bytes(content)
+    with open(path, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a live writer
+        try:
+            return SnapshotReader(str(directory)).read()
+        finally:
+            path.unlink()
+
+
+def _assert_in_range(snapshots) -> None:
+    for snapshot in snapshots:
+        occupancy = snapshot.occupancy()
+        assert 0 <= snapshot.free_blocks < snapshot.layout.num_blocks
+        for value in (occupancy.used_tokens, occupancy.free_tokens, occupancy.limit_tokens, occupancy.evictable_tokens,
+                      occupancy.headroom_tokens, occupancy.used_blocks, occupancy.limit_blocks):
+            assert value is None or INT64[0] <= value <= INT64[1]
+        assert math.isfinite(occupancy.utilization)
+
+
+@pytest.fixture(scope="module")
+def fuzz_directory(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzzed-relay")
+
+
+@given(content=st.binary(max_size=2 * len(_valid_file())), stats=st.booleans())
+def test_random_bytes_never_escape_the_reader(fuzz_directory, content, stats):
+    _assert_in_range(_read_planted(fuzz_directory, ("stats-" if stats else "engine-") + "0-1-1-0", content))
+
+
+@given(st.data())
+def test_truncated_or_mutated_files_never_escape_the_reader(fuzz_directory, data):
+    content = _valid_file(data.draw(st.integers(1, 3)))
+    if data.draw(st.booleans()):
+        content = content[:data.draw(st.integers(0, len(content)))]
+    else:
+        offset = data.draw(st.integers(0, len(content) - 1))
+        width = data.draw(st.sampled_from([1, 2, 4, 8]))
+        boundary = st.sampled_from([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**53, 2**63 - 1, 2**63, 2**64 - 1])
+        value = data.draw(boundary | st.integers(0, 2**64 - 1))
+        content[offset:offset + width] = (value % 2 ** (8 * width)).to_bytes(width, "little")
+    _assert_in_range(_read_planted(fuzz_directory, "engine-0-1-1-0", bytes(content)))
+
+
+@given(values=st.lists(st.integers(*INT64), min_size=2, max_size=2))
+def test_any_published_values_are_reported_in_range_or_skipped(fuzz_directory, values):
+    content = _valid_file()
+    content[_VALUES_OFFSET:_VALUES_OFFSET + 16] = struct.pack("<qq", *values)
+    snapshots = _read_planted(fuzz_directory, "engine-0-1-1-0", bytes(content))
+    _assert_in_range(snapshots)
+    assert bool(snapshots) == (0 <= values[1] <= values[0] < 64)
