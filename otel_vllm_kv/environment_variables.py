@@ -4,8 +4,8 @@ OTEL_PYTHON_VLLM_KV_RELAY_DIR = "OTEL_PYTHON_VLLM_KV_RELAY_DIR"
 """
 .. envvar:: OTEL_PYTHON_VLLM_KV_RELAY_DIR
 
-Existing, writable directory in which the instrumented process creates its private
-relay directory (mode 0700) for the engine cores' snapshot files. Default: ``/dev/shm``
+Existing, writable directory, given as an absolute path, in which the instrumented process
+creates its private relay directory (mode 0700) for the engine cores' snapshot files. Default: ``/dev/shm``
 where it exists (memory-backed), else the system temporary directory.
 """
 
@@ -23,7 +23,8 @@ OTEL_PYTHON_VLLM_KV_EXPORTER = "OTEL_PYTHON_VLLM_KV_EXPORTER"
 .. envvar:: OTEL_PYTHON_VLLM_KV_EXPORTER
 
 Internal, set by the instrumented process as ``<pid>:<relay directory>`` and inherited
-by the engine processes it starts, which therefore act as probes. Do not set it.
+by the engine processes it starts, which therefore act as probes. Do not set it: a value the
+package did not write logs one ERROR per process and leaves the package inactive there.
 """
 
 OTEL_PYTHON_VLLM_KV_VERSION_REPORTED = "OTEL_PYTHON_VLLM_KV_VERSION_REPORTED"
