@@ -74,9 +74,9 @@ def test_a_dead_owner_named_in_the_environment_is_ignored(tmp_path, monkeypatch)
     """An engine started after its instrumenting parent died, or with a stale variable, stays unpatched:
     a relay nobody holds locked has no exporter, whatever its pid (1 always runs)."""
     from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_EXPORTER
-    from otel_vllm_kv.roles import RELAY_PREFIX, inherited_role
+    from otel_vllm_kv.roles import inherited_role
 
-    relay = tmp_path / f"{RELAY_PREFIX}left-behind"
+    relay = tmp_path / "otel-vllm-kv-relay-left-behind"
     relay.mkdir()
     monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_EXPORTER, f"1:{relay}")
     assert inherited_role() is None
@@ -147,11 +147,14 @@ def test_a_relative_relay_directory_is_refused(monkeypatch, tmp_path):
         read_settings({"OTEL_PYTHON_VLLM_KV_RELAY_DIR": "."})
 
 
-def test_a_relay_parent_without_room_names_the_setting(tmp_path):
+def test_a_relay_parent_without_room_names_the_setting(tmp_path, monkeypatch):
     """A tmpfs out of inodes refuses the relay directory itself (ENOSPC from ``mkdtemp``)."""
     import subprocess
 
+    from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_EXPORTER
     from otel_vllm_kv.roles import resolve_role
+
+    monkeypatch.delenv(OTEL_PYTHON_VLLM_KV_EXPORTER, raising=False)  # this process may have been an exporter
 
     mount = tmp_path / "full"
     mount.mkdir()
