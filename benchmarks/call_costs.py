@@ -85,6 +85,7 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
     queue = _FCFSQueue(range(3))
     queues = (queue, queue)
     queue_length = deque.__len__
+    mapped_write, pwrite_write = _relay_writes()
     return {
         "empty": ("the loop alone (subtracted from every other case)", lambda: None),
         "method call": ("pool.get_new_blocks(4), vLLM's own method", lambda: plain.get_new_blocks(4)),
@@ -114,7 +115,43 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
         "SDK span.add_event, 7 attributes": ("half the attributes",
                                              lambda: span.add_event("admitted", attributes7, timestamp=next(events))),
         "SDK span.set_attributes, 14": ("the attributes of a one-request span", lambda: span.set_attributes(attributes14)),
+        "relay write, mapped stores": ("the seqlock publish the relay once made through a mapping (two slice stores, pack_into), inline",
+                                       mapped_write),
+        "relay write, one pwrite": ("a publish as relay.SnapshotWriter makes it: pack, CRC-32, one pwrite (user "
+                                    "space only: the kernel's part of the system call is not counted)", pwrite_write),
     }
+
+
+def _relay_writes() -> tuple[Callable[[], object], Callable[[], object]]:
+    """One engine's publish (free blocks, one group's evictable count): the seqlock through a mapping
+    that the relay once used, and relay.SnapshotWriter's one checksummed pwrite."""
+    import atexit
+    import mmap
+    import shutil
+    import struct
+
+    from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout
+    from otel_vllm_kv.relay import SnapshotWriter
+
+    directory = tempfile.mkdtemp(prefix="otel-vllm-kv-call-costs-")
+    atexit.register(shutil.rmtree, directory, True)
+    writer = SnapshotWriter(directory, 0, "m", PoolLayout(64, 63 * 16, groups=(GroupLayout("full_attention", 16),)))
+    with open(os.path.join(directory, "mapped"), "w+b") as mapped_file:
+        mapped_file.truncate(4096)
+        mapping = mmap.mmap(mapped_file.fileno(), 0)
+    sequence_offset, values_offset = 784, 792
+    values, pack = struct.Struct("<qq"), struct.Struct("<Q").pack
+    sequence = [0]
+
+    def mapped() -> None:
+        sequence[0] += 1
+        mapping[sequence_offset:values_offset] = pack(sequence[0])
+        values.pack_into(mapping, values_offset, 40, 3)
+        sequence[0] += 1
+        mapping[sequence_offset:values_offset] = pack(sequence[0])
+
+    evictable = [3]
+    return mapped, lambda: writer.write(40, evictable)
 
 
 #: An admission record as decimal text (the engine's encoding before the struct one).

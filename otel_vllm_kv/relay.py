@@ -1,12 +1,13 @@
 """Shared-memory relay: each engine publishes its pool snapshot, the exporter process reads it.
 
-One small file per engine (per scheduler) in the exporter's private relay directory. The
-writer maps it into memory; the reader reads it with ``pread``. The header is written once,
-before the file appears under its final name; the record after it is a seqlock (an odd
-sequence number while the writer is mid-update), so the reader never sees a torn record
-and neither side ever blocks on the other. A writer whose reader died keeps writing into
-memory nobody reads; a reader drops files whose writer died (it held the file's lock:
-``liveness``).
+One small file per engine (per scheduler) in the exporter's private relay directory, on a
+memory-backed file system (``/dev/shm``). The header is written once, before the file
+appears under its final name; the record after it is replaced by one ``pwrite`` per publish
+and carries a checksum, so a reader that catches it mid-write sees the mismatch and reads
+again: neither side ever blocks on the other, and neither maps the file (a mapping faults
+where a file shrank or a full tmpfs has no page). A writer whose reader died keeps writing
+into a file nobody reads; a reader drops files whose writer died (the writer held the
+file's lock: ``liveness``).
 
 Two kinds of file: ``engine-*``, written by an engine's probe (exact, with evictable
 blocks per group), and ``stats-*``, written by a frontend for an engine that runs no
@@ -26,6 +27,7 @@ import struct
 import time
 from dataclasses import dataclass
 from typing import Any
+from zlib import crc32
 
 from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_RELAY_DIR
 from otel_vllm_kv.kv_cache import GroupLayout, KVCacheOccupancy, PoolLayout, occupancy
@@ -34,23 +36,20 @@ from otel_vllm_kv.liveness import HeldLock, is_held
 _logger = logging.getLogger(__name__)
 
 _MAGIC = b"OVKV"
-_FORMAT_VERSION = 3
+_FORMAT_VERSION = 4
 _MODEL_NAME_BYTES = 256
 _GROUPS_BYTES = 512
 # magic, format version, model name length, engine index, writer pid, N, limit tokens (-1: unknown),
 # watermark blocks (-1: unknown), groups text length, number of groups, model name,
 # groups ("kind:block_size;...")
 _HEADER = struct.Struct(f"<4sHHiIQqqII{_MODEL_NAME_BYTES}s{_GROUPS_BYTES}s")
-# The seqlock's sequence number, then the values that change: free blocks, evictable blocks per group.
-_SEQUENCE = struct.Struct("<Q")
-_SEQUENCE_OFFSET = _HEADER.size  # a multiple of 8: the sequence number is one aligned store
-_VALUES_OFFSET = _SEQUENCE_OFFSET + _SEQUENCE.size
+#: Where the record starts: after the header, 8-byte aligned.
+RECORD_OFFSET = _HEADER.size
+_CHECKSUM = struct.Struct("<I")
 _PROBE_PREFIX = "engine-"
 _STATS_PREFIX = "stats-"
-#: A stats file's record: free blocks, and when the statistics arrived (time.time_ns()).
-_STATS_VALUES = struct.Struct("<qq")
 _READ_ATTEMPTS = 64
-#: A first read that finds the writer mid-write waits this long at most, in pauses of the second.
+#: A first read that finds only torn records waits this long at most, in pauses of the second.
 _FIRST_READ_WAIT_SECONDS = 0.2
 _FIRST_READ_PAUSE_SECONDS = 0.0005
 #: What an attempt returns when the writer rewrote the record during every try.
@@ -67,8 +66,31 @@ _MAX_GROUPS = 64
 _file_counter = itertools.count()
 
 
-def _values_struct(num_groups: int) -> struct.Struct:
-    return struct.Struct(f"<q{max(num_groups, 1)}q")
+class RecordFormat:
+    """The record: a sequence number (0: nothing published yet), the values, and a CRC-32 of both.
+
+    The writer replaces it with one ``pwrite``; a read that overlaps that write may see old and
+    new bytes mixed, and the checksum tells. The values: free blocks and evictable blocks per
+    group from a probe; free blocks and the statistics' arrival time (``time.time_ns()``) from
+    statistics.
+    """
+
+    __slots__ = ("body", "size")
+
+    def __init__(self, num_values: int) -> None:
+        self.body = struct.Struct(f"<Q{num_values}q")
+        self.size = self.body.size + _CHECKSUM.size
+
+    def encode(self, sequence: int, *values: int) -> bytes:
+        body = self.body.pack(sequence, *values)
+        return body + _CHECKSUM.pack(crc32(body))
+
+
+def probe_record(num_groups: int) -> RecordFormat:
+    return RecordFormat(1 + max(num_groups, 1))
+
+
+STATS_RECORD = RecordFormat(2)
 
 
 def _encode_groups(layout: PoolLayout) -> bytes:
@@ -121,7 +143,7 @@ class EngineSnapshot:
 
 
 class _RelayFile:
-    """One relay file: the header written once, then a record rewritten in place under a seqlock.
+    """One relay file: the header written once, then a record replaced in place by each publish.
 
     Its pages are reserved before anything is written: a full tmpfs then refuses the file
     (``NoSpace``) instead of failing a later write. It is written with ``pwrite``, never
@@ -131,17 +153,17 @@ class _RelayFile:
     under its name.
     """
 
-    __slots__ = ("_descriptor", "_path", "_sequence", "_values", "_lock")
+    __slots__ = ("_descriptor", "_path", "_sequence", "_pack", "_lock")
 
     def __init__(self, directory: str, prefix: str, engine_index: int, model_name: str, layout: PoolLayout,
-                 values: struct.Struct) -> None:
+                 record: RecordFormat) -> None:
         pid = os.getpid()
         name = f"{prefix}{engine_index}-{pid}-{time.time_ns()}-{next(_file_counter)}"
         temporary = os.path.join(directory, f".{name}")
         self._path = os.path.join(directory, name)
         encoded = model_name.encode("utf-8")[:_MODEL_NAME_BYTES]
         groups = _encode_groups(layout)
-        self._values = values
+        self._pack = record.body.pack
         limit = -1 if layout.limit_tokens is None else layout.limit_tokens
         watermark = -1 if layout.watermark_blocks is None else layout.watermark_blocks
         header = _HEADER.pack(
@@ -150,7 +172,7 @@ class _RelayFile:
         )
         self._descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.posix_fallocate(self._descriptor, 0, _VALUES_OFFSET + values.size)
+            os.posix_fallocate(self._descriptor, 0, RECORD_OFFSET + record.size)
             os.pwrite(self._descriptor, header, 0)
             # Locked through a descriptor of its own: a forked child closes that one (``liveness``)
             # but keeps its copy of the writing one.
@@ -163,19 +185,6 @@ class _RelayFile:
                 raise NoSpace(directory) from error
             raise
         self._sequence = 0
-
-    def _write_values(self, *values: int) -> None:
-        """Publish one record; the odd sequence number marks it as being rewritten.
-
-        Three writes, in this order: the odd sequence number, the values, the next even one.
-        The sequence number is 8 aligned bytes, written whole.
-        """
-        descriptor = self._descriptor
-        sequence = self._sequence + 1
-        os.pwrite(descriptor, _SEQUENCE.pack(sequence), _SEQUENCE_OFFSET)
-        os.pwrite(descriptor, self._values.pack(*values), _VALUES_OFFSET)
-        self._sequence = sequence + 1
-        os.pwrite(descriptor, _SEQUENCE.pack(self._sequence), _SEQUENCE_OFFSET)
 
     def close(self) -> None:
         """Withdraw the file: the reader stops reporting this engine."""
@@ -195,11 +204,13 @@ class SnapshotWriter(_RelayFile):
     __slots__ = ()
 
     def __init__(self, directory: str, engine_index: int, model_name: str, layout: PoolLayout) -> None:
-        super().__init__(directory, _PROBE_PREFIX, engine_index, model_name, layout,
-                         _values_struct(len(layout.groups)))
+        super().__init__(directory, _PROBE_PREFIX, engine_index, model_name, layout, probe_record(len(layout.groups)))
 
     def write(self, free_blocks: int, evictable_blocks: list[int]) -> None:
-        self._write_values(free_blocks, *evictable_blocks)
+        """Publish (after an engine step that changed the pool): one record, one system call."""
+        self._sequence = sequence = self._sequence + 1
+        body = self._pack(sequence, free_blocks, *evictable_blocks)
+        _pwrite(self._descriptor, body + _pack_checksum(crc32(body)), RECORD_OFFSET)
 
 
 class StatsSnapshotWriter(_RelayFile):
@@ -208,10 +219,16 @@ class StatsSnapshotWriter(_RelayFile):
     __slots__ = ()
 
     def __init__(self, directory: str, engine_index: int, model_name: str, layout: PoolLayout) -> None:
-        super().__init__(directory, _STATS_PREFIX, engine_index, model_name, layout, _STATS_VALUES)
+        super().__init__(directory, _STATS_PREFIX, engine_index, model_name, layout, STATS_RECORD)
 
     def write(self, free_blocks: int) -> None:
-        self._write_values(free_blocks, time.time_ns())
+        self._sequence = sequence = self._sequence + 1
+        body = self._pack(sequence, free_blocks, time.time_ns())
+        _pwrite(self._descriptor, body + _pack_checksum(crc32(body)), RECORD_OFFSET)
+
+
+_pwrite = os.pwrite
+_pack_checksum = _CHECKSUM.pack
 
 
 class BadRelayFile(ValueError):
@@ -231,7 +248,7 @@ class _OpenedFile:
     only if regular; every value is checked against its range before it reaches a gauge.
     """
 
-    __slots__ = ("descriptor", "engine_index", "model_name", "pid", "layout", "from_stats", "_values", "_last")
+    __slots__ = ("descriptor", "engine_index", "model_name", "pid", "layout", "from_stats", "_record", "_last")
 
     def __init__(self, path: str, from_stats: bool) -> None:
         self.from_stats = from_stats
@@ -261,7 +278,7 @@ class _OpenedFile:
         except ValueError as error:  # UnicodeDecodeError included
             raise BadRelayFile(f"its KV-cache groups: {error}") from None
         _check(len(layout_groups) == num_groups, f"{len(layout_groups)} groups where {num_groups} were announced")
-        self._values = _STATS_VALUES if self.from_stats else _values_struct(num_groups)
+        self._record = STATS_RECORD if self.from_stats else probe_record(num_groups)
         self.model_name = name[:name_length].decode("utf-8", "replace")
         self.layout = PoolLayout(
             num_blocks, None if limit < 0 else limit, None if watermark < 0 else watermark, layout_groups
@@ -295,27 +312,25 @@ class _OpenedFile:
         return None if values is _BUSY else values
 
     def _attempt(self) -> Any:
-        """A consistent record (also kept as the last one), None (nothing published), or ``_BUSY``.
-
-        Consistent: two reads of the sequence number and the values, byte for byte equal, with
-        an even sequence number. The writer makes it odd before it touches a value.
-        """
-        size = _SEQUENCE.size + self._values.size
+        """A whole record (also kept as the last one), None (nothing published), or ``_BUSY``
+        (every read overlapped a write: its checksum did not match)."""
+        record_format = self._record
+        body_size = record_format.body.size
         for _ in range(_READ_ATTEMPTS):
-            record = os.pread(self.descriptor, size, _SEQUENCE_OFFSET)
-            _check(len(record) == size, "shorter than its record")
-            (sequence,) = _SEQUENCE.unpack_from(record)
-            if sequence & 1 or os.pread(self.descriptor, size, _SEQUENCE_OFFSET) != record:
-                continue
+            record = os.pread(self.descriptor, record_format.size, RECORD_OFFSET)
+            _check(len(record) == record_format.size, "shorter than its record")
+            body = record[:body_size]
+            sequence, *values = record_format.body.unpack(body)
             if not sequence:
                 return None
-            values = self._values.unpack_from(record, _SEQUENCE.size)
+            if crc32(body) != _CHECKSUM.unpack_from(record, body_size)[0]:
+                continue
             self._check_values(values)
-            self._last = values
-            return values
+            self._last = tuple(values)
+            return self._last
         return _BUSY
 
-    def _check_values(self, values: tuple[int, ...]) -> None:
+    def _check_values(self, values: list[int]) -> None:
         free_blocks = values[0]
         _check(0 <= free_blocks < self.layout.num_blocks, f"{free_blocks} free blocks")
         if not self.from_stats:

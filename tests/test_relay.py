@@ -26,28 +26,33 @@ def test_reader_sees_the_latest_record(tmp_path):
     assert (snapshot.layout, snapshot.free_blocks) == (LAYOUT, 40)
 
 
-def test_a_record_being_rewritten_is_not_read(tmp_path):
+def _tear(writer) -> bytes:
+    """Make the writer's record read as torn (its checksum off), as a read overlapping a write sees it;
+    returns the whole record to put back."""
+    from otel_vllm_kv.relay import RECORD_OFFSET
+
+    whole = os.pread(writer._descriptor, 64, RECORD_OFFSET)
+    os.pwrite(writer._descriptor, b"\xff", RECORD_OFFSET + 8)  # a value's first byte, the checksum unchanged
+    return whole
+
+
+def test_a_torn_record_is_not_read(tmp_path):
     writer = SnapshotWriter(str(tmp_path), engine_index=0, model_name="tiny", layout=LAYOUT)
     writer.write(40, [0])
-    reader = SnapshotReader(str(tmp_path))
-    writer._sequence += 1  # as if the writer were between its two sequence stores
-    from otel_vllm_kv.relay import _SEQUENCE, _SEQUENCE_OFFSET
-
-    os.pwrite(writer._descriptor, _SEQUENCE.pack(writer._sequence), _SEQUENCE_OFFSET)
-    assert reader.read() == []
+    _tear(writer)
+    assert SnapshotReader(str(tmp_path)).read() == []
 
 
 def test_a_first_read_waits_for_a_writer_descheduled_mid_write(tmp_path):
-    """On a busy machine the writer can lose the CPU between its two sequence stores; a reader that
-    has seen no record yet must wait for it (the tight-loop race test below lost up to 878 reads of
-    1 M this way, under load), not report the engine absent."""
+    """On a busy machine the writer can lose the CPU inside its write; a reader that has seen no
+    record yet must wait for it (the tight-loop race test below lost up to 878 reads of 1 M this
+    way, under load, with the seqlock this relay once used), not report the engine absent."""
+    from otel_vllm_kv.relay import RECORD_OFFSET
+
     writer = SnapshotWriter(str(tmp_path), engine_index=0, model_name="tiny", layout=LAYOUT)
     writer.write(40, [0])
-    from otel_vllm_kv.relay import _SEQUENCE, _SEQUENCE_OFFSET
-
-    stuck = writer._sequence + 1
-    os.pwrite(writer._descriptor, _SEQUENCE.pack(stuck), _SEQUENCE_OFFSET)
-    finish = threading.Timer(0.03, lambda: os.pwrite(writer._descriptor, _SEQUENCE.pack(stuck + 1), _SEQUENCE_OFFSET))
+    whole = _tear(writer)
+    finish = threading.Timer(0.03, lambda: os.pwrite(writer._descriptor, whole, RECORD_OFFSET))
     finish.start()
     try:
         (snapshot,) = SnapshotReader(str(tmp_path)).read()
@@ -234,8 +239,8 @@ def _write_forever(directory: str, ready) -> None:
 
 
 def test_a_reader_never_loses_a_published_engine_to_a_concurrent_write(tmp_path):
-    """``struct.pack_into`` zeroes its target before it packs: a sequence number written with it
-    reads as 0 ("nothing published yet") for an instant. A reader must never see that."""
+    """A reader racing a writer in a tight loop sees torn records; it must never report the engine
+    absent (nor a torn value: the checksum tells)."""
     context = multiprocessing.get_context("spawn")
     ready = context.Event()
     writer = context.Process(target=_write_forever, args=(str(tmp_path), ready), daemon=True)

@@ -7,7 +7,6 @@ import fcntl
 import math
 import os
 import signal
-import struct
 import time
 
 import pytest
@@ -19,12 +18,12 @@ from otel_vllm_kv.exporter import gauges
 from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout
 from otel_vllm_kv.relay import (
     _HEADER,
-    _SEQUENCE,
-    _SEQUENCE_OFFSET,
-    _VALUES_OFFSET,
+    RECORD_OFFSET,
+    STATS_RECORD,
     SnapshotReader,
     SnapshotWriter,
     StatsSnapshotWriter,
+    probe_record,
 )
 
 LAYOUT = PoolLayout(num_blocks=64, limit_tokens=63 * 16, groups=(GroupLayout("full_attention", 16),))
@@ -113,8 +112,7 @@ def test_values_out_of_range_spoil_only_their_engine_and_never_the_users_metrics
     bad = SnapshotWriter(str(tmp_path), engine_index=1, model_name="bad", layout=LAYOUT)
     bad_path = tmp_path / os.path.basename(bad._path)
     _patch_header(bad_path, **header)
-    record = _SEQUENCE.pack(2) + struct.pack("<qq", *values)
-    _overwrite(bad_path, _SEQUENCE_OFFSET, record)
+    _overwrite(bad_path, RECORD_OFFSET, probe_record(1).encode(2, *values))
     reader = InMemoryMetricReader()
     meter = MeterProvider(metric_readers=[reader]).get_meter("the user's")
     meter.create_counter("requests").add(3)
@@ -174,14 +172,14 @@ def test_a_writer_survives_its_file_being_shrunk(tmp_path):
 
 def test_a_statistics_record_too_old_is_not_reported(tmp_path):
     """A frontend outlives the remote engine it reported from statistics: that engine's last values age out."""
-    from otel_vllm_kv.relay import _STATS_VALUES, STATS_MAX_AGE_SECONDS
+    from otel_vllm_kv.relay import STATS_MAX_AGE_SECONDS
 
     layout = PoolLayout(num_blocks=64, limit_tokens=63 * 16, watermark_blocks=None)
     writer = StatsSnapshotWriter(str(tmp_path), 3, "remote", layout)
     writer.write(20)
     assert _reported(tmp_path) == {3: 20}
     arrived = time.time_ns() - int((STATS_MAX_AGE_SECONDS + 1) * 1e9)
-    _overwrite(writer._path, _SEQUENCE_OFFSET, _SEQUENCE.pack(4) + _STATS_VALUES.pack(20, arrived))
+    _overwrite(writer._path, RECORD_OFFSET, STATS_RECORD.encode(4, 20, arrived))
     assert _reported(tmp_path) == {}
     writer.write(21)
     assert _reported(tmp_path) == {3: 21}, "a new record reports it again"
@@ -192,9 +190,8 @@ def test_a_statistics_record_too_old_is_not_reported(tmp_path):
 
 def _valid_file(num_groups: int = 1) -> bytearray:
     groups = ";".join(["full_attention:16"] * num_groups).encode()
-    header = _HEADER.pack(b"OVKV", 3, 4, 0, 1, 64, 63 * 16, 0, len(groups), num_groups, b"fuzz", groups)
-    record = _SEQUENCE.pack(2) + struct.pack(f"<q{num_groups}q", 40, *([1] * num_groups))
-    return bytearray(header + record)
+    header = _HEADER.pack(b"OVKV", 4, 4, 0, 1, 64, 63 * 16, 0, len(groups), num_groups, b"fuzz", groups)
+    return bytearray(header + probe_record(num_groups).encode(2, 40, *([1] * num_groups)))
 
 
 def _read_planted(directory, name: str, content: bytes):
@@ -244,8 +241,39 @@ def test_truncated_or_mutated_files_never_escape_the_reader(fuzz_directory, data
 
 @given(values=st.lists(st.integers(*INT64), min_size=2, max_size=2))
 def test_any_published_values_are_reported_in_range_or_skipped(fuzz_directory, values):
-    content = _valid_file()
-    content[_VALUES_OFFSET:_VALUES_OFFSET + 16] = struct.pack("<qq", *values)
+    content = _valid_file()[:RECORD_OFFSET] + probe_record(1).encode(2, *values)
     snapshots = _read_planted(fuzz_directory, "engine-0-1-1-0", bytes(content))
     _assert_in_range(snapshots)
     assert bool(snapshots) == (0 <= values[1] <= values[0] < 64)
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path):
+    """A real tmpfs of 8 KiB, filled: what a crowded ``/dev/shm`` is to the relay."""
+    import subprocess
+
+    mount = tmp_path / "shm"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a tmpfs needs root (or CAP_SYS_ADMIN)")
+    try:
+        filler = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            with pytest.raises(OSError):
+                while True:
+                    os.write(filler, b"\0" * 1024)
+        finally:
+            os.close(filler)
+        (mount / "relay").mkdir()  # a directory takes no page of a tmpfs
+        yield mount / "relay"
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_tmpfs_refuses_a_relay_file_with_the_setting_named_and_leaves_nothing(full_tmpfs):
+    """Once the first store into the sparse mapping faulted (SIGBUS, exit 135): the pages are reserved first."""
+    from otel_vllm_kv.relay import NoSpace
+
+    with pytest.raises(NoSpace, match=f"no space left in {full_tmpfs} \\(OTEL_PYTHON_VLLM_KV_RELAY_DIR\\)"):
+        SnapshotWriter(str(full_tmpfs), engine_index=0, model_name="tiny", layout=LAYOUT)
+    assert os.listdir(full_tmpfs) == []
