@@ -4,7 +4,12 @@ vLLM echoes a request's ``trace_headers`` mapping back to the frontend on every 
 of that request (it carries the caller's ``traceparent``). The engine core adds one key
 holding the records not yet delivered; vLLM's trace propagators ignore unknown keys and
 no API response includes the mapping. Records are numbered per request, so the frontend
-applies each exactly once.
+applies each exactly once, in order.
+
+An application that builds ``AsyncLLM`` requests with its own ``trace_headers`` can put the key
+there itself: the engine replaces a key it did not write, and ``decode`` accepts only records
+whose every field is in the range an engine writes, so a record's span attributes and event
+time always fit the types an exporter encodes (int64, finite doubles).
 """
 
 from __future__ import annotations
@@ -99,13 +104,70 @@ def encode(events: list[AdmissionRecord]) -> str:
     return "".join([RECORD.pack(KINDS.index(event.kind), *event[1:]).hex() for event in events])
 
 
+#: The window a record's time (seconds since the epoch) must lie in. Not "near now": the engine's and
+#: the frontend's clocks may differ across nodes. 1e9 is 2001-09-09, before any engine this runs on
+#: (a clock that reads earlier was never set, and its times order nothing); 9.2e9 is 2261-07-06, the
+#: last time whose nanoseconds (``AdmissionRecord.time_ns``, a span event's timestamp) fit in int64,
+#: as OTLP's timestamps and most tracing backends store them.
+EARLIEST_TIME, LATEST_TIME = 1e9, 9.2e9
+#: The longest wait a record may report, in seconds: a year. No request waits longer than an engine
+#: has been running; a larger value says the frontend's clock (which stamped the arrival) and the
+#: engine's disagree by more than any attribute derived from them could be trusted.
+MAX_QUEUE_SECONDS = 366 * 86_400.0
+#: The largest pool capacity a record may report, in tokens: 2^53 - 1, the largest integer a double
+#: holds exactly (backends that store attribute values as doubles keep it). No pool comes near it
+#: (2^53 tokens at one byte each is 8 PiB), and every token count derived from a record is at most
+#: its capacity, so each fits in int64.
+MAX_LIMIT_TOKENS = 2**53 - 1
+_ADMITTED_CODE, _RESUMED_CODE, _PREEMPTED_CODE = (KINDS.index(kind) for kind in (ADMITTED, RESUMED, PREEMPTED))
+
+
 def decode(text: str) -> list[AdmissionRecord]:
-    """The records of ``encode``; raises ValueError on anything else."""
-    if not text or len(text) % RECORD_LENGTH:
-        raise ValueError(f"not KV-cache records: {text[:80]!r}")
+    """The records of ``encode``; raises ValueError (and nothing else) on anything else, and on a record
+    holding a value no engine writes (``_out_of_range``): what the frontend receives may be forged."""
+    if not isinstance(text, str) or not text or len(text) % RECORD_LENGTH:
+        raise ValueError(f"not KV-cache records: {text!r:.80}")
+    data = bytes.fromhex(text)  # ValueError on a non-hex character
+    if 2 * len(data) != len(text):  # fromhex skips whitespace
+        raise ValueError(f"not KV-cache records: {text!r:.80}")
     events = []
-    for kind, *numbers in RECORD.iter_unpack(bytes.fromhex(text)):
-        if kind >= len(KINDS):
-            raise ValueError(f"not a KV-cache record kind: {kind}")
-        events.append(AdmissionRecord(KINDS[kind], *numbers))
+    for fields in RECORD.iter_unpack(data):
+        fault = _out_of_range(*fields)
+        if fault is not None:
+            raise ValueError(f"not a KV-cache record: {fault}")
+        events.append(AdmissionRecord(KINDS[fields[0]], *fields[1:]))
     return events
+
+
+def _out_of_range(
+    kind: int, sequence: int, time: float, engine_index: int, num_blocks: int, limit_tokens: int,
+    free_blocks: int, own_blocks: int, cached_tokens: int, queue_seconds: float, waiting: int,
+) -> str | None:
+    """The first field no engine writes, as ``name = value``; None if there is none.
+
+    Besides each field's range, a record's kind follows from its number (the engine's numbering:
+    admission 1, k-th preemption 2k, the resumption after it 2k + 1). The comparisons are written
+    so that NaN fails them.
+    """
+    numbered_kind = _ADMITTED_CODE if sequence == 1 else _RESUMED_CODE if sequence & 1 else _PREEMPTED_CODE
+    if sequence < 1 or kind != numbered_kind:
+        return f"kind = {kind}, sequence = {sequence}"
+    if not EARLIEST_TIME <= time <= LATEST_TIME:
+        return f"time = {time!r}"
+    if engine_index < 0:
+        return f"engine_index = {engine_index}"
+    if num_blocks < 2:  # the null block and at least one allocatable block
+        return f"num_blocks = {num_blocks}"
+    if not -1 <= limit_tokens <= MAX_LIMIT_TOKENS:
+        return f"limit_tokens = {limit_tokens}"
+    if not 0 <= free_blocks < num_blocks:
+        return f"free_blocks = {free_blocks}"
+    if not 0 <= own_blocks < num_blocks:
+        return f"own_blocks = {own_blocks}"
+    if cached_tokens < 0:
+        return f"cached_tokens = {cached_tokens}"
+    if not 0.0 <= queue_seconds <= MAX_QUEUE_SECONDS:
+        return f"queue_seconds = {queue_seconds!r}"
+    if waiting < 0:
+        return f"waiting = {waiting}"
+    return None

@@ -6,7 +6,6 @@ import sys
 import pytest
 from hypothesis import HealthCheck, settings
 
-
 # Keep every engine's CPU KV cache at 1 GiB; engines inherit this.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
@@ -41,3 +40,37 @@ def tiny_model_dir(tmp_path_factory) -> str:
 def hybrid_model_dir(tmp_path_factory) -> str:
     """Gemma2-style: sliding-window and full-attention layers, two KV-cache groups in vLLM."""
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-gemma2"), hybrid=True))
+
+
+# Fixtures of the tests that drive vLLM's real OutputProcessor (test_frontend_objects, test_hostile_records).
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    """The tiny model's byte-level tokenizer, loaded as vLLM's renderer loads one."""
+    from vllm.tokenizers import get_tokenizer
+
+    return get_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture
+def tracer_provider():
+    """A local SDK provider for the caller's spans; ``(provider, exporter)``."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+@pytest.fixture
+def vllm_tracing(tracer_provider, monkeypatch):
+    """vLLM's ``instrument_manual`` takes the global tracer provider, which can be set once per process:
+    it is this test's provider for this test only (``opentelemetry-test-utils`` resets the same global)."""
+    from opentelemetry import trace
+
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", tracer_provider[0])
+    return tracer_provider

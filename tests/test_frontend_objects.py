@@ -50,13 +50,10 @@ import pytest
 import zmq
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from schedulers import Stepper, build_scheduler, build_vllm_config
 from telemetry import new_reader
 from test_unprobed_engines import busy_workload, ready_payload
 from vllm.sampling_params import SamplingParams
-from vllm.tokenizers import get_tokenizer
 from vllm.utils.hashing import sha256
 from vllm.utils.network_utils import get_open_zmq_ipc_path
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -76,29 +73,6 @@ from otel_vllm_kv.relay import SnapshotReader
 
 BLOCK_SIZE = 16
 EVENT_NAMES = {ADMITTED: names.EVENT_ADMITTED, PREEMPTED: names.EVENT_PREEMPTED, RESUMED: names.EVENT_RESUMED}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    """The tiny model's byte-level tokenizer, loaded as vLLM's renderer loads one."""
-    return get_tokenizer(tiny_model_dir)
-
-
-@pytest.fixture
-def tracer_provider():
-    """A local SDK provider for the caller's spans; ``(provider, exporter)``."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider, exporter
-
-
-@pytest.fixture
-def vllm_tracing(tracer_provider, monkeypatch):
-    """vLLM's ``instrument_manual`` takes the global tracer provider, which can be set once per process:
-    it is this test's provider for this test only (``opentelemetry-test-utils`` resets the same global)."""
-    monkeypatch.setattr(trace, "_TRACER_PROVIDER", tracer_provider[0])
-    return tracer_provider
 
 
 @contextmanager

@@ -19,7 +19,9 @@ Hooks on one scheduler's own methods (``probe``), each called by vLLM once per e
 Records travel in ``request.trace_headers`` (``admission_records``) and are delivered with the
 request's next output; once delivered, the request gets its original mapping back. While a
 request's mapping holds our key, its records are not delivered yet, so the mapping is the only
-per-request buffer. Attributes on vLLM's ``Request`` (as OpenTelemetry's instrumentations keep
+per-request buffer. A request can arrive with that key already in its mapping (an application
+building ``AsyncLLM`` requests sets ``trace_headers`` itself): the first record replaces it, and the
+mapping given back at delivery leaves it out. Attributes on vLLM's ``Request`` (as OpenTelemetry's instrumentations keep
 a span on the object they trace) go with the request and cost no weak reference: the time of
 the last preemption and, with a KV connector, the ``num_preemptions`` of the last admission
 recorded. The only table is the recorder's list of requests whose records are not delivered
@@ -222,13 +224,30 @@ def _carry(undelivered: list, request: Any, record: str) -> None:
     headers = request.trace_headers
     # A new mapping, never a mutation: outputs already built keep the one they reference.
     if headers and TRACE_HEADER_KEY in headers:
-        # Its earlier records are not delivered yet, so it has produced no output since them.
-        request.trace_headers = {**headers, TRACE_HEADER_KEY: headers[TRACE_HEADER_KEY] + record}
-    else:
-        # vLLM's ``num_output_tokens`` is a property (a Python frame) returning len(_output_token_ids).
-        outputs = request._output_token_ids
-        undelivered.append((request, headers, outputs, len(outputs)))
-        request.trace_headers = {**headers, TRACE_HEADER_KEY: record} if headers else {TRACE_HEADER_KEY: record}
+        if _holds_undelivered(undelivered, request):
+            # Its earlier records are not delivered yet, so it has produced no output since them.
+            request.trace_headers = {**headers, TRACE_HEADER_KEY: headers[TRACE_HEADER_KEY] + record}
+            return
+        headers = _without_foreign_records(headers)
+    # vLLM's ``num_output_tokens`` is a property (a Python frame) returning len(_output_token_ids).
+    outputs = request._output_token_ids
+    undelivered.append((request, headers, outputs, len(outputs)))
+    request.trace_headers = {**headers, TRACE_HEADER_KEY: record} if headers else {TRACE_HEADER_KEY: record}
+
+
+def _holds_undelivered(undelivered: list, request: Any) -> bool:
+    """Whether the key in the request's headers is ours: the request is waiting for delivery. Asked only
+    when the key is there, which is rare (a second record before the request's next output, as a
+    preemption in the step of its admission, or a key that came with the request): scanning the few
+    undelivered requests then costs less than marking every request at every admission."""
+    return any(entry[0] is request for entry in undelivered)
+
+
+def _without_foreign_records(headers: Any) -> dict:
+    """The request's headers without the key it arrived with: an application that builds its own
+    ``trace_headers`` (``AsyncLLM``) could forge records. These become the headers the request gets back
+    at delivery: from its admission on, the request's outputs carry the engine's records only."""
+    return {name: value for name, value in headers.items() if name != TRACE_HEADER_KEY}
 
 
 #: What the recorder reads of the scheduler and of each vLLM ``Request`` (``internals``).

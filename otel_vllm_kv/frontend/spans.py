@@ -8,6 +8,12 @@ it submitted several (a batch ``LLM.generate``). vLLM's own ``llm_request`` span
 created at finish by ``do_tracing`` through ``instrument_manual``, gets the admission
 attributes, and is parented on the remembered span when there is one, so a trace shows
 one tree. Only recording spans are touched; with nothing recording, no request is tracked.
+
+Each ``OutputProcessor`` keeps its own tracked requests, on itself (as OpenTelemetry's
+instrumentations keep state on the object they trace): a process can hold several (several
+``LLM`` or ``AsyncLLM``), each letting go of its own requests only, and their request ids can
+coincide. Records are checked (``admission_records.decode``) and applied in order, one request
+at a time: a malformed or out-of-order record costs its own request only, with one warning.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ _logger = logging.getLogger(__name__)
 OUTPUT_PROCESSOR_MODULE = "vllm.v1.engine.output_processor"
 _trace_headers = attrgetter("trace_headers")
 VLLM_REQUEST_SPAN = "llm_request"
+#: The attribute of an ``OutputProcessor`` holding its tracked requests (vLLM's internal id -> request).
+TRACKED_REQUESTS_ATTRIBUTE = "_otel_vllm_kv_requests"
 
 
 class _TrackedRequest:
@@ -48,7 +56,8 @@ class _TrackedRequest:
 
 class _Annotator:
     def __init__(self) -> None:
-        self.requests: dict[str, _TrackedRequest] = {}
+        #: Every ``OutputProcessor`` that tracks requests, so ``clear`` reaches them all.
+        self.processors: weakref.WeakSet[Any] = weakref.WeakSet()
         self.submissions: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
         self.tracing: _TrackedRequest | None = None
         self.warn_once = WarnOnce(
@@ -67,13 +76,38 @@ class _Annotator:
                 submitted = self.submissions[span] = [0]
             submitted[0] += 1
         external_id = getattr(request, "external_req_id", None) or request.request_id
-        self.requests[request.request_id] = _TrackedRequest(span if recording else None, submitted, external_id)
+        requests = tracked_requests(output_processor)
+        if requests is None:
+            requests = {}
+            setattr(output_processor, TRACKED_REQUESTS_ATTRIBUTE, requests)
+            self.processors.add(output_processor)
+        requests[request.request_id] = _TrackedRequest(span if recording else None, submitted, external_id)
+
+    @property
+    def requests(self) -> dict[str, _TrackedRequest]:
+        """The requests every ``OutputProcessor`` tracks, merged (to inspect; the hooks read their own)."""
+        merged: dict[str, _TrackedRequest] = {}
+        for processor in list(self.processors):
+            merged.update(tracked_requests(processor) or {})
+        return merged
 
     def apply(self, tracked: _TrackedRequest, text: str) -> None:
+        """Apply the records in ``text`` that come next for the request, in order.
+
+        The engine keeps a record until an output carries it, so one seen before (a lower number) is
+        skipped; one further on than the next (a gap) is not the engine's, and is reported once all the
+        others were applied, so a forged number cannot hold back the genuine records after it.
+        """
+        out_of_order = None
         for event in decode(text):
-            if event.sequence > tracked.last_sequence:
-                tracked.last_sequence = event.sequence
+            sequence = event.sequence
+            if sequence == tracked.last_sequence + 1:
+                tracked.last_sequence = sequence
                 self._apply_event(tracked, event)
+            elif sequence > tracked.last_sequence:
+                out_of_order = sequence
+        if out_of_order is not None:
+            raise ValueError(f"admission record {out_of_order} out of order after {tracked.last_sequence}")
 
     def _apply_event(self, tracked: _TrackedRequest, event: AdmissionRecord) -> None:
         attributes = event.attributes()
@@ -98,17 +132,30 @@ class _Annotator:
         if single:
             span.set_attribute(names.REQUEST_PREEMPTIONS, tracked.preemptions)
 
-    def forget(self, request_ids: Any) -> None:
-        for request_id in request_ids:
-            self.requests.pop(request_id, None)
-
     def clear(self) -> None:
-        self.requests.clear()
+        for processor in list(self.processors):
+            try:
+                # Never vars(): it would build the object's __dict__ and slow vLLM's own attribute reads.
+                delattr(processor, TRACKED_REQUESTS_ATTRIBUTE)
+            except AttributeError:
+                pass
+        self.processors = weakref.WeakSet()
         self.submissions = weakref.WeakKeyDictionary()
         self.tracing = None
 
 
 annotator = _Annotator()
+
+
+def tracked_requests(output_processor: Any) -> dict[str, _TrackedRequest] | None:
+    """The requests ``output_processor`` tracks, None before its first (a lookup in C, and the missing
+    attribute raises no exception to be caught)."""
+    return getattr(output_processor, TRACKED_REQUESTS_ATTRIBUTE, None)
+
+
+def _forget(requests: dict[str, _TrackedRequest], request_ids: Any) -> None:
+    for request_id in request_ids:
+        requests.pop(request_id, None)
 
 
 def _after_add_request(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -128,9 +175,11 @@ def _around_process_outputs(wrapped: Callable, instance: Any, args: tuple, kwarg
 
     This runs every step: the outputs that carry records are found in C (``map``,
     ``compress``), so the Python loop runs per record, not per running request; and the
-    tracked requests are compared with vLLM's only when the step ended some of vLLM's.
+    processor's tracked requests are compared with its own only when the step ended some of them.
+    Each output's records are applied in a ``try`` of their own (free in CPython 3.11 until
+    something raises): one request's bad record costs no other request its attributes.
     """
-    requests = annotator.requests
+    requests = getattr(instance, TRACKED_REQUESTS_ATTRIBUTE, None)  # tracked_requests(instance), one frame less
     if not requests:
         return wrapped(*args, **kwargs)
     outputs = args[0] if args else kwargs["engine_core_outputs"]
@@ -142,27 +191,32 @@ def _around_process_outputs(wrapped: Callable, instance: Any, args: tuple, kwarg
             for output in compress(with_headers, map(contains, present, repeat(TRACE_HEADER_KEY))):
                 tracked = requests.get(output.request_id)
                 if tracked is not None:
-                    annotator.apply(tracked, output.trace_headers[TRACE_HEADER_KEY])
+                    try:
+                        annotator.apply(tracked, output.trace_headers[TRACE_HEADER_KEY])
+                    except Exception:  # noqa: BLE001 - a malformed or forged record: this request's loss only
+                        annotator.warn_once()
     except Exception:  # noqa: BLE001
         annotator.warn_once()
     states = instance.request_states
     known = len(states)
     result = wrapped(*args, **kwargs)
     if len(states) != known:  # vLLM let requests go (finished, or stopped in this process)
-        annotator.forget(requests.keys() - states.keys())
+        _forget(requests, requests.keys() - states.keys())
     return result
 
 
 def _after_abort_requests(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     aborted = wrapped(*args, **kwargs)  # the internal ids of every request it aborted
-    if annotator.requests and aborted:
-        annotator.forget(aborted)
+    requests = tracked_requests(instance)
+    if requests and aborted:
+        _forget(requests, aborted)
     return aborted
 
 
 def _around_do_tracing(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     engine_core_output = args[0] if args else kwargs["engine_core_output"]
-    annotator.tracing = annotator.requests.get(engine_core_output.request_id)
+    requests = tracked_requests(instance)
+    annotator.tracing = requests.get(engine_core_output.request_id) if requests else None
     try:
         return wrapped(*args, **kwargs)
     finally:

@@ -14,11 +14,14 @@ variables) has no probe. Its frontend still learns from vLLM:
 
 Whether an engine runs a probe is read off its outputs, never assumed: the output that ends a
 request's first prefill (the one with ``prefill_stats``) carries the admission record of a
-probed engine (``admission``). An engine seen without one is reported from its statistics,
-written into the relay by this frontend with their arrival time (the exporter keeps the
-newest, as several API servers each receive some steps' statistics), and one warning names
-it. vLLM's statistics have no evictable count, no watermark and no groups: those series are
-not reported for such an engine, and its requests' spans carry no admission attributes.
+probed engine (``admission``), or its resumption's if it was preempted before; a record counts
+only if it decodes and names this engine (its index and block count), since an application can
+put the key in a request's ``trace_headers`` itself and an unprobed engine echoes it. An
+engine seen without one is reported from its statistics, written into the relay by this
+frontend with their arrival time (the exporter keeps the newest, as several API servers each
+receive some steps' statistics), and one warning names it. vLLM's statistics have no
+evictable count, no watermark and no groups: those series are not reported for such an
+engine, and its requests' spans carry no admission attributes.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from otel_vllm_kv.admission_records import TRACE_HEADER_KEY
+from otel_vllm_kv.admission_records import PREEMPTED, TRACE_HEADER_KEY, decode
 from otel_vllm_kv.kv_cache import PoolLayout
 from otel_vllm_kv.logs import WarnOnce
-from otel_vllm_kv.relay import StatsSnapshotWriter
+from otel_vllm_kv.relay import NoSpace, StatsSnapshotWriter
 
 _logger = logging.getLogger(__name__)
 
@@ -49,6 +52,21 @@ class _Engine:
         self.layout = layout
         self.probed: bool | None = None
         self.writer: StatsSnapshotWriter | None = None
+
+    def admitted_by_probe(self, headers: Any) -> bool:
+        """Whether ``headers`` carry this engine's probe's record of an admission (or resumption)."""
+        text = headers.get(TRACE_HEADER_KEY) if headers else None
+        if text is None:
+            return False
+        try:
+            records = decode(text)
+        except ValueError:  # forged or foreign: not this engine's probe
+            return False
+        num_blocks = self.layout.num_blocks
+        return any(
+            record.kind != PREEMPTED and record.engine_index == self.index and record.num_blocks == num_blocks
+            for record in records
+        )
 
     def publish(self, kv_cache_usage: float) -> None:
         allocatable = self.layout.allocatable_blocks
@@ -78,9 +96,12 @@ class _Directory:
         served = model_config.served_model_name
         model_name = str(served[0] if isinstance(served, (list, tuple)) else served)
         engines = self.clients.setdefault(client, {})
+        replaced = engines.get(response.data_parallel_rank)
         engines[response.data_parallel_rank] = _Engine(
             response.data_parallel_rank, model_name, layout_from_ready_response(response, model_config)
         )
+        if replaced is not None and replaced.writer is not None:
+            replaced.writer.close()  # the rank's engine was replaced (elastic scaling): its file goes with it
 
     def observe(self, client: Any, outputs: Any) -> None:
         engines = self.clients.get(client)
@@ -90,8 +111,7 @@ class _Directory:
         if engine.probed is None:
             for output in outputs.outputs:
                 if output.prefill_stats is not None:
-                    headers = output.trace_headers
-                    engine.probed = bool(headers) and TRACE_HEADER_KEY in headers
+                    engine.probed = engine.admitted_by_probe(output.trace_headers)
                     if not engine.probed:
                         self._report_from_stats(client, engine)
                     break
@@ -102,7 +122,11 @@ class _Directory:
     def _report_from_stats(self, client: Any, engine: _Engine) -> None:
         if self.relay_directory is None:  # uninstrumented meanwhile
             return
-        engine.writer = StatsSnapshotWriter(self.relay_directory, engine.index, engine.model_name, engine.layout)
+        try:
+            engine.writer = StatsSnapshotWriter(self.relay_directory, engine.index, engine.model_name, engine.layout)
+        except NoSpace as error:
+            _logger.warning("%s", error.strerror)
+            return
         weakref.finalize(client, engine.writer.close)
         _logger.warning(
             "otel-vllm-kv: vLLM engine %d (data-parallel rank %d) runs no probe: its node was started "
