@@ -113,9 +113,10 @@ def _decode_groups(text: str) -> tuple[GroupLayout, ...]:
 
 
 class NoSpace(OSError):
-    """The relay's file system is full: this engine is not reported (the caller warns, once)."""
+    """The relay's file system is full: this engine is not reported (the caller warns: ``warn_no_space``)."""
 
     def __init__(self, directory: str) -> None:
+        self.directory = directory
         super().__init__(
             errno.ENOSPC,
             f"otel-vllm-kv: no space left in {directory} ({OTEL_PYTHON_VLLM_KV_RELAY_DIR}) for a relay file: "
@@ -140,6 +141,24 @@ class EngineSnapshot:
     def occupancy(self) -> KVCacheOccupancy:
         evictable = None if self.evictable_blocks is None else sum(self.evictable_blocks)
         return occupancy(self.layout, self.free_blocks, evictable)
+
+
+#: Made in a relay by the first process that finds it full, so that only that one warns.
+_NO_SPACE_MARK = ".no-space-warned"
+
+
+def warn_no_space(error: NoSpace) -> None:
+    """Log ``error`` once per relay: an engine's probe, then a frontend reporting that engine from
+    statistics instead, meet the same full directory. The mark is an empty file: a full tmpfs
+    still has inodes for it (without one, each process warns)."""
+    mark = os.path.join(error.directory, _NO_SPACE_MARK)
+    try:
+        os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        return
+    except OSError:
+        pass
+    _logger.warning("%s", error.strerror)
 
 
 class _RelayFile:

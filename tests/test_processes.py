@@ -96,16 +96,19 @@ def test_a_malformed_exporter_variable_is_named_as_such(value, monkeypatch):
         inherited_role()
 
 
-def test_a_malformed_exporter_variable_is_one_error_and_no_patch(monkeypatch, caplog):
+@pytest.mark.parametrize("value", ["2147483648:/tmp", "\u00b2:/tmp"])  # once OverflowError, ValueError
+def test_a_malformed_exporter_variable_is_one_error_and_no_patch(value, monkeypatch, caplog, tmp_path):
     """vLLM loads the plugin in every process and does not catch what it raises: nothing may escape.
-    ``instrument()`` logs one ERROR too and stays inactive (the variable is inherited, not configured)."""
+    ``instrument()`` logs one ERROR too and stays inactive (the variable is inherited, not configured):
+    nothing patched, no relay made, the variable left alone."""
     from vllm.v1.engine import output_processor
 
-    from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_EXPORTER
+    from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_EXPORTER, OTEL_PYTHON_VLLM_KV_RELAY_DIR
     from otel_vllm_kv.plugin import load_vllm_plugin
 
     monkeypatch.setattr("otel_vllm_kv.roles._malformed_reported", False, raising=False)
-    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_EXPORTER, "2147483648:/tmp")  # once an OverflowError in the plugin
+    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_EXPORTER, value)
+    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_RELAY_DIR, str(tmp_path))
     load_vllm_plugin()
     load_vllm_plugin()
     instrumentor = VLLMKVCacheInstrumentor()
@@ -114,6 +117,7 @@ def test_a_malformed_exporter_variable_is_one_error_and_no_patch(monkeypatch, ca
         assert not hasattr(output_processor.OutputProcessor.process_outputs, "__wrapped__"), "nothing patched"
         errors = [record for record in caplog.records if record.levelname == "ERROR"]
         assert len(errors) == 1 and OTEL_PYTHON_VLLM_KV_EXPORTER in errors[0].getMessage()
+        assert os.environ[OTEL_PYTHON_VLLM_KV_EXPORTER] == value and os.listdir(tmp_path) == []
     finally:
         instrumentor.uninstrument()
 

@@ -270,10 +270,14 @@ def full_tmpfs(tmp_path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
-def test_a_full_tmpfs_refuses_a_relay_file_with_the_setting_named_and_leaves_nothing(full_tmpfs):
-    """Once the first store into the sparse mapping faulted (SIGBUS, exit 135): the pages are reserved first."""
-    from otel_vllm_kv.relay import NoSpace
+def test_a_full_tmpfs_refuses_a_relay_file_with_the_setting_named_and_leaves_nothing(full_tmpfs, caplog):
+    """Once the first store into the sparse mapping faulted (SIGBUS, exit 135): the pages are reserved first.
+    The engine's probe and a frontend reporting that engine from statistics both meet it: one warning."""
+    from otel_vllm_kv.relay import NoSpace, warn_no_space
 
-    with pytest.raises(NoSpace, match=f"no space left in {full_tmpfs} \\(OTEL_PYTHON_VLLM_KV_RELAY_DIR\\)"):
-        SnapshotWriter(str(full_tmpfs), engine_index=0, model_name="tiny", layout=LAYOUT)
-    assert os.listdir(full_tmpfs) == []
+    for writer_class in (SnapshotWriter, StatsSnapshotWriter):
+        with pytest.raises(NoSpace, match=f"no space left in {full_tmpfs} \\(OTEL_PYTHON_VLLM_KV_RELAY_DIR\\)") as error:
+            writer_class(str(full_tmpfs), 0, "tiny", LAYOUT)
+        warn_no_space(error.value)
+    assert [name for name in os.listdir(full_tmpfs) if not name.startswith(".no-space")] == []
+    assert len(_relay_warnings(caplog)) == 1

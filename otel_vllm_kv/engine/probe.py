@@ -31,7 +31,7 @@ from otel_vllm_kv.engine.pool_reading import free_block_queue, read_engine_ident
 from otel_vllm_kv.internals import method
 from otel_vllm_kv.kv_cache import PoolLayout
 from otel_vllm_kv.patching import apply_patches, hook_methods, remove_patches, unhook_methods
-from otel_vllm_kv.relay import NoSpace, SnapshotWriter
+from otel_vllm_kv.relay import NoSpace, SnapshotWriter, warn_no_space
 
 _logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class _ProbeRegistry:
         try:
             writer = SnapshotWriter(self.relay_directory, engine_index, model_name, layout)
         except NoSpace as error:
-            _logger.warning("%s", error.strerror)  # the one warning: it names the directory and the setting
+            warn_no_space(error)  # it names the directory and the setting
             return None
         probe = self._probes[scheduler] = EngineProbe(scheduler, writer, layout, engine_index)  # give_up detaches it
         on_scheduler, on_manager = probe.recorder.hooks(lambda: _give_up(probe))

@@ -34,7 +34,7 @@ from typing import Any
 from otel_vllm_kv.admission_records import PREEMPTED, TRACE_HEADER_KEY, decode
 from otel_vllm_kv.kv_cache import PoolLayout
 from otel_vllm_kv.logs import WarnOnce
-from otel_vllm_kv.relay import NoSpace, StatsSnapshotWriter
+from otel_vllm_kv.relay import NoSpace, StatsSnapshotWriter, warn_no_space
 
 _logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class _Directory:
         try:
             engine.writer = StatsSnapshotWriter(self.relay_directory, engine.index, engine.model_name, engine.layout)
         except NoSpace as error:
-            _logger.warning("%s", error.strerror)
+            warn_no_space(error)
             return
         weakref.finalize(client, engine.writer.close)
         _logger.warning(
