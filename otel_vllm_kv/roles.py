@@ -90,7 +90,8 @@ def resolve_role(relay_parent_directory: str) -> Role:
     return Role(exporter_pid, directory)
 
 
-_relay_lock: HeldLock | None = None
+#: The lock of each relay this process made, held until its exit handler removes that relay.
+_relay_locks: dict[str, HeldLock] = {}
 
 
 def _create_relay(parent_directory: str) -> str:
@@ -99,7 +100,6 @@ def _create_relay(parent_directory: str) -> str:
     It is made under a hidden name, locked, then renamed: another exporter's sweep never
     sees it unlocked. A failure names the setting (a full tmpfs gives ENOSPC here).
     """
-    global _relay_lock
     try:
         hidden = tempfile.mkdtemp(prefix=f".{RELAY_PREFIX}", dir=parent_directory)
         try:
@@ -115,7 +115,7 @@ def _create_relay(parent_directory: str) -> str:
             f"directory there ({error.strerror}); accepted values: an existing, writable directory "
             "(default /dev/shm)"
         ) from error
-    _relay_lock = lock
+    _relay_locks[directory] = lock
     return directory
 
 
@@ -147,5 +147,6 @@ def _remove_relay(directory: str, exporter_pid: int) -> None:
     # A forked child inherits atexit handlers; only the exporter removes the relay.
     if os.getpid() == exporter_pid:
         shutil.rmtree(directory, ignore_errors=True)
-        if _relay_lock is not None:
-            _relay_lock.release()
+        lock = _relay_locks.pop(directory, None)
+        if lock is not None:
+            lock.release()
