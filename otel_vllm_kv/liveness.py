@@ -26,8 +26,12 @@ class HeldLock:
     __slots__ = ("_descriptor", "__weakref__")
 
     def __init__(self, descriptor: int) -> None:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._descriptor = descriptor
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.release()  # the descriptor is ours: never leak it
+            raise
         _held.add(self)
 
     def release(self) -> None:

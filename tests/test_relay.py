@@ -133,14 +133,17 @@ def test_a_live_pid_in_a_dead_writers_file_proves_nothing(tmp_path):
 def test_a_forked_child_does_not_keep_a_dead_writer_alive(tmp_path):
     """A child forked from an engine shares its descriptors; it closes its copy of the lock at fork."""
     read_end, write_end = os.pipe()
+    forked_read, forked_write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the engine: publishes, forks a long-lived child of its own, and dies
         os.close(write_end)
         writer = SnapshotWriter(str(tmp_path), engine_index=5, model_name="gone", layout=LAYOUT)
         writer.write(3, [0])
-        if os.fork() == 0:
+        if os.fork() == 0:  # the at-fork handlers have run when fork returns here
+            os.write(forked_write, b"x")
             os.read(read_end, 1)
             os._exit(0)
+        os.read(forked_read, 1)  # not before the child is past its at-fork handlers
         os._exit(0)
     os.close(read_end)
     try:
