@@ -172,7 +172,7 @@ class _RelayFile:
     under its name.
     """
 
-    __slots__ = ("_descriptor", "_path", "_sequence", "_pack", "_lock")
+    __slots__ = ("_descriptor", "_path", "_sequence", "_record", "_pack", "_lock")
 
     def __init__(self, directory: str, prefix: str, engine_index: int, model_name: str, layout: PoolLayout,
                  record: RecordFormat) -> None:
@@ -182,7 +182,8 @@ class _RelayFile:
         self._path = os.path.join(directory, name)
         encoded = model_name.encode("utf-8")[:_MODEL_NAME_BYTES]
         groups = _encode_groups(layout)
-        self._pack = record.body.pack
+        self._record = record
+        self._pack = record.body.pack  # for the probe's inlined publish
         limit = -1 if layout.limit_tokens is None else layout.limit_tokens
         watermark = -1 if layout.watermark_blocks is None else layout.watermark_blocks
         header = _HEADER.pack(
@@ -226,7 +227,8 @@ class SnapshotWriter(_RelayFile):
         super().__init__(directory, _PROBE_PREFIX, engine_index, model_name, layout, probe_record(len(layout.groups)))
 
     def write(self, free_blocks: int, evictable_blocks: list[int]) -> None:
-        """Publish (after an engine step that changed the pool): one record, one system call."""
+        """Publish (after an engine step that changed the pool): one record, one system call.
+        ``RecordFormat.encode`` inlined: this runs at every engine step that changed the pool."""
         self._sequence = sequence = self._sequence + 1
         body = self._pack(sequence, free_blocks, *evictable_blocks)
         _pwrite(self._descriptor, body + _pack_checksum(crc32(body)), RECORD_OFFSET)
@@ -241,9 +243,8 @@ class StatsSnapshotWriter(_RelayFile):
         super().__init__(directory, _STATS_PREFIX, engine_index, model_name, layout, STATS_RECORD)
 
     def write(self, free_blocks: int) -> None:
-        self._sequence = sequence = self._sequence + 1
-        body = self._pack(sequence, free_blocks, time.time_ns())
-        _pwrite(self._descriptor, body + _pack_checksum(crc32(body)), RECORD_OFFSET)
+        self._sequence += 1
+        _pwrite(self._descriptor, self._record.encode(self._sequence, free_blocks, time.time_ns()), RECORD_OFFSET)
 
 
 _pwrite = os.pwrite
