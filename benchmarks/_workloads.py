@@ -6,7 +6,7 @@ admitting ``ADMISSIONS_PER_STEP`` requests, one preemption with its resumption, 
 metric collection. Everything is deterministic: no randomness, no wall-clock branch,
 the same requests in the same order in every process.
 
-A step is ``schedule()``, a synthetic ``ModelRunnerOutput`` (``schedulers.runner_output``)
+A step is ``schedule()``, a synthetic ``ModelRunnerOutput`` (``tests.support.schedulers.runner_output``)
 and ``update_from_output()``, which calls ``make_stats``, as ``EngineCore.step`` does. The
 ``harness`` workloads count the synthetic output alone, so it can be taken out of vLLM's figure.
 """
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from _common import check
+from benchmarks._common import check
 
 BLOCK_SIZE = 16
 ADMISSIONS_PER_STEP = 4
@@ -30,9 +30,11 @@ PROMPT_MIN, PROMPT_MAX = 16, 80
 _serials = itertools.count(1)
 
 
-def distinct_request(scheduler: object, num_prompt_tokens: int, max_tokens: int, prefix: tuple[int, ...] = ()) -> object:
+def distinct_request(
+    scheduler: object, num_prompt_tokens: int, max_tokens: int, prefix: tuple[int, ...] = ()
+) -> object:
     """A request of ``prefix`` then a serial number: no two requests share a block past ``prefix``."""
-    from schedulers import make_request
+    from tests.support.schedulers import make_request
 
     prompt = [*prefix, next(_serials), *range(1, num_prompt_tokens - len(prefix))]
     return make_request(scheduler, len(prompt), max_tokens, prompt_token_ids=prompt)
@@ -57,13 +59,18 @@ class Workload:
     warmup_units = 20
 
     def __init__(self, model_dir: str, log_stats: bool = False) -> None:
-        from schedulers import build_scheduler
+        from tests.support.schedulers import build_scheduler
 
         self.tally = Tally()
         self.log_stats = log_stats
         self.scheduler = build_scheduler(
-            model_dir, log_stats=log_stats, num_blocks=self.num_blocks(), block_size=BLOCK_SIZE,
-            served_model_name="tiny", max_num_seqs=512, max_num_batched_tokens=8192,
+            model_dir,
+            log_stats=log_stats,
+            num_blocks=self.num_blocks(),
+            block_size=BLOCK_SIZE,
+            served_model_name="tiny",
+            max_num_seqs=512,
+            max_num_batched_tokens=8192,
         )
         self.start()
         for _ in range(self.warmup_units):
@@ -83,9 +90,8 @@ class Workload:
         self.scheduler.add_request(distinct_request(self.scheduler, num_prompt_tokens, max_tokens, prefix))
 
     def step(self) -> None:
-        from schedulers import runner_output
-
         from otel_vllm_kv.admission_records import TRACE_HEADER_KEY
+        from tests.support.schedulers import runner_output
 
         scheduler_output = self.scheduler.schedule()
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output(scheduler_output))
@@ -190,8 +196,12 @@ class Collection(Decode):
 
     def unit(self) -> None:
         data = self.reader.get_metrics_data()
-        self.points = sum(len(metric.data.data_points) for resource in (data.resource_metrics if data else ())
-                          for scope in resource.scope_metrics for metric in scope.metrics)
+        self.points = sum(
+            len(metric.data.data_points)
+            for resource in (data.resource_metrics if data else ())
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+        )
 
 
 class Harness(Decode):
@@ -202,7 +212,7 @@ class Harness(Decode):
         self.name = f"harness {running}"
 
     def unit(self) -> None:
-        from schedulers import runner_output
+        from tests.support.schedulers import runner_output
 
         runner_output(self.last_output)
 
@@ -223,4 +233,3 @@ def build(name: str, model_dir: str, max_units: int, reader: object) -> Workload
     }
     check(name in factories, f"unknown workload {name!r}")
     return factories[name]()
-

@@ -1,9 +1,9 @@
 """What the instrumentation costs the engine, in instructions: deterministic, so a repeated run gives the same figure.
 
-Command (from the repository root)::
+Command (from the repository root; run times in benchmarks/README.md)::
 
-    .venv/bin/python benchmarks/instructions.py            # full run, ~15 min on 2 cores
-    .venv/bin/python benchmarks/instructions.py --smoke    # sanity only, no valgrind, ~1 min
+    .venv/bin/python -m benchmarks.instructions           # the tables of docs/benchmarks.md
+    .venv/bin/python -m benchmarks.instructions --smoke   # sanity only, no valgrind
 
 Each variant runs in its own process under ``valgrind --tool=callgrind`` with
 ``PYTHONHASHSEED=0`` and the garbage collector off while counting (``_callgrind``):
@@ -17,13 +17,15 @@ Each variant runs in its own process under ``valgrind --tool=callgrind`` with
 Every workload (``_workloads``: real ``Scheduler`` and ``KVCacheManager``, no model) runs a
 small and a large number of units in two counted intervals; the figure per unit is the
 **marginal** ``(large - small) / (large units - small units)``, so set-up and interval
-edges cancel. Each variant runs ``--repeat`` times (default 2) to show the figures repeat.
+edges cancel. Each variant runs ``--repeat`` times (default 2) to show the figures repeat,
+and ``--layouts`` more times with objects allocated first (other memory layouts).
 
-Reported: instructions per decode step at 16 / 64 / 256 running (stats off, as ``LLM``
-runs; and 16 with stats on, as ``vllm serve`` runs), per admitted request (with and without
-prefix-cache hits), per preemption with its resumption, per metric collection; vLLM's own
-figure (the synthetic model output taken out), ours, and the ratio; and where our
-instructions go (callgrind's per-function self cost, ours minus plain).
+Reported (``_instruction_report``): per decode step at 16 / 64 / 256 running (stats off, as
+``LLM`` runs; and 16 with stats on, as ``vllm serve`` runs), per admitted request (with and
+without prefix-cache hits), per preemption with its resumption, per metric collection:
+vLLM's own figure (the synthetic model output taken out), the added one, the ratio and the
+cost budget; a whole in-process ``LLM`` run; the toggled scheduler. ``--keep`` keeps the
+callgrind dumps, where ``callgrind_annotate`` shows where the instructions go.
 
 Sanity checks (any failure exits non-zero, in smoke mode too): every variant schedules
 the same tokens, admits the same requests with the same prefix hits and preempts the same;
@@ -41,17 +43,34 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import _callgrind
+from benchmarks._common import (
+    ROOT,
+    SanityError,
+    check,
+    command_line,
+    exit_with,
+    module_command,
+    print_header,
+    tiny_model_dir,
+)
 
-import _callgrind
-from _common import SanityError, check, command_line, exit_with, print_header, tiny_model_dir
+MODULE = "benchmarks.instructions"
 
 VARIANTS = ("plain", "ours")
 #: Units in the small and the large interval of each workload (the full run).
 UNITS = {
-    "decode 16": (200, 600), "decode 64": (100, 300), "decode 256": (25, 75), "decode 16 (stats on)": (200, 600),
-    "admission": (100, 300), "admission with prefix hits": (100, 300), "preemption + resumption": (100, 300),
-    "collection": (100, 300), "harness 16": (200, 600), "harness 64": (100, 300), "harness 256": (25, 75),
+    "decode 16": (200, 600),
+    "decode 64": (100, 300),
+    "decode 256": (25, 75),
+    "decode 16 (stats on)": (200, 600),
+    "admission": (100, 300),
+    "admission with prefix hits": (100, 300),
+    "preemption + resumption": (100, 300),
+    "collection": (100, 300),
+    "harness 16": (200, 600),
+    "harness 64": (100, 300),
+    "harness 256": (25, 75),
 }
 #: Requests in the small and the large batch of the end-to-end ``LLM`` run.
 ENGINE_UNITS = (8, 24)
@@ -64,6 +83,7 @@ TOGGLE_UNITS = (60, 180)
 
 
 # -- the measured process -------------------------------------------------------------------
+
 
 class Instrumentation:
     """Instrument and uninstrument this process, with an in-memory reader for the gauges."""
@@ -97,57 +117,14 @@ def counted(workload, label: str, units: tuple[int, int]) -> None:
     gc.enable()
 
 
-class CallCounter:
-    """Counts calls of this package's Python functions (``sys.setprofile``): deterministic, per unit."""
-
-    def __init__(self) -> None:
-        import otel_vllm_kv
-
-        self.package = os.path.dirname(otel_vllm_kv.__file__)
-        self.counts: dict[str, int] = {}
-
-    def __enter__(self) -> CallCounter:
-        sys.setprofile(self._profile)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        sys.setprofile(None)
-
-    def _profile(self, frame, event: str, arg: object) -> None:
-        if event == "call" and frame.f_code.co_filename.startswith(self.package):
-            code = frame.f_code
-            name = f"{os.path.relpath(code.co_filename, self.package)}:{code.co_qualname}"
-            self.counts[name] = self.counts.get(name, 0) + 1
-
-
-def count_calls(spec: dict) -> dict:
-    """Our Python functions called per unit of each workload (the instrumented variant, no valgrind)."""
-    import _workloads
-
-    instrumentation = Instrumentation()
-    instrumentation.on()
-    calls = {}
-    for name in spec["workloads"]:
-        workload = _workloads.build(name, spec["model_dir"], sum(spec["units"][name]), instrumentation.reader)
-        units = spec["units"][name][1]
-        with CallCounter() as counter:
-            for _ in range(units):
-                workload.unit()
-        workload.close()
-        calls[name] = {function: count / units for function, count in counter.counts.items()}
-    return {"variant": "calls", "calls": calls}
-
-
 def child(spec: dict) -> dict:
-    import _workloads
+    from benchmarks import _workloads
 
     variant, units = spec["variant"], spec["units"]
     if spec.get("engine"):
-        import _engine_run
+        from benchmarks import _engine_run
 
         return _engine_run.run(spec)
-    if variant == "calls":
-        return count_calls(spec)
     instrumentation = Instrumentation()
     tallies = {}
     if variant == "toggle":
@@ -176,24 +153,26 @@ def child(spec: dict) -> dict:
 
 # -- the parent ---------------------------------------------------------------------------
 
+
 def run_variant(variant: str, spec: dict, directory: str, under_valgrind: bool, repeat: int) -> dict:
     """Start the measured process (under callgrind unless smoke); return its result and counts."""
     out_file = os.path.join(directory, f"callgrind.{variant}.{repeat}")
-    command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec | {"variant": variant})]
+    command = module_command(MODULE, "--child", json.dumps(spec | {"variant": variant}))
     if under_valgrind:
         command = _callgrind.valgrind_command(out_file) + command
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env.update(PYTHONHASHSEED="0", OMP_NUM_THREADS="1", VLLM_LOGGING_LEVEL="WARNING")
-    return {"process": subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
-            "out_file": out_file, "variant": variant, "valgrind": under_valgrind}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    return {"process": process, "out_file": out_file, "variant": variant, "valgrind": under_valgrind}
 
 
 def finish(started: dict) -> dict:
     stdout, stderr = started["process"].communicate()
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if started["process"].returncode != 0 or not lines:
-        raise SanityError(f"{started['variant']}: exit {started['process'].returncode}; "
-                          f"end of stderr:\n{stderr[-3000:]}")
+        raise SanityError(
+            f"{started['variant']}: exit {started['process'].returncode}; end of stderr:\n{stderr[-3000:]}"
+        )
     result = json.loads(lines[-1])
     if started["valgrind"]:
         result["counts"] = _callgrind.read_intervals(started["out_file"], result["marks"])
@@ -211,20 +190,25 @@ def check_tallies(results: list[dict]) -> None:
             if result["variant"] == "toggle":
                 continue
             same = ("scheduled_tokens", "admitted", "cached_tokens", "preempted")
-            check(all(tally[key] == plain[name][key] for key in same),
-                  f"{name}: {result['variant']} did {[tally[k] for k in same]}, plain {[plain[name][k] for k in same]}")
+            check(
+                all(tally[key] == plain[name][key] for key in same),
+                f"{name}: {result['variant']} did {[tally[k] for k in same]}, plain {[plain[name][k] for k in same]}",
+            )
             if result["variant"] == "plain":
                 check(tally["records"] == 0 and tally["points"] == 0, f"{name}: plain carried records or points")
             else:
-                check(tally["records"] == tally["admitted"] + tally["preempted"],
-                      f"{name}: {tally['records']} outputs carried records for {tally['admitted']} admissions "
-                      f"and {tally['preempted']} resumptions")
+                check(
+                    tally["records"] == tally["admitted"] + tally["preempted"],
+                    f"{name}: {tally['records']} outputs carried records for {tally['admitted']} admissions "
+                    f"and {tally['preempted']} resumptions",
+                )
                 if name == "collection":
                     check(tally["points"] >= 4, f"collection: ours reported {tally['points']} points")
         if "admission with prefix hits" in result["tallies"]:
             tally = result["tallies"]["admission with prefix hits"]
-            check(tally["cached_tokens"] == tally["admitted"] * 48,
-                  "prefix-hit workload: not every prompt hit 48 tokens")
+            check(
+                tally["cached_tokens"] == tally["admitted"] * 48, "prefix-hit workload: not every prompt hit 48 tokens"
+            )
 
 
 def check_engine_runs(results: list[dict]) -> None:
@@ -233,11 +217,15 @@ def check_engine_runs(results: list[dict]) -> None:
     plain = next(result for result in results if result["variant"] == "plain")
     ours = next(result for result in results if result["variant"] == "ours")
     check(ours["tokens"] == plain["tokens"], "end to end: the instrumented engine generated other tokens")
-    check(plain["annotated_spans"] == 0 and plain["spans"] == ours["spans"] > 0,
-          f"end to end: spans plain {plain['spans']}, ours {ours['spans']}")
+    check(
+        plain["annotated_spans"] == 0 and plain["spans"] == ours["spans"] > 0,
+        f"end to end: spans plain {plain['spans']}, ours {ours['spans']}",
+    )
     requests = 4 + sum(len(batch) for batch in ours["tokens"])
-    check(ours["annotated_spans"] == requests,
-          f"end to end: {ours['annotated_spans']} admission annotations for {requests} requests")
+    check(
+        ours["annotated_spans"] == requests,
+        f"end to end: {ours['annotated_spans']} admission annotations for {requests} requests",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(json.loads(args.child))))
         return 0
     if args.report:
-        import _instruction_report
+        from benchmarks import _instruction_report
 
         saved = [json.load(open(os.path.join(path, "results.json"), encoding="utf-8")) for path in args.report]
         results = [result for run in saved for result in run["results"]]
@@ -255,23 +243,34 @@ def main(argv: list[str] | None = None) -> int:
     units = {name: SMOKE_UNITS if args.smoke else UNITS[name] for name in UNITS}
     units["toggle"] = SMOKE_UNITS if args.smoke else TOGGLE_UNITS
     units["engine"] = SMOKE_UNITS if args.smoke else ENGINE_UNITS
-    print_header("Instructions per unit of work, plain vLLM vs instrumented (callgrind)", command_line(), {
-        "repeat": args.repeat, "units (small, large)": "smoke" if args.smoke else json.dumps(UNITS),
-        "PYTHONHASHSEED": 0, "gc": "off while counting", "block size": 16,
-    })
+    print_header(
+        "Instructions per unit of work, plain vLLM vs instrumented (callgrind)",
+        command_line(MODULE),
+        {
+            "repeat": args.repeat,
+            "units (small, large)": "smoke" if args.smoke else json.dumps(UNITS),
+            "PYTHONHASHSEED": 0,
+            "gc": "off while counting",
+            "block size": 16,
+        },
+    )
     directory = tempfile.mkdtemp(prefix="otel-vllm-kv-callgrind-")
     spec = {"model_dir": tiny_model_dir(), "workloads": args.workloads, "units": units}
     variants = tuple(args.variants) + (("toggle",) if args.toggle else ())
     jobs = [(variant, "engine", spec | {"engine": True}) for variant in VARIANTS] if args.engine else []
     jobs += [(variant, repeat, spec) for repeat in range(1 if args.smoke else args.repeat) for variant in variants]
-    jobs += [(variant, f"layout{layout}", spec | {"ballast": layout * LAYOUT_BALLAST})
-             for layout in range(1, args.layouts + 1) for variant in args.variants]
+    jobs += [
+        (variant, f"layout{layout}", spec | {"ballast": layout * LAYOUT_BALLAST})
+        for layout in range(1, 0 if args.smoke else args.layouts + 1)
+        for variant in args.variants
+    ]
     results: list[dict] = []
     try:
-        results.append(finish(run_variant("calls", spec, directory, False, "native")))  # quick, no valgrind
         for start in range(0, len(jobs), args.jobs):
-            batch = [run_variant(variant, job_spec, directory, not args.smoke, repeat)
-                     for variant, repeat, job_spec in jobs[start:start + args.jobs]]
+            batch = [
+                run_variant(variant, job_spec, directory, not args.smoke, repeat)
+                for variant, repeat, job_spec in jobs[start : start + args.jobs]
+            ]
             results.extend(finish(started) for started in batch)
             print(f"{len(results)}/{len(jobs)} processes done", file=sys.stderr, flush=True)
         with open(os.path.join(directory, "results.json"), "w", encoding="utf-8") as handle:
@@ -279,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         check_tallies([result for result in results if "tallies" in result])
         check_engine_runs([result for result in results if "tokens" in result])
         if not args.smoke:
-            import _instruction_report
+            from benchmarks import _instruction_report
 
             print(_instruction_report.report(results, units))
         print("All sanity checks passed.")
@@ -294,22 +293,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=2, help="processes per variant (default 2)")
     parser.add_argument("--jobs", type=int, default=2, help="processes run at once (default 2)")
-    parser.add_argument("--workloads", type=lambda text: text.split(","), default=list(UNITS),
-                        help="comma-separated workloads (default: all): " + ", ".join(UNITS))
+    parser.add_argument(
+        "--workloads",
+        type=lambda text: text.split(","),
+        default=list(UNITS),
+        help="comma-separated workloads (default: all): " + ", ".join(UNITS),
+    )
     parser.add_argument("--no-engine", dest="engine", action="store_false", help="skip the end-to-end LLM runs")
-    parser.add_argument("--variants", type=lambda text: [v for v in text.split(",") if v], default=list(VARIANTS),
-                        help="comma-separated, of plain,ours (default both; empty: none, e.g. for --engine alone)")
-    parser.add_argument("--layouts", type=int, default=0,
-                        help="also run plain and ours with 1, 2, ... N x 30,000 objects allocated first (other "
-                             "memory layouts): the spread is what layout alone changes (default 0)")
+    parser.add_argument(
+        "--variants",
+        type=lambda text: [v for v in text.split(",") if v],
+        default=list(VARIANTS),
+        help="comma-separated, of plain,ours (default both; empty: none, e.g. for --engine alone)",
+    )
+    parser.add_argument(
+        "--layouts",
+        type=int,
+        default=2,
+        help="also run plain and ours with 1, 2, ... N x 30,000 objects allocated first (other "
+        "memory layouts): the spread is what layout alone changes (default 2; none in smoke)",
+    )
     parser.add_argument("--no-toggle", dest="toggle", action="store_false", help="skip the toggling process")
     parser.add_argument("--keep", action="store_true", help="keep the callgrind dumps (their directory is printed)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, no valgrind: sanity checks only")
-    parser.add_argument("--report", nargs="+", metavar="DIR",
-                        help="print the tables again from kept runs' directories (--keep), merged")
+    parser.add_argument(
+        "--report", nargs="+", metavar="DIR", help="print the tables again from kept runs' directories (--keep), merged"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

@@ -1,9 +1,9 @@
 """Resident memory of the instrumented process and of its engine core as requests accumulate.
 
-Command (from the repository root)::
+Command (from the repository root; run times in benchmarks/README.md)::
 
-    .venv/bin/python benchmarks/memory.py            # ours + plain, up to 10,000 requests each, ~5-10 min on 2 cores
-    .venv/bin/python benchmarks/memory.py --smoke    # ours only, 50/100 requests, ~1 min
+    .venv/bin/python -m benchmarks.memory            # ours + plain, up to 10,000 requests each
+    .venv/bin/python -m benchmarks.memory --smoke    # ours only, 50/100 requests
 
 Each variant runs in its own process with a fresh ``LLM`` on the tiny model (default:
 spawned engine core). After an untimed warm-up, it sends short requests (prompts of
@@ -42,9 +42,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import (
+from benchmarks._common import (
     SanityError,
     add_child_arguments,
     command_line,
@@ -52,7 +50,10 @@ from _common import (
     markdown_table,
     print_header,
     run_child,
+    tiny_model_dir,
 )
+
+MODULE = "benchmarks.memory"
 
 VARIANTS = ("ours", "plain")
 MIB = 1024 * 1024
@@ -146,8 +147,9 @@ def child(args: argparse.Namespace) -> int:
     problems: list[str] = []
 
     def run(count: int) -> None:
-        prompts = [{"prompt_token_ids": [rng.randrange(32, 127) for _ in range(rng.randint(8, 16))]}
-                   for _ in range(count)]
+        prompts = [
+            {"prompt_token_ids": [rng.randrange(32, 127) for _ in range(rng.randint(8, 16))]} for _ in range(count)
+        ]
         if tracer is not None:
             with tracer.start_as_current_span("benchmark batch"):
                 outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -183,8 +185,11 @@ def child(args: argparse.Namespace) -> int:
     if ours:
         tracer_provider.shutdown()
         meter_provider.shutdown()
-        summary.update(spans_exported=span_exporter.spans, admitted_events=span_exporter.admitted,
-                       usage_points=metric_exporter.usage_points)
+        summary.update(
+            spans_exported=span_exporter.spans,
+            admitted_events=span_exporter.admitted,
+            usage_points=metric_exporter.usage_points,
+        )
         if not span_exporter.spans or not span_exporter.admitted:
             problems.append(f"spans exported {span_exporter.spans}, admission events {span_exporter.admitted}")
         if not metric_exporter.usage_points:
@@ -203,14 +208,19 @@ def growth_per_thousand(result: dict, key: str) -> float:
 
 
 def parent(args: argparse.Namespace) -> int:
-    from _common import tiny_model_dir
-
     print_header(
-        "otel-vllm-kv: memory as requests accumulate" + (" (SMOKE: sizes too small to judge growth)" if args.smoke else ""),
-        command_line(),
-        {"variants": ",".join(args.variants), "checkpoints": args.checkpoints, "batch size": args.batch_size,
-         "warm-up requests": args.warmup, "prompt tokens": "8..16", "output tokens": OUTPUT_TOKENS,
-         "threshold": f"{args.threshold_mib} MiB per 1,000 requests"},
+        "otel-vllm-kv: memory as requests accumulate"
+        + (" (SMOKE: sizes too small to judge growth)" if args.smoke else ""),
+        command_line(MODULE),
+        {
+            "variants": ",".join(args.variants),
+            "checkpoints": args.checkpoints,
+            "batch size": args.batch_size,
+            "warm-up requests": args.warmup,
+            "prompt tokens": "8..16",
+            "output tokens": OUTPUT_TOKENS,
+            "threshold": f"{args.threshold_mib} MiB per 1,000 requests",
+        },
     )
     started = time.monotonic()
     model_dir = tiny_model_dir(args.model_dir)
@@ -218,23 +228,42 @@ def parent(args: argparse.Namespace) -> int:
     results = {}
     try:
         for variant in args.variants:
-            spec = {"variant": variant, "model_dir": model_dir, "checkpoints": args.checkpoints,
-                    "batch_size": args.batch_size, "warmup": args.warmup, "seed": 7}
-            results[variant] = run_child(__file__, spec, os.path.join(logs, f"{variant}.log"), args.timeout)
+            spec = {
+                "variant": variant,
+                "model_dir": model_dir,
+                "checkpoints": args.checkpoints,
+                "batch_size": args.batch_size,
+                "warmup": args.warmup,
+                "seed": 7,
+            }
+            results[variant] = run_child(MODULE, spec, os.path.join(logs, f"{variant}.log"), args.timeout)
             print(f"{variant} done", file=sys.stderr, flush=True)
     except SanityError as error:
         print(f"SANITY CHECK FAILED: {error}")
         print(f"(logs in {logs})")
         return 1
 
-    headers = ["variant", "process", "after warm-up MiB",
-               *(f"after {c:,} MiB" for c in args.checkpoints), f"growth/1,000 ({args.checkpoints[0]:,}→{args.checkpoints[-1]:,}) MiB"]
+    headers = [
+        "variant",
+        "process",
+        "after warm-up MiB",
+        *(f"after {c:,} MiB" for c in args.checkpoints),
+        f"growth/1,000 ({args.checkpoints[0]:,}→{args.checkpoints[-1]:,}) MiB",
+    ]
     rows = []
     for variant, result in results.items():
-        for key, process in (("self_rss", "instrumented process" if variant == "ours" else "LLM process"),
-                             ("engine_rss", "engine core")):
-            rows.append([variant, process, *(f"{point[key] / MIB:.1f}" for point in result["checkpoints"]),
-                         f"{growth_per_thousand(result, key):+.3f}"])
+        for key, process in (
+            ("self_rss", "instrumented process" if variant == "ours" else "LLM process"),
+            ("engine_rss", "engine core"),
+        ):
+            rows.append(
+                [
+                    variant,
+                    process,
+                    *(f"{point[key] / MIB:.1f}" for point in result["checkpoints"]),
+                    f"{growth_per_thousand(result, key):+.3f}",
+                ]
+            )
     print("## Resident set size (VmRSS)")
     print()
     print(markdown_table(headers, rows))
@@ -245,17 +274,19 @@ def parent(args: argparse.Namespace) -> int:
             growth = growth_per_thousand(results["ours"], key)
             reference = growth_per_thousand(results["plain"], key) if "plain" in results else 0.0
             excess = growth - reference
-            status = ("not judged (smoke)" if args.smoke
-                      else "ok" if excess <= args.threshold_mib else "OVER THRESHOLD")
+            status = "not judged (smoke)" if args.smoke else "ok" if excess <= args.threshold_mib else "OVER THRESHOLD"
             against = " in excess of plain" if "plain" in results else ""
-            verdicts.append(f"- {process}: {excess:+.3f} MiB per 1,000 requests{against} "
-                            f"(threshold {args.threshold_mib}): {status}")
+            verdicts.append(
+                f"- {process}: {excess:+.3f} MiB per 1,000 requests{against} (threshold {args.threshold_mib}): {status}"
+            )
         print("Target: no growth with request count.")
         print("\n".join(verdicts))
         extra = results["ours"]
-        print(f"- instrumented run exported {extra['spans_exported']} spans ({extra['admitted_events']} admission events "
-              f"kept, the SDK keeps 128 events per span) and {extra['usage_points']} usage points; "
-              f"{extra['tracked_requests']} requests left tracked in the frontend.")
+        print(
+            f"- instrumented run exported {extra['spans_exported']} spans ({extra['admitted_events']} admission events "
+            f"kept, the SDK keeps 128 events per span) and {extra['usage_points']} usage points; "
+            f"{extra['tracked_requests']} requests left tracked in the frontend."
+        )
         print()
     shutil.rmtree(logs, ignore_errors=True)  # kept only when a check failed
     print(f"All sanity checks passed. Wall time {time.monotonic() - started:.0f} s.")
@@ -266,23 +297,37 @@ def parent(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        prog=f"python -m {MODULE}",
         description="VmRSS of the instrumented process and of its engine core after many short requests "
         "(ours and plain, each a fresh engine in its own process). Prints a markdown table.",
-        epilog="Exact command: .venv/bin/python benchmarks/memory.py [--smoke]",
+        epilog="Exact command: .venv/bin/python -m benchmarks.memory [--smoke]",
     )
-    parser.add_argument("--variants", type=lambda text: text.split(","), default=list(VARIANTS),
-                        help="comma-separated, from ours,plain (default: both)")
-    parser.add_argument("--checkpoints", type=lambda text: sorted(int(x) for x in text.split(",")),
-                        default=[1000, 2500, 5000, 10000],
-                        help="request counts at which RSS is read (default 1000,2500,5000,10000)")
+    parser.add_argument(
+        "--variants",
+        type=lambda text: text.split(","),
+        default=list(VARIANTS),
+        help="comma-separated, from ours,plain (default: both)",
+    )
+    parser.add_argument(
+        "--checkpoints",
+        type=lambda text: sorted(int(x) for x in text.split(",")),
+        default=[1000, 2500, 5000, 10000],
+        help="request counts at which RSS is read (default 1000,2500,5000,10000)",
+    )
     parser.add_argument("--batch-size", type=int, default=250, help="requests per llm.generate (default 250)")
-    parser.add_argument("--warmup", type=int, default=200, help="untimed requests before the first reading (default 200)")
-    parser.add_argument("--threshold-mib", type=float, default=0.5,
-                        help="allowed growth per 1,000 requests, MiB (default 0.5)")
+    parser.add_argument(
+        "--warmup", type=int, default=200, help="untimed requests before the first reading (default 200)"
+    )
+    parser.add_argument(
+        "--threshold-mib", type=float, default=0.5, help="allowed growth per 1,000 requests, MiB (default 0.5)"
+    )
     add_child_arguments(parser, timeout=1800, per="variant")
-    parser.add_argument("--smoke", action="store_true",
-                        help="ours only, checkpoints 50,100: checks that everything works (exit 1 if a check "
-                        "fails); too small to judge growth")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="ours only, checkpoints 50,100: checks that everything works (exit 1 if a check "
+        "fails); too small to judge growth",
+    )
     args = parser.parse_args(argv)
     if args.child:
         return args

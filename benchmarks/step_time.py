@@ -1,9 +1,9 @@
 """Wall-clock step time in one process, instrumented and not in turn on one live scheduler, beside an A/A control.
 
-Command (from the repository root)::
+Command (from the repository root; run times in benchmarks/README.md)::
 
-    .venv/bin/python benchmarks/step_time.py            # ~2 min on 2 cores
-    .venv/bin/python benchmarks/step_time.py --smoke    # sanity only, ~20 s
+    .venv/bin/python -m benchmarks.step_time
+    .venv/bin/python -m benchmarks.step_time --smoke    # sanity only
 
 A real ``Scheduler`` (tiny Llama, block size 128, 4,096 blocks, no model: a synthetic
 ``ModelRunnerOutput`` per step) with 16 running decode requests. Blocks of ``--steps``
@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmarks._common import check, command_line, exit_with, markdown_table, print_header, tiny_model_dir
 
-from _common import check, command_line, exit_with, markdown_table, print_header, tiny_model_dir
+MODULE = "benchmarks.step_time"
 
 RUNNING = 16
 BLOCK_SIZE = 128
@@ -41,15 +39,22 @@ ORDER = "ABBA"
 
 def run_sequence(model_dir: str, blocks: int, steps: int, switch: bool) -> dict[str, list[float]]:
     """µs per step of each A and B block, in order; with ``switch``, B blocks are instrumented."""
-    from _workloads import distinct_request
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-    from schedulers import build_scheduler, runner_output
 
+    from benchmarks._workloads import distinct_request
     from otel_vllm_kv import VLLMKVCacheInstrumentor
+    from tests.support.schedulers import build_scheduler, runner_output
 
-    scheduler = build_scheduler(model_dir, log_stats=False, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE,
-                                served_model_name="tiny", max_num_seqs=64, max_num_batched_tokens=8192)
+    scheduler = build_scheduler(
+        model_dir,
+        log_stats=False,
+        num_blocks=NUM_BLOCKS,
+        block_size=BLOCK_SIZE,
+        served_model_name="tiny",
+        max_num_seqs=64,
+        max_num_batched_tokens=8192,
+    )
     for index in range(RUNNING):
         scheduler.add_request(distinct_request(scheduler, 16 + (index * 37) % 65, blocks * (steps + 2) + 8))
     reader = InMemoryMetricReader()
@@ -94,20 +99,30 @@ def run_sequence(model_dir: str, blocks: int, steps: int, switch: bool) -> dict[
 
 def _points(reader) -> int:
     data = reader.get_metrics_data()
-    return sum(len(metric.data.data_points) for resource in (data.resource_metrics if data else ())
-               for scope in resource.scope_metrics for metric in scope.metrics)
+    return sum(
+        len(metric.data.data_points)
+        for resource in (data.resource_metrics if data else ())
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    )
 
 
 def summary(name: str, times: dict[str, list[float]]) -> list[str]:
     a, b = times["A"], times["B"]
     quads = [(b[i] + b[i + 1]) / (a[i] + a[i + 1]) for i in range(0, min(len(a), len(b)) - 1, 2)]
-    return [name, f"{statistics.median(a):.1f}", f"{statistics.median(b):.1f}",
-            f"{statistics.fmean(b) / statistics.fmean(a):.4f}", f"{statistics.median(quads):.4f}",
-            f"{min(quads):.4f}..{max(quads):.4f}", str(len(quads))]
+    return [
+        name,
+        f"{statistics.median(a):.1f}",
+        f"{statistics.median(b):.1f}",
+        f"{statistics.fmean(b) / statistics.fmean(a):.4f}",
+        f"{statistics.median(quads):.4f}",
+        f"{min(quads):.4f}..{max(quads):.4f}",
+        str(len(quads)),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=40, help="blocks per sequence, a multiple of 4 (default 40)")
     parser.add_argument("--steps", type=int, default=40, help="counted steps per block (default 40)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: sanity checks only")
@@ -115,14 +130,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.blocks, args.steps = 4, 3
     check(args.blocks % 4 == 0, "--blocks must be a multiple of 4 (A B B A quads)")
-    print_header("Step time in place: instrument / uninstrument between blocks, vs an A/A control", command_line(),
-                 {"running": RUNNING, "block size": BLOCK_SIZE, "blocks": NUM_BLOCKS, "sequence": f"{args.blocks} "
-                  f"blocks of {args.steps} steps, {ORDER}...", "gc": "off while timing"})
+    print_header(
+        "Step time in place: instrument / uninstrument between blocks, vs an A/A control",
+        command_line(MODULE),
+        {
+            "running": RUNNING,
+            "block size": BLOCK_SIZE,
+            "blocks": NUM_BLOCKS,
+            "sequence": f"{args.blocks} blocks of {args.steps} steps, {ORDER}...",
+            "gc": "off while timing",
+        },
+    )
     model_dir = tiny_model_dir()
-    rows = [summary("A/A control (no switch)", run_sequence(model_dir, args.blocks, args.steps, switch=False)),
-            summary("A plain, B instrumented", run_sequence(model_dir, args.blocks, args.steps, switch=True))]
-    print(markdown_table(["sequence", "A µs/step (median)", "B µs/step (median)", "B/A (all blocks)",
-                          "B/A per quad (median)", "per-quad range", "quads"], rows))
+    rows = [
+        summary("A/A control (no switch)", run_sequence(model_dir, args.blocks, args.steps, switch=False)),
+        summary("A plain, B instrumented", run_sequence(model_dir, args.blocks, args.steps, switch=True)),
+    ]
+    print(
+        markdown_table(
+            [
+                "sequence",
+                "A µs/step (median)",
+                "B µs/step (median)",
+                "B/A (all blocks)",
+                "B/A per quad (median)",
+                "per-quad range",
+                "quads",
+            ],
+            rows,
+        )
+    )
     print()
     print("All sanity checks passed.")
     return 0

@@ -42,9 +42,9 @@ def hook_methods(target: object, hooks: dict[str, Callable[[Callable], Callable]
     so a call on this instance does not run that patch too; anyone else's class patch stays.
 
     Not wrapt, on purpose: these hooks run on the engine's hot path (every step, every block
-    allocation), where callgrind counts a wrapt ``FunctionWrapper`` around a bound method at
-    2,162 instructions per call above the call itself and a closure with the method's own
-    parameters at 411 (``benchmarks/call_costs.py``). A hook that names its parameters must take exactly
+    allocation), where a wrapt ``FunctionWrapper`` around a bound method costs several times
+    what a closure with the method's own parameters costs (docs/benchmarks.md). A hook that
+    names its parameters must take exactly
     the method's (``check_parameters``), so a vLLM whose signature moved fails here, at attach,
     where the probe gives up with a warning, never inside a call; ``*args, **kwargs`` takes any.
     """

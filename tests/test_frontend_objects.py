@@ -39,169 +39,35 @@ Not covered here: the ``instrument_manual`` hook under a parent that arrived in 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import queue
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import zmq
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from schedulers import Stepper, build_scheduler, build_vllm_config
-from telemetry import new_reader
-from test_unprobed_engines import busy_workload, ready_payload
-from vllm.sampling_params import SamplingParams
-from vllm.utils.hashing import sha256
 from vllm.utils.network_utils import get_open_zmq_ipc_path
-from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-from vllm.v1.engine import EngineCoreRequest
 from vllm.v1.engine.core_client import AsyncMPClient, MPClient, SyncMPClient
-from vllm.v1.engine.output_processor import OutputProcessor, RequestOutputCollector
-from vllm.v1.metrics.stats import IterationStats
-from vllm.v1.request import Request, RequestStatus
 from vllm.v1.serial_utils import MsgpackEncoder
 
-from otel_vllm_kv import VLLMKVCacheInstrumentor
-from otel_vllm_kv import span_attributes as names
-from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RESUMED, TRACE_HEADER_KEY, decode
+from otel_vllm_kv import names
+from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED
 from otel_vllm_kv.frontend import spans
-from otel_vllm_kv.frontend.unprobed_engines import directory
-from otel_vllm_kv.relay import SnapshotReader
-
-BLOCK_SIZE = 16
-EVENT_NAMES = {ADMITTED: names.EVENT_ADMITTED, PREEMPTED: names.EVENT_PREEMPTED, RESUMED: names.EVENT_RESUMED}
-
-
-@contextmanager
-def instrumented(provider: TracerProvider):
-    VLLMKVCacheInstrumentor().instrument(tracer_provider=provider, meter_provider=new_reader()[1])
-    try:
-        yield
-    finally:
-        VLLMKVCacheInstrumentor().uninstrument()
-
-
-def engine_core_request(request_id: str, external_id: str, prompt_token_ids: list[int], max_tokens: int):
-    """The release's own ``EngineCoreRequest``, as ``InputProcessor.process_inputs`` makes one for a text prompt.
-
-    Read from the release's struct, so a release that adds a field without a default still works: each
-    one not named here is None
-    (no multimodal data, LoRA, cache salt, data-parallel rank or pooling parameters)."""
-    fields = EngineCoreRequest.__struct_fields__
-    required = fields[: len(fields) - len(EngineCoreRequest.__struct_defaults__)]
-    given = dict(
-        request_id=request_id, external_req_id=external_id, prompt_token_ids=prompt_token_ids,
-        sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True), arrival_time=time.time(),
-    )
-    return EngineCoreRequest(**{**dict.fromkeys(required), **given})
-
-
-def comparable(request_output) -> dict:
-    """Everything a ``RequestOutput`` says, but its timing ``metrics`` (copied: vLLM may extend it later)."""
-    return copy.deepcopy({name: value for name, value in vars(request_output).items() if name != "metrics"})
-
-
-@dataclass
-class Frontend:
-    """vLLM's ``OutputProcessor`` fed by a real ``Scheduler`` in this process, as ``LLMEngine`` feeds it."""
-
-    tokenizer: object
-    model_dir: str
-    num_blocks: int = 11
-    tracing_enabled: bool = False
-    queues: bool = False
-    """AsyncLLM's way: each request's outputs go to its ``RequestOutputCollector``; else returned (LLM's way)."""
-    outputs: list = field(default_factory=list)
-    """Every request output the processor returned or queued, as ``comparable``."""
-    engine_outputs: list = field(default_factory=list)
-    """Every ``EngineCoreOutput`` handed to the processor."""
-
-    def __post_init__(self) -> None:
-        init_none_hash(sha256)
-        self.scheduler = build_scheduler(self.model_dir, num_blocks=self.num_blocks, block_size=BLOCK_SIZE)
-        self.stepper = Stepper(self.scheduler)
-        self.processor = OutputProcessor(self.tokenizer, log_stats=True, tracing_enabled=self.tracing_enabled)
-        self.block_hasher = get_request_block_hasher(self.scheduler.block_size, sha256)
-        self.collectors: dict[str, RequestOutputCollector] = {}
-
-    def submit(self, external_id: str, prompt: str, max_tokens: int) -> str:
-        """``LLM.generate`` / ``AsyncLLM.generate`` for one prompt: the processor first, then the engine core."""
-        request = engine_core_request(f"{external_id}-int", external_id, self.tokenizer.encode(prompt), max_tokens)
-        collector = None
-        if self.queues:
-            collector = self.collectors[request.request_id] = RequestOutputCollector(
-                request.sampling_params.output_kind, request.request_id
-            )
-        self.processor.add_request(request, prompt, queue=collector)
-        self.scheduler.add_request(Request.from_engine_core_request(request, self.block_hasher))
-        return request.request_id
-
-    def step(self) -> None:
-        """One ``LLMEngine.step``: the engine core's outputs of one step through ``process_outputs``."""
-        self.stepper.step()
-        for engine_outputs in self.stepper.outputs:
-            stats = IterationStats() if engine_outputs.outputs else None
-            processed = self.processor.process_outputs(
-                engine_outputs.outputs, engine_core_timestamp=engine_outputs.timestamp, iteration_stats=stats
-            )
-            assert processed.reqs_to_abort == [], "no stop strings here"
-            self.outputs += map(comparable, processed.request_outputs)
-            self.engine_outputs += engine_outputs.outputs
-        self.stepper.outputs.clear()
-        self.drain_collectors()
-
-    def drain_collectors(self) -> None:
-        for collector in self.collectors.values():
-            if (output := collector.get_nowait()) is not None:
-                self.outputs.append(comparable(output))
-
-    def run_until_idle(self) -> None:
-        for _ in range(1000):
-            if not self.scheduler.has_requests() and not self.stepper.in_flight:
-                assert not self.processor.has_unfinished_requests()
-                return
-            self.step()
-        raise AssertionError("did not drain")
-
-    def abort(self, request_ids: list[str], internal: bool) -> list[str]:
-        """``AsyncLLM.abort``: the processor aborts, then the engine core frees what it returned."""
-        aborted = self.processor.abort_requests(request_ids, internal=internal)
-        self.scheduler.finish_requests(aborted, RequestStatus.FINISHED_ABORTED)
-        self.drain_collectors()
-        return aborted
-
-    def records(self) -> dict[str, list]:
-        """Each request's admission records, as its outputs carried them from the engine: each once, in order."""
-        records: dict[str, dict] = {}
-        for output in self.engine_outputs:
-            if output.trace_headers and TRACE_HEADER_KEY in output.trace_headers:
-                seen = records.setdefault(output.request_id, {})
-                for record in decode(output.trace_headers[TRACE_HEADER_KEY]):
-                    seen.setdefault(record.sequence, record)
-        return {request_id: [seen[n] for n in sorted(seen)] for request_id, seen in records.items()}
-
-
-def crowd(frontend: Frontend, tracer, spans_per_request: bool) -> list:
-    """Three requests that outgrow a 5-block pool together (30 prompt + 40 output tokens each): vLLM
-    preempts and resumes. Submitted under one span (``LLM.generate`` of a batch) or one span each (an API
-    server); the spans stay open until the run ends, and the steps run outside them (an output handler)."""
-    opened = []
-    for index in range(3):
-        if spans_per_request or not opened:
-            opened.append(tracer.start_span(f"submit {index}" if spans_per_request else "batch"))
-        with trace.use_span(opened[-1]):
-            frontend.submit(f"req-{index}", chr(ord("a") + index) * 30, max_tokens=40)
-    frontend.run_until_idle()
-    for span in opened:
-        span.end()
-    return opened
-
-
-def span_events(span) -> list[tuple]:
-    return sorted((event.timestamp, event.name, dict(event.attributes)) for event in span.events)
+from otel_vllm_kv.frontend.admission_attributes import record_attributes
+from otel_vllm_kv.frontend.unprobed_engines import reporter
+from otel_vllm_kv.relay_reader import SnapshotReader
+from tests.support.frontend import (
+    BLOCK_SIZE,
+    EVENT_NAMES,
+    Frontend,
+    busy_workload,
+    crowd,
+    instrumented,
+    ready_payload,
+    span_events,
+)
+from tests.support.schedulers import build_scheduler, build_vllm_config
 
 
 @pytest.mark.usefixtures("vllm_scheduler")
@@ -225,7 +91,7 @@ def test_one_request_gives_the_span_current_at_submission_its_admission(tokenize
         assert spans.annotator.requests == {}, "the finished request is forgotten"
     (record,) = frontend.records()["req-0-int"]
     attributes = dict(span.attributes)
-    assert attributes == record.attributes()
+    assert attributes == record_attributes(record)
     assert (attributes[names.REQUEST_KV_BLOCKS], attributes[names.ADMISSION_FREE_BLOCKS]) == (3, 10 - 3)
     assert attributes[names.ADMISSION_USED_TOKENS] == attributes[names.REQUEST_KV_TOKENS] == 3 * BLOCK_SIZE
     assert attributes[names.ADMISSION_LIMIT_TOKENS] == 10 * BLOCK_SIZE
@@ -248,7 +114,7 @@ def test_a_batch_span_gets_one_event_per_record_of_each_request(tokenizer, tiny_
         (span,) = crowd(frontend, tracer, spans_per_request=False)
         assert spans.annotator.requests == {}
     expected = sorted(
-        (record.time_ns, EVENT_NAMES[record.kind], {**record.attributes(), names.REQUEST_ID: request_id.removesuffix("-int")})
+        (record.time_ns, EVENT_NAMES[record.kind], {**record_attributes(record), names.REQUEST_ID: request_id.removesuffix("-int")})
         for request_id, records in frontend.records().items()
         for record in records
     )
@@ -277,11 +143,11 @@ def test_a_span_per_request_gets_its_admission_and_preemption_count(tokenizer, t
         admission, *later = records[f"req-{index}-int"]
         preemptions = sum(record.kind == PREEMPTED for record in later)
         preempted_total += preemptions
-        expected = admission.attributes()
+        expected = record_attributes(admission)
         if preemptions:
             expected[names.REQUEST_PREEMPTIONS] = preemptions
         assert admission.kind == ADMITTED and dict(span.attributes) == expected
-        assert span_events(span) == sorted((r.time_ns, EVENT_NAMES[r.kind], r.attributes()) for r in later)
+        assert span_events(span) == sorted((r.time_ns, EVENT_NAMES[r.kind], record_attributes(r)) for r in later)
     assert preempted_total > 0, "vLLM preempted a request"
     assert frontend.outputs == plain.outputs
 
@@ -318,7 +184,7 @@ def test_vllms_request_span_gets_the_admission_and_the_submitting_span_as_parent
         admission, *later = records[f"{external_id}-int"]
         preemptions = sum(record.kind == PREEMPTED for record in later)
         preempted_total += preemptions
-        assert {name: span.attributes[name] for name in admission.attributes()} == admission.attributes()
+        assert {name: span.attributes[name] for name in record_attributes(admission)} == record_attributes(admission)
         assert span.attributes[names.REQUEST_PREEMPTIONS] == preemptions
         assert span.attributes["gen_ai.usage.completion_tokens"] == 40, "vLLM's own attributes are kept"
         if external_id == "req-2":
@@ -486,8 +352,8 @@ CLIENTS = {"AsyncMPClient": through_async_client, "SyncMPClient": through_sync_c
 @pytest.fixture
 def relay(tmp_path, monkeypatch):
     """A relay of the test's own for what the frontend derives from vLLM's statistics (the tests point the
-    frontend's engine directory at it once instrumented; the directory it had is restored afterwards)."""
-    monkeypatch.setattr(directory, "relay_directory", directory.relay_directory)
+    frontend's unprobed-engine reporter at it once instrumented; the relay it had is restored afterwards)."""
+    monkeypatch.setattr(reporter, "relay_directory", reporter.relay_directory)
     return SnapshotReader(str(tmp_path))
 
 
@@ -500,9 +366,9 @@ def test_an_engine_without_a_probe_is_reported_from_each_steps_statistics(client
     scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=BLOCK_SIZE)
     steps = engine_steps(scheduler)  # before instrument(): no probe on this engine
     with instrumented(tracer_provider[0]), caplog.at_level(logging.WARNING, logger="otel_vllm_kv"):
-        directory.relay_directory = relay.directory
+        reporter.relay_directory = relay.directory
         client, received, relayed = CLIENTS[client_kind](tiny_model_dir, ready_payload(scheduler, 0), steps, relay)
-        engine = directory.clients[client][0]
+        engine = reporter.clients[client][0]
         assert (engine.probed, engine.model_name, engine.layout.limit_tokens) == (False, "tiny", 40 * BLOCK_SIZE)
         assert client.vllm_config.cache_config.num_gpu_blocks == 41, "vLLM's own handshake ran"
         assert [step.free_blocks for step in steps] == relayed, "every step, as the engine counted it"
@@ -520,10 +386,10 @@ def test_a_probed_engine_is_recognised_and_not_reported_from_statistics(client_k
     """An instrumented engine: its first prefill's output carries the probe's admission record, so the client
     marks it probed and writes nothing from vLLM's statistics (its probe reports it)."""
     with instrumented(tracer_provider[0]), caplog.at_level(logging.WARNING, logger="otel_vllm_kv"):
-        directory.relay_directory = relay.directory
+        reporter.relay_directory = relay.directory
         scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=BLOCK_SIZE)
         steps = engine_steps(scheduler)
         client, _, relayed = CLIENTS[client_kind](tiny_model_dir, ready_payload(scheduler, 0), steps, relay)
-        assert directory.clients[client][0].probed is True
+        assert reporter.clients[client][0].probed is True
         assert set(relayed) == {None}
     assert not [r for r in caplog.records if r.name.startswith("otel_vllm_kv")]

@@ -29,11 +29,11 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from engine_load import LIMIT
-from instrumented_processes import otel_environment
 
 from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_EXPORTER, OTEL_PYTHON_VLLM_KV_RELAY_DIR
-from otel_vllm_kv.exporter.gauges import KV_CACHE_LIMIT, KV_CACHE_STATE, KV_CACHE_USAGE, MODEL_NAME
+from otel_vllm_kv.names import KV_CACHE_LIMIT, KV_CACHE_STATE, KV_CACHE_USAGE, MODEL_NAME
+from tests.support.engine_load import LIMIT
+from tests.support.instrumented_processes import otel_environment, support_pythonpath
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCENARIOS = os.path.join(HERE, "scenarios")
@@ -42,15 +42,14 @@ ENGINE_TIMEOUT = 300
 LOGGED = re.compile(r"\b(?P<level>[A-Z]+) \[pid (?P<pid>\d+)\] (?P<logger>[\w.]+): (?P<message>.*)")
 MALFORMED_VALUE = "2147483648:/tmp"
 """A value of ``OTEL_PYTHON_VLLM_KV_EXPORTER`` that no exporter writes: a pid past the C int range
-(``os.kill`` raised ``OverflowError`` inside vLLM's plugin loading). Other values: ``test_processes.py``."""
+(``os.kill`` raised ``OverflowError`` inside vLLM's plugin loading). Other values: ``test_roles.py``."""
 
 
 def scenario_environment(**settings: str) -> dict[str, str]:
     """No ``OTEL_*`` variable of this process (an in-process test may have instrumented it), the
     scenarios' helpers importable, and this process's ``PYTHONPATH`` kept (it may select the
     package under test)."""
-    path = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
-    return otel_environment(PYTHONPATH=path, **settings)
+    return otel_environment(PYTHONPATH=support_pythonpath(), **settings)
 
 
 def run_greedy(model_dir: str, mode: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, list | None]:

@@ -5,8 +5,8 @@ records' key (``admission_records.TRACE_HEADER_KEY``) there itself; an engine wi
 echoes it, and an engine node running the package before this change appended its own records
 to it. Each test here plays one such input through what vLLM runs: a real ``Scheduler`` or
 ``AsyncScheduler`` (``vllm_scheduler``) with the package's probe, a real ``OutputProcessor``
-fed the scheduler's ``EngineCoreOutput`` s (``test_frontend_objects.Frontend``), and the
-frontend's engine directory given vLLM's ready response and outputs (as
+fed the scheduler's ``EngineCoreOutput`` s (``tests.support.frontend.Frontend``), and the
+frontend's unprobed-engine reporter given vLLM's ready response and outputs (as
 ``test_unprobed_engines``). Where the frontend must see a foreign record, the scheduler's
 outputs are altered between the engine and the frontend (``ForgingStepper``): the wire, not
 vLLM, is what an attacker or an older engine controls. Spans go to the SDK's in-memory
@@ -29,17 +29,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from schedulers import Stepper, build_scheduler, make_request
-from test_frontend_objects import (
-    EVENT_NAMES,
-    Frontend,
-    crowd,
-    instrumented,
-    span_events,
-)
-from test_unprobed_engines import busy_workload, ready_payload
 
-from otel_vllm_kv import span_attributes as names
+from otel_vllm_kv import names
 from otel_vllm_kv.admission_records import (
     ADMITTED,
     KINDS,
@@ -51,8 +42,19 @@ from otel_vllm_kv.admission_records import (
     decode,
 )
 from otel_vllm_kv.frontend import spans
-from otel_vllm_kv.frontend.unprobed_engines import directory
-from otel_vllm_kv.relay import SnapshotReader
+from otel_vllm_kv.frontend.admission_attributes import record_attributes
+from otel_vllm_kv.frontend.unprobed_engines import reporter
+from otel_vllm_kv.relay_reader import SnapshotReader
+from tests.support.frontend import (
+    EVENT_NAMES,
+    Frontend,
+    busy_workload,
+    crowd,
+    instrumented,
+    ready_payload,
+    span_events,
+)
+from tests.support.schedulers import Stepper, build_scheduler, make_request
 
 INT64 = range(-(2**63), 2**63)
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -77,7 +79,7 @@ def assert_encodable(records: list[AdmissionRecord]) -> None:
     """Every value a record puts on a span fits what OTLP encodes: int64 and finite doubles."""
     for record in records:
         assert record.time_ns in INT64 and record.time_ns > 0
-        for name, value in record.attributes().items():
+        for name, value in record_attributes(record).items():
             if isinstance(value, int):
                 assert value in INT64, (name, value)
             else:
@@ -277,11 +279,11 @@ def forging_frontend(tokenizer, model_dir: str, forge: Callable, **options) -> t
 def expected_span(records: list[AdmissionRecord]) -> tuple[dict, list]:
     """The attributes and events of the span of one request with these records (one span per request)."""
     admission, *later = records
-    attributes = admission.attributes()
+    attributes = record_attributes(admission)
     preemptions = sum(record.kind == PREEMPTED for record in later)
     if preemptions:
         attributes[names.REQUEST_PREEMPTIONS] = preemptions
-    return attributes, sorted((r.time_ns, EVENT_NAMES[r.kind], r.attributes()) for r in later)
+    return attributes, sorted((r.time_ns, EVENT_NAMES[r.kind], record_attributes(r)) for r in later)
 
 
 @pytest.fixture
@@ -398,11 +400,11 @@ def test_each_output_processor_keeps_and_forgets_its_own_requests(tokenizer, tin
         span.end()
     admissions = [frontend.records()[f"{name}-int"][0] for frontend, name in zip((first, second), names_of)]
     assert [record.own_blocks for record in admissions] == [2, 4], "two different admissions"
-    assert [dict(span.attributes) for span in opened] == [record.attributes() for record in admissions]
+    assert [dict(span.attributes) for span in opened] == [record_attributes(record) for record in admissions]
     vllm_spans = {s.parent.span_id: s for s in exporter.get_finished_spans() if s.name == "llm_request"}
     for span, admission in zip(opened, admissions):
         vllm_span = vllm_spans[span.context.span_id]
-        assert {name: vllm_span.attributes[name] for name in admission.attributes()} == admission.attributes()
+        assert {name: vllm_span.attributes[name] for name in record_attributes(admission)} == record_attributes(admission)
 
 
 # --- The engine: a key it did not write is replaced --------------------------------------------------------
@@ -459,15 +461,15 @@ def test_headers_given_back_when_the_probe_goes_leave_a_foreign_key_out(tiny_mod
     assert request.trace_headers == {"traceparent": TRACEPARENT}
 
 
-# --- The frontend's engine directory --------------------------------------------------------------------
+# --- The frontend's unprobed-engine reporter -----------------------------------------------------------
 
 
 @pytest.fixture
 def stats_relay(tmp_path, monkeypatch):
-    """The engine directory writing what it derives from vLLM's statistics into a relay of this test's own."""
-    monkeypatch.setattr(directory, "relay_directory", str(tmp_path))
+    """The unprobed-engine reporter writing what it derives from vLLM's statistics into a relay of this test's own."""
+    monkeypatch.setattr(reporter, "relay_directory", str(tmp_path))
     yield SnapshotReader(str(tmp_path))
-    directory.clear()
+    reporter.clear()
 
 
 def observe_until_idle(scheduler, stepper: Stepper, engine_index: int = 0, until: Callable = lambda: False) -> None:
@@ -476,7 +478,7 @@ def observe_until_idle(scheduler, stepper: Stepper, engine_index: int = 0, until
         stepper.step()
         for outputs in stepper.outputs:
             outputs.engine_index = engine_index  # as the engine core sets it before sending
-            directory.observe(scheduler, outputs)
+            reporter.observe(scheduler, outputs)
         stepper.outputs.clear()
 
 
@@ -495,13 +497,13 @@ def test_a_forged_key_does_not_pass_an_engine_without_a_probe_for_a_probed_one(s
     resumption) record of this engine, its index and its block count, marks it probed: with anything
     else the frontend reports it from vLLM's statistics, and says so once."""
     scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16, served_model_name="tiny")
-    directory.add_engine(scheduler, ready_payload(scheduler, engine_index=0))
+    reporter.add_engine(scheduler, ready_payload(scheduler, engine_index=0))
     stepper = busy_workload(scheduler)
     for request in scheduler.requests.values():
         request.trace_headers = {TRACE_HEADER_KEY: forged}
     with caplog.at_level(logging.WARNING, logger="otel_vllm_kv"):
         observe_until_idle(scheduler, stepper)
-    assert directory.clients[scheduler][0].probed is False
+    assert reporter.clients[scheduler][0].probed is False
     (snapshot,) = stats_relay.read()
     assert snapshot.free_blocks == scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
     warnings = [r.getMessage() for r in caplog.records if r.name.startswith("otel_vllm_kv")]
@@ -513,12 +515,12 @@ def test_a_second_ready_response_for_a_rank_closes_the_writer_it_replaces(stats_
     the frontend's file for the engine it replaces goes, so the relay does not report two engine 0s."""
     scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16, served_model_name="tiny")
     payload = ready_payload(scheduler, engine_index=0)
-    directory.add_engine(scheduler, payload)
+    reporter.add_engine(scheduler, payload)
     stepper = busy_workload(scheduler)
     observe_until_idle(scheduler, stepper, until=lambda: bool(stats_relay.read()))
-    replaced = directory.clients[scheduler][0]
+    replaced = reporter.clients[scheduler][0]
     assert replaced.writer is not None and len(stats_relay.read()) == 1
-    directory.add_engine(scheduler, payload)
-    assert directory.clients[scheduler][0] is not replaced
+    reporter.add_engine(scheduler, payload)
+    assert reporter.clients[scheduler][0] is not replaced
     assert stats_relay.read() == [], "the replaced engine's file is gone"
 

@@ -9,7 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from instrumented_processes import otel_environment
+
+from tests.support.engine_load import ALLOCATABLE_BLOCKS
+from tests.support.instrumented_processes import otel_environment, support_pythonpath
 
 pytestmark = pytest.mark.engine
 HERE = os.path.dirname(__file__)
@@ -19,7 +21,7 @@ HERE = os.path.dirname(__file__)
 def report(hybrid_model_dir) -> dict:
     """VLLM_ENABLE_V1_MULTIPROCESSING=0 runs the scheduler in the scenario's process, so every
     engine step can be checked against vLLM's own metrics of that same step."""
-    env = {**otel_environment(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": HERE}
+    env = {**otel_environment(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": support_pythonpath()}
     script = os.path.join(HERE, "scenarios", "hybrid_llm.py")
     result = subprocess.run(
         [sys.executable, script, hybrid_model_dir], check=False, env=env, capture_output=True, text=True, timeout=600
@@ -50,7 +52,7 @@ def test_the_limit_is_vllms_group_aware_capacity_not_blocks_times_block_size(rep
 def test_finished_prefixes_stay_evictable_in_both_groups_until_reused(report):
     idle, reusing = report["idle"], report["reusing"]
     assert all(blocks > 0 for blocks in idle["evictable_blocks"])
-    assert idle["evictable"] == sum(idle["evictable_blocks"]) * idle["limit"] // 63
+    assert idle["evictable"] == sum(idle["evictable_blocks"]) * idle["limit"] // ALLOCATABLE_BLOCKS
     # The shared 610-byte prefix fills 4 full-attention blocks: a new request hits them.
     assert reusing["prefix_cache_hits"] == 4 * 128
     assert reusing["evictable"] < idle["evictable"]

@@ -11,14 +11,15 @@ import sys
 import textwrap
 
 import pytest
-from schedulers import Stepper, build_scheduler, make_request
-from telemetry import metric_units, new_reader, read_gauges
 from vllm.v1.request import RequestStatus
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
+from otel_vllm_kv.demo.sampling import GroupReading, read_engines
 from otel_vllm_kv.engine import prefix_cache, probe
-from otel_vllm_kv.exporter.gauges import KV_CACHE_LIMIT, KV_CACHE_USAGE, KV_CACHE_UTILIZATION
 from otel_vllm_kv.frontend import spans
+from otel_vllm_kv.names import KV_CACHE_LIMIT, KV_CACHE_USAGE, KV_CACHE_UTILIZATION
+from tests.support.schedulers import Stepper, build_scheduler, make_request
+from tests.support.telemetry import metric_units, new_reader
 
 #: Every test runs on vLLM's Scheduler and on its AsyncScheduler (``vllm_scheduler``).
 pytestmark = pytest.mark.usefixtures("vllm_scheduler")
@@ -60,18 +61,18 @@ def assert_patched_once() -> None:
 
 def test_gauges_follow_the_pool(reader, tiny_model_dir):
     scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16, served_model_name="tiny")
-    (engine,) = read_gauges(reader).values()
+    (engine,) = read_engines(reader).values()
     assert (engine.model_name, engine.limit, engine.used, engine.free) == ("tiny", 160, 0, 160)
 
     scheduler.add_request(make_request(scheduler, num_prompt_tokens=40, max_tokens=100))
     stepper = Stepper(scheduler)
     stepper.step()
-    engine = read_gauges(reader)[0]
+    engine = read_engines(reader)[0]
     assert (engine.used, engine.free, engine.limit) == (48, 112, 160)
     assert engine.utilization == stepper.stats[-1].kv_cache_usage == 1.0 - 7 / 10
     assert (engine.used_blocks, engine.free_blocks, engine.limit_blocks) == (3, 7, 10)
     assert (engine.evictable, engine.headroom) == (0, 112)
-    assert engine.groups == {0: ["full_attention", 16, 0]}
+    assert engine.groups == {0: GroupReading("full_attention", 16, 0)}
     assert metric_units(reader) == {
         KV_CACHE_USAGE: "{token}", KV_CACHE_LIMIT: "{token}", KV_CACHE_UTILIZATION: "1",
         "vllm.kv_cache.evictable": "{token}", "vllm.kv_cache.admission.headroom": "{token}",
@@ -80,8 +81,8 @@ def test_gauges_follow_the_pool(reader, tiny_model_dir):
     }
 
     stepper.run_until_idle()  # the 8 full blocks of its 40 + 99 computed tokens stay cached: free, evictable
-    engine = read_gauges(reader)[0]
-    assert (engine.used, engine.free, engine.evictable, engine.groups[0][2]) == (0, 160, 128, 8)
+    engine = read_engines(reader)[0]
+    assert (engine.used, engine.free, engine.evictable, engine.groups[0].evictable_blocks) == (0, 160, 128, 8)
 
 
 def test_hybrid_models_report_vllms_capacity_and_each_group(reader, tiny_model_dir):
@@ -92,12 +93,12 @@ def test_hybrid_models_report_vllms_capacity_and_each_group(reader, tiny_model_d
     scheduler.add_request(make_request(scheduler, num_prompt_tokens=100, max_tokens=100))
     stepper = Stepper(scheduler)
     stepper.step()
-    engine = read_gauges(reader)[0]
+    engine = read_engines(reader)[0]
     assert (engine.used_blocks, engine.free_blocks, engine.limit_blocks) == (14, 26, 40)
     assert (engine.limit, engine.used, engine.free) == (limit, 14 * limit // 40, limit - 14 * limit // 40)
     assert engine.utilization == stepper.stats[-1].kv_cache_usage
     assert engine.headroom == (26 - 4) * limit // 40
-    assert engine.groups == {0: ["full_attention", 16, 0], 1: ["sliding_window", 16, 0]}
+    assert engine.groups == {0: GroupReading("full_attention", 16, 0), 1: GroupReading("sliding_window", 16, 0)}
 
 
 def test_values_hold_while_idle_and_reach_zero_after_the_last_request(reader, tiny_model_dir):
@@ -105,10 +106,10 @@ def test_values_hold_while_idle_and_reach_zero_after_the_last_request(reader, ti
     stepper = Stepper(scheduler)
     scheduler.add_request(make_request(scheduler, num_prompt_tokens=70, max_tokens=3))
     stepper.step()
-    assert read_gauges(reader)[0].used == 80
-    assert read_gauges(reader)[0].used == 80, "no step in between: the last value stays"
+    assert read_engines(reader)[0].used == 80
+    assert read_engines(reader)[0].used == 80, "no step in between: the last value stays"
     stepper.run_until_idle()
-    engine = read_gauges(reader)[0]
+    engine = read_engines(reader)[0]
     assert (engine.used, engine.free, engine.utilization) == (0, 160, 0.0)
 
 
@@ -117,10 +118,10 @@ def test_abort_between_steps_is_reported_without_another_step(reader, tiny_model
     request = make_request(scheduler, num_prompt_tokens=33, max_tokens=100)
     scheduler.add_request(request)
     Stepper(scheduler).step()
-    assert read_gauges(reader)[0].used == 48
+    assert read_engines(reader)[0].used == 48
     scheduler.finish_requests(request.request_id, RequestStatus.FINISHED_ABORTED)
     assert not scheduler.running and not scheduler.waiting
-    assert read_gauges(reader)[0].used == 0
+    assert read_engines(reader)[0].used == 0
 
 
 def test_stats_disabled_changes_nothing(reader, tiny_model_dir):
@@ -129,33 +130,33 @@ def test_stats_disabled_changes_nothing(reader, tiny_model_dir):
     stepper = Stepper(scheduler)
     stepper.step()
     assert stepper.stats == [] and scheduler.make_stats() is None
-    assert read_gauges(reader)[0].used == 32
+    assert read_engines(reader)[0].used == 32
 
 
 def test_one_series_per_engine_index(reader, tiny_model_dir):
     engines = [build_scheduler(tiny_model_dir, data_parallel_index=index) for index in (0, 1)]
     engines[1].add_request(make_request(engines[1], num_prompt_tokens=20))
     Stepper(engines[1]).step()
-    gauges = read_gauges(reader)
+    gauges = read_engines(reader)
     assert sorted(gauges) == [0, 1]
     assert (gauges[0].used, gauges[1].used) == (0, 32)
 
 
 def test_a_discarded_engine_stops_reporting(reader, tiny_model_dir):
     scheduler = build_scheduler(tiny_model_dir)
-    assert read_gauges(reader)
+    assert read_engines(reader)
     del scheduler
     gc.collect()
-    assert read_gauges(reader) == {}
+    assert read_engines(reader) == {}
 
 
 def test_scheduler_shutdown_withdraws_the_engine_at_once(reader, tiny_model_dir):
     scheduler = build_scheduler(tiny_model_dir)
-    assert read_gauges(reader)
+    assert read_engines(reader)
     scheduler.shutdown()
-    assert read_gauges(reader) == {}
+    assert read_engines(reader) == {}
     Stepper(scheduler).step()  # a late step after shutdown publishes nothing
-    assert read_gauges(reader) == {}
+    assert read_engines(reader) == {}
 
 
 def test_one_collection_reads_the_relay_once(reader, tiny_model_dir):
@@ -179,10 +180,10 @@ def test_uninstrument_restores_every_function_and_stops_the_gauges(tiny_model_di
     instrumentor.instrument(meter_provider=provider)
     assert_patched_once()
     scheduler = build_scheduler(tiny_model_dir)
-    assert read_gauges(reader)
+    assert read_engines(reader)
     instrumentor.uninstrument()
     assert_unpatched()
-    assert read_gauges(reader) == {}
+    assert read_engines(reader) == {}
     Stepper(scheduler).step()  # the engine keeps working unpatched
 
 
@@ -194,7 +195,7 @@ def test_reinstrument_on_the_same_meter_provider(tiny_model_dir):
     instrumentor.instrument(meter_provider=provider)
     try:
         scheduler = build_scheduler(tiny_model_dir, num_blocks=5, block_size=16)
-        assert scheduler and read_gauges(reader)[0].limit == 64
+        assert scheduler and read_engines(reader)[0].limit == 64
     finally:
         instrumentor.uninstrument()
 
@@ -224,7 +225,7 @@ def test_probe_failure_never_reaches_the_engine(reader, tiny_model_dir, monkeypa
     warnings = [r for r in caplog.records if r.name.startswith("otel_vllm_kv")]
     assert len(warnings) == 1 and "could not read the KV cache" in warnings[0].getMessage()
     assert stepper.stats[-1].kv_cache_usage == 0.0
-    assert read_gauges(reader) == {}
+    assert read_engines(reader) == {}
 
 
 def run_python(code: str, **environment: str) -> subprocess.CompletedProcess:
@@ -284,9 +285,7 @@ def test_the_dependency_check_accepts_plain_vllm(tmp_path):
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.40.1\n")
     result = run_python(
-        f"""
-        import sys
-        sys.path.insert(0, {str(tmp_path)!r})
+        """
         from importlib.metadata import distribution
         from opentelemetry.instrumentation.dependencies import get_dist_dependency_conflicts, get_dependency_conflicts
         from otel_vllm_kv import VLLMKVCacheInstrumentor
@@ -294,7 +293,8 @@ def test_the_dependency_check_accepts_plain_vllm(tmp_path):
         (requirement,) = VLLMKVCacheInstrumentor().instrumentation_dependencies()
         ours = distribution("otel-vllm-kv")
         print(requirement, get_dependency_conflicts([requirement]), get_dist_dependency_conflicts(ours))
-        """
+        """,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
     )
     assert result.stdout.strip() == "vllm >= 0.31.0 None None", result.stderr[-3000:]
 
@@ -364,7 +364,7 @@ def run_expecting_one_warning_and_no_series(scheduler, reader, caplog) -> None:
     assert not scheduler.has_requests(), "every request ran to completion"
     warnings = [r for r in caplog.records if r.name.startswith("otel_vllm_kv")]
     assert len(warnings) == 1, [w.getMessage() for w in warnings]
-    assert read_gauges(reader) == {}, "no stale series for an engine no longer observed"
+    assert read_engines(reader) == {}, "no stale series for an engine no longer observed"
 
 
 def test_a_relay_that_cannot_be_created_leaves_the_engine_running(reader, tiny_model_dir, monkeypatch, caplog):
@@ -382,4 +382,4 @@ def test_a_relay_that_cannot_be_created_leaves_the_engine_running(reader, tiny_m
         stepper.run_until_idle()
     assert not scheduler.has_requests()
     assert len([r for r in caplog.records if r.name.startswith("otel_vllm_kv")]) == 1
-    assert read_gauges(reader) == {}
+    assert read_engines(reader) == {}

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from schedulers import Stepper, build_scheduler, make_request
 
 from otel_vllm_kv.engine.pool_reading import read_engine_identity, read_layout
 from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout, occupancy
+from tests.support.schedulers import Stepper, build_scheduler, make_request
 
 #: Every test runs on vLLM's Scheduler and on its AsyncScheduler (``vllm_scheduler``).
 pytestmark = pytest.mark.usefixtures("vllm_scheduler")

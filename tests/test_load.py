@@ -15,10 +15,15 @@ import time
 import aiohttp
 import psutil
 import pytest
-from instrumented_processes import instrumented_server, otel_environment, otlp_attributes, package_complaints
 from opentelemetry.test._otlp_test_server import OtlpProtoTestServer
 
-from otel_vllm_kv import span_attributes as names
+from otel_vllm_kv import names
+from tests.support.instrumented_processes import (
+    instrumented_server,
+    otel_environment,
+    otlp_attributes,
+    package_complaints,
+)
 
 pytestmark = pytest.mark.engine
 

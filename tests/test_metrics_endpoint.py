@@ -11,14 +11,14 @@ import sys
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from schedulers import Stepper, build_scheduler, make_request
-from telemetry import new_reader
 
-from otel_vllm_kv import VLLMKVCacheInstrumentor
-from otel_vllm_kv.frontend import metrics_endpoint
-from otel_vllm_kv.relay import SnapshotReader
+from otel_vllm_kv import VLLMKVCacheInstrumentor, names
+from otel_vllm_kv.relay_reader import SnapshotReader
+from tests.support.instrumented_processes import support_pythonpath
+from tests.support.schedulers import Stepper, build_scheduler, make_request
+from tests.support.telemetry import new_reader
 
-FAMILIES = tuple(metrics_endpoint.FAMILIES)
+FAMILIES = tuple(names.PROMETHEUS_FAMILIES)
 
 
 def scrape(registry=REGISTRY) -> dict[tuple, float]:
@@ -52,11 +52,11 @@ def test_registry_serves_tokens_per_engine_with_vllms_labels(instrumented, tiny_
     stepper.step()
     labels = (("engine", "0"), ("model_name", "tiny"))
     assert scrape() == {
-        (metrics_endpoint.USAGE_TOKENS, *labels, ("state", "used")): 48.0,
-        (metrics_endpoint.USAGE_TOKENS, *labels, ("state", "free")): 112.0,
-        (metrics_endpoint.LIMIT_TOKENS, *labels): 160.0,
-        (metrics_endpoint.EVICTABLE_TOKENS, *labels): 32.0,
-        (metrics_endpoint.HEADROOM_TOKENS, *labels): (7 - 2) * 16.0,  # watermark: int(0.2 x 11) = 2 blocks
+        (names.PROMETHEUS_USAGE_TOKENS, *labels, ("state", "used")): 48.0,
+        (names.PROMETHEUS_USAGE_TOKENS, *labels, ("state", "free")): 112.0,
+        (names.PROMETHEUS_LIMIT_TOKENS, *labels): 160.0,
+        (names.PROMETHEUS_EVICTABLE_TOKENS, *labels): 32.0,
+        (names.PROMETHEUS_HEADROOM_TOKENS, *labels): (7 - 2) * 16.0,  # watermark: int(0.2 x 11) = 2 blocks
     }
 
 
@@ -92,11 +92,10 @@ def test_a_failing_relay_never_breaks_the_endpoint(instrumented, tiny_model_dir,
 
 API_SERVER_SCRAPE = """
 import json, sys
-sys.path.insert(0, sys.argv[2])
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from schedulers import build_scheduler
+from tests.support.schedulers import build_scheduler
 from vllm.entrypoints.serve.instrumentator.metrics import attach_router
 from otel_vllm_kv import VLLMKVCacheInstrumentor
 
@@ -121,14 +120,13 @@ print(json.dumps([first, scrape()]))
 def test_several_api_servers_serve_every_engine_from_the_multiprocess_directory(tiny_model_dir, tmp_path):
     """With several API servers vLLM sets ``PROMETHEUS_MULTIPROC_DIR`` (before any import of
     prometheus_client, hence a process of its own here) and serves only the directory's files."""
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": support_pythonpath()}
     env.pop("OTEL_PYTHON_VLLM_KV_EXPORTER", None)
-    tests = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-c", API_SERVER_SCRAPE, tiny_model_dir, tests],
+    result = subprocess.run([sys.executable, "-c", API_SERVER_SCRAPE, tiny_model_dir],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     first, after_reinstrument = json.loads(result.stdout.splitlines()[-1])
-    limits = {dict(sample[1])["engine"]: sample[2] for sample in first if sample[0] == metrics_endpoint.LIMIT_TOKENS}
+    limits = {dict(sample[1])["engine"]: sample[2] for sample in first if sample[0] == names.PROMETHEUS_LIMIT_TOKENS}
     assert limits == {"0": 160.0, "1": 160.0}
     assert len(first) == 2 * 5, "per engine: used, free, limit, evictable, headroom"
     assert after_reinstrument == first, "instrumented twice: each engine still once"

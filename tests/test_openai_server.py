@@ -7,13 +7,18 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from engine_load import BLOCK_SIZE, LIMIT, distinct_prompts
-from instrumented_processes import exporting_resources, instrumented_server, otel_environment, otlp_attributes
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.test._otlp_test_server import OtlpProtoTestServer, RecordedMetric, RecordedSpan
 
-from otel_vllm_kv import span_attributes as names
-from otel_vllm_kv.exporter.gauges import KV_CACHE_LIMIT
+from otel_vllm_kv import names
+from otel_vllm_kv.names import KV_CACHE_LIMIT
+from tests.support.engine_load import BLOCK_SIZE, LIMIT, distinct_prompts
+from tests.support.instrumented_processes import (
+    exporting_resources,
+    instrumented_server,
+    otel_environment,
+    otlp_attributes,
+)
 
 pytestmark = pytest.mark.engine
 CONCURRENT_REQUESTS = 6

@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
-from schedulers import Stepper, build_scheduler, cached_free_blocks, evictable_per_group, make_request
 from vllm.v1.request import RequestStatus
 
 from otel_vllm_kv import compat
 from otel_vllm_kv.engine import prefix_cache
 from otel_vllm_kv.engine.pool_reading import read_layout
 from otel_vllm_kv.kv_cache import occupancy
+from tests.support.schedulers import Stepper, build_scheduler, cached_free_blocks, evictable_per_group, make_request
 
 #: Every test runs on vLLM's Scheduler and on its AsyncScheduler (``vllm_scheduler``).
 pytestmark = pytest.mark.usefixtures("vllm_scheduler")

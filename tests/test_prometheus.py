@@ -13,9 +13,16 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from engine_load import LIMIT, blocks_for, distinct_prompts
-from instrumented_processes import EXAMPLES, ServerProcess, free_port, instrumented_server, otel_environment
-from prometheus_server import SCRAPE_INTERVAL_SECONDS, Prometheus, require_binary, running_prometheus
+
+from tests.support.engine_load import LIMIT, blocks_for, distinct_prompts
+from tests.support.instrumented_processes import (
+    EXAMPLES,
+    ServerProcess,
+    free_port,
+    instrumented_server,
+    otel_environment,
+)
+from tests.support.prometheus_server import SCRAPE_INTERVAL_SECONDS, Prometheus, require_binary, running_prometheus
 
 pytestmark = pytest.mark.engine
 
@@ -140,7 +147,7 @@ def test_one_process_serves_the_exporter_port(scraped_run):
 
 
 def test_every_example_expression_returns_data(scraped_run):
-    from example_queries import promql_expressions
+    from tests.support.example_queries import promql_expressions
 
     prometheus = scraped_run.prometheus
     expressions = promql_expressions()

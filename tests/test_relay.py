@@ -10,7 +10,8 @@ import threading
 import time
 
 from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout
-from otel_vllm_kv.relay import SnapshotReader, SnapshotWriter
+from otel_vllm_kv.relay import SnapshotWriter
+from otel_vllm_kv.relay_reader import SnapshotReader
 
 LAYOUT = PoolLayout(num_blocks=64, limit_tokens=63 * 128, groups=(GroupLayout("full_attention", 128),))
 

@@ -20,11 +20,11 @@ from otel_vllm_kv.relay import (
     _HEADER,
     RECORD_OFFSET,
     STATS_RECORD,
-    SnapshotReader,
     SnapshotWriter,
     StatsSnapshotWriter,
     probe_record,
 )
+from otel_vllm_kv.relay_reader import SnapshotReader
 
 LAYOUT = PoolLayout(num_blocks=64, limit_tokens=63 * 16, groups=(GroupLayout("full_attention", 16),))
 INT64 = (-(2**63), 2**63 - 1)
@@ -34,7 +34,7 @@ HEADER_FIELDS = ("magic", "version", "name_length", "engine_index", "pid", "num_
 
 
 def _relay_warnings(caplog) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == "otel_vllm_kv.relay"]
+    return [record.getMessage() for record in caplog.records if record.name in ("otel_vllm_kv.relay", "otel_vllm_kv.relay_reader")]
 
 
 def _patch_header(path, **fields) -> None:
@@ -172,7 +172,7 @@ def test_a_writer_survives_its_file_being_shrunk(tmp_path):
 
 def test_a_statistics_record_too_old_is_not_reported(tmp_path):
     """A frontend outlives the remote engine it reported from statistics: that engine's last values age out."""
-    from otel_vllm_kv.relay import STATS_MAX_AGE_SECONDS
+    from otel_vllm_kv.relay_reader import STATS_MAX_AGE_SECONDS
 
     layout = PoolLayout(num_blocks=64, limit_tokens=63 * 16, watermark_blocks=None)
     writer = StatsSnapshotWriter(str(tmp_path), 3, "remote", layout)

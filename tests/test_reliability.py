@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from instrumented_processes import otel_environment, otlp_attributes
 from opentelemetry.test._otlp_test_server import OtlpProtoTestServer
 
-from otel_vllm_kv import span_attributes as names
+from otel_vllm_kv import names
+from tests.support.instrumented_processes import otel_environment, otlp_attributes, support_pythonpath
 
 HERE = os.path.dirname(__file__)
 
@@ -22,7 +22,7 @@ def test_greedy_outputs_are_identical_with_instrumentation_and_tracing(tiny_mode
         result = subprocess.run(
             [sys.executable, os.path.join(HERE, "scenarios", "greedy_outputs.py"), tiny_model_dir,
              receiver.traces_endpoint],
-            capture_output=True, text=True, timeout=480, env=otel_environment(PYTHONPATH=HERE),
+            capture_output=True, text=True, timeout=480, env=otel_environment(PYTHONPATH=support_pythonpath()),
         )
         assert result.returncode == 0, result.stderr[-4000:]
         vllm_spans = [recorded.span for recorded in receiver.drain_spans() if recorded.span.name == "llm_request"]

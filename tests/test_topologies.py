@@ -18,8 +18,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
-from engine_load import LIMIT, distinct_prompts
-from instrumented_processes import (
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from opentelemetry.test._otlp_test_server import OtlpProtoTestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from otel_vllm_kv import names
+from otel_vllm_kv.demo.tiny_model import server_arguments
+from otel_vllm_kv.names import (
+    ENGINE_INDEX,
+    KV_CACHE_LIMIT,
+    KV_CACHE_STATE,
+    KV_CACHE_USAGE,
+    PROMETHEUS_EVICTABLE_TOKENS,
+    PROMETHEUS_HEADROOM_TOKENS,
+    PROMETHEUS_LIMIT_TOKENS,
+    PROMETHEUS_USAGE_TOKENS,
+)
+from tests.support.engine_load import LIMIT, distinct_prompts
+from tests.support.instrumented_processes import (
     OPENTELEMETRY_INSTRUMENT,
     VLLM,
     exporting_resources,
@@ -29,14 +45,6 @@ from instrumented_processes import (
     otlp_attributes,
     vllm_process,
 )
-from opentelemetry.proto.trace.v1.trace_pb2 import Span
-from opentelemetry.test._otlp_test_server import OtlpProtoTestServer
-from prometheus_client.parser import text_string_to_metric_families
-
-from otel_vllm_kv import span_attributes as names
-from otel_vllm_kv.demo.tiny_model import server_arguments
-from otel_vllm_kv.exporter.gauges import ENGINE_INDEX, KV_CACHE_LIMIT, KV_CACHE_STATE, KV_CACHE_USAGE
-from otel_vllm_kv.frontend.metrics_endpoint import EVICTABLE_TOKENS, HEADROOM_TOKENS, LIMIT_TOKENS, USAGE_TOKENS
 
 pytestmark = pytest.mark.engine
 REQUESTS = 12
@@ -44,7 +52,7 @@ PROMPTS = distinct_prompts(REQUESTS, 200, first=500)
 #: The Prometheus exporter's name for the limit gauge (dots become underscores).
 PROMETHEUS_LIMIT = KV_CACHE_LIMIT.replace(".", "_")
 PROMETHEUS_ENGINE_INDEX = ENGINE_INDEX.replace(".", "_")
-OUR_VLLM_METRICS = {USAGE_TOKENS, LIMIT_TOKENS, EVICTABLE_TOKENS, HEADROOM_TOKENS}
+OUR_VLLM_METRICS = {PROMETHEUS_USAGE_TOKENS, PROMETHEUS_LIMIT_TOKENS, PROMETHEUS_EVICTABLE_TOKENS, PROMETHEUS_HEADROOM_TOKENS}
 VLLM_METRICS_SCRAPES = 6
 
 
@@ -178,7 +186,7 @@ def _vllm_metrics_limits(url: str) -> dict[int, list[int]]:
     with urllib.request.urlopen(url, timeout=10) as response:
         for family in text_string_to_metric_families(response.read().decode()):
             for sample in family.samples:
-                if sample.name == LIMIT_TOKENS:
+                if sample.name == PROMETHEUS_LIMIT_TOKENS:
                     limits[int(sample.labels["engine"])].append(int(sample.value))
     return dict(limits)
 

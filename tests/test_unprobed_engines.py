@@ -1,9 +1,9 @@
 """A frontend reports an engine without a probe from vLLM's own scheduler statistics.
 
 Real schedulers produce the ``EngineCoreOutputs`` an engine core would send; the frontend's
-engine directory receives them with the engine's real ``EngineCoreReadyResponse`` (msgpack,
+unprobed-engine reporter receives them with the engine's real ``EngineCoreReadyResponse`` (msgpack,
 as on the wire). The scheduler stands in for the engine-core client only as the holder of
-``vllm_config``, which is all the directory reads from it.
+``vllm_config``, which is all the reporter reads from it.
 """
 
 from __future__ import annotations
@@ -12,49 +12,27 @@ import logging
 
 import msgspec
 import pytest
-from schedulers import Stepper, build_scheduler, make_request
-from telemetry import new_reader
 from vllm.v1.engine import EngineCoreReadyResponse
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
-from otel_vllm_kv.frontend.unprobed_engines import directory, layout_from_ready_response
-from otel_vllm_kv.relay import SnapshotReader
-
-
-def ready_payload(scheduler, engine_index: int) -> bytes:
-    """The handshake message an engine core sends its frontends (``EngineCore._make_ready_response``)."""
-    config = scheduler.vllm_config
-    return msgspec.msgpack.encode(EngineCoreReadyResponse(
-        max_model_len=config.model_config.max_model_len,
-        num_gpu_blocks=scheduler.kv_cache_manager.block_pool.num_gpu_blocks,
-        block_size=config.cache_config.block_size,
-        dp_stats_address=None, dtype="float32", vllm_version="", world_size=1,
-        data_parallel_size=2, tensor_parallel_size=1, pipeline_parallel_size=1,
-        decode_context_parallel_size=config.parallel_config.decode_context_parallel_size,
-        data_parallel_rank=engine_index, max_num_seqs=16, max_num_batched_tokens=2048,
-        instance_id="", supports_lora=False, max_loras=0,
-    ))
+from otel_vllm_kv.frontend.unprobed_engines import layout_from_ready_response, reporter
+from otel_vllm_kv.relay_reader import SnapshotReader
+from tests.support.frontend import busy_workload, ready_payload
+from tests.support.schedulers import build_scheduler
+from tests.support.telemetry import new_reader
 
 
 @pytest.fixture
 def frontend(tmp_path):
-    directory.relay_directory = str(tmp_path)
+    reporter.relay_directory = str(tmp_path)
     yield SnapshotReader(str(tmp_path))
-    directory.clear()
-    directory.relay_directory = None
-
-
-def busy_workload(scheduler) -> Stepper:
-    """Requests that fill, share a prefix, and drain: free blocks move at almost every step."""
-    stepper = Stepper(scheduler)
-    for i in range(6):
-        scheduler.add_request(make_request(scheduler, num_prompt_tokens=20 + 13 * i, max_tokens=4 + 5 * i))
-    return stepper
+    reporter.clear()
+    reporter.relay_directory = None
 
 
 def test_free_blocks_follow_the_pool_at_every_step(frontend, tiny_model_dir, caplog):
     scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16, served_model_name="tiny")
-    directory.add_engine(scheduler, ready_payload(scheduler, engine_index=3))
+    reporter.add_engine(scheduler, ready_payload(scheduler, engine_index=3))
     stepper = busy_workload(scheduler)
     seen = set()
     with caplog.at_level(logging.WARNING, logger="otel_vllm_kv"):
@@ -62,7 +40,7 @@ def test_free_blocks_follow_the_pool_at_every_step(frontend, tiny_model_dir, cap
             stepper.step()
             for outputs in stepper.outputs:
                 outputs.engine_index = 3  # as the engine core sets it before sending
-                directory.observe(scheduler, outputs)
+                reporter.observe(scheduler, outputs)
             stepper.outputs.clear()
             snapshots = frontend.read()
             if snapshots:
@@ -84,14 +62,14 @@ def test_a_probed_engine_is_never_reported_from_statistics(frontend, tiny_model_
     VLLMKVCacheInstrumentor().instrument(meter_provider=new_reader()[1])
     try:
         scheduler = build_scheduler(tiny_model_dir, num_blocks=41, block_size=16)
-        directory.relay_directory = frontend.directory  # the instrumentor pointed it at its own relay
-        directory.add_engine(scheduler, ready_payload(scheduler, engine_index=0))
+        reporter.relay_directory = frontend.directory  # the instrumentor pointed it at its own relay
+        reporter.add_engine(scheduler, ready_payload(scheduler, engine_index=0))
         stepper = busy_workload(scheduler)
         stepper.run_until_idle()
         for outputs in stepper.outputs:
-            directory.observe(scheduler, outputs)
+            reporter.observe(scheduler, outputs)
         assert frontend.read() == []
-        assert directory.clients[scheduler][0].probed is True, "its first prefill carried an admission record"
+        assert reporter.clients[scheduler][0].probed is True, "its first prefill carried an admission record"
     finally:
         VLLMKVCacheInstrumentor().uninstrument()
 

@@ -16,17 +16,18 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from fake_releases import FAKES, renamed_hash_slot, renamed_method
-from instrumented_processes import free_port, vllm_process
-from telemetry import new_reader
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor, compat, internals
 from otel_vllm_kv.demo.tiny_model import server_arguments
 from otel_vllm_kv.engine import probe
 from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_VERSION_REPORTED
 from otel_vllm_kv.frontend import spans
+from tests.support.fake_releases import FAKES, renamed_hash_slot, renamed_method
+from tests.support.instrumented_processes import free_port, support_pythonpath, vllm_process
+from tests.support.telemetry import new_reader
 
-TESTS = Path(__file__).parent
+#: ``vllm serve`` on a fake release; it imports ``tests.support``: run with ``support_pythonpath()``.
+FAKE_RELEASE_SERVER = Path(__file__).parent / "support" / "fake_release_server.py"
 
 
 class Verdicts(logging.Handler):
@@ -157,9 +158,9 @@ def test_under_vllm_serve_the_verdict_is_one_line_and_a_refused_release_still_se
     """The whole tree (server, engine core, worker) says it once; a refused release serves untouched."""
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
+           "PYTHONPATH": support_pythonpath(),
            "FAKE_VLLM_RELEASE": fake}
-    command = [sys.executable, str(TESTS / "fake_release_server.py"), "serve", *server_arguments(tiny_model_dir),
+    command = [sys.executable, str(FAKE_RELEASE_SERVER), "serve", *server_arguments(tiny_model_dir),
                "--port", str(port)]
     with vllm_process(command, env, port) as server:
         status, body = server.complete("hello", max_tokens=4)

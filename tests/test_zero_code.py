@@ -7,11 +7,17 @@ import os
 import re
 
 import pytest
-from engine_load import LIMIT
-from instrumented_processes import EXAMPLES, exporting_resources, otel_environment, otlp_attributes, run_instrumented
-from otlp_grpc_receiver import OtlpGrpcReceiver
 
-from otel_vllm_kv.exporter.gauges import KV_CACHE_LIMIT, KV_CACHE_STATE, KV_CACHE_USAGE
+from otel_vllm_kv.names import KV_CACHE_LIMIT, KV_CACHE_STATE, KV_CACHE_USAGE
+from tests.support.engine_load import LIMIT
+from tests.support.instrumented_processes import (
+    EXAMPLES,
+    exporting_resources,
+    otel_environment,
+    otlp_attributes,
+    run_instrumented,
+)
+from tests.support.otlp_grpc_receiver import OtlpGrpcReceiver
 
 pytestmark = pytest.mark.engine
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 
-from otel_vllm_kv import span_attributes as names
+from otel_vllm_kv import names
 
 ADMITTED = "admitted"
 PREEMPTED = "preempted"

@@ -37,8 +37,9 @@ def write_chart(path: Path, samples: list[Sample], events: list[CacheEvent], ori
 def _draw_engine(ax, index: int, samples: list[Sample], events: list[CacheEvent], origin: float) -> None:
     series = [(sample.at - origin, sample.engines[index]) for sample in samples if index in sample.engines]
     times = [at for at, _ in series]
-    used = [gauges.used for _, gauges in series]
-    limit = max((gauges.limit for _, gauges in series), default=0)
+    # A sample holds only engines that report tokens (``Sampler``): the ``or 0`` never applies.
+    used = [gauges.used or 0 for _, gauges in series]
+    limit = max((gauges.limit or 0 for _, gauges in series), default=0)
     ax.fill_between(times, used, step="post", color="tab:blue", alpha=0.25, linewidth=0)
     ax.step(times, used, where="post", color="tab:blue", label="used tokens")
     ax.step(times, [gauges.free for _, gauges in series], where="post", color="tab:green", label="free tokens")

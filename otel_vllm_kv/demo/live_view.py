@@ -17,7 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from otel_vllm_kv.demo.load import LoadProgress
-from otel_vllm_kv.demo.sampling import EngineGauges, Sample
+from otel_vllm_kv.demo.sampling import EngineReading, Sample
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -44,10 +44,16 @@ def text_bar(fraction: float, width: int = BAR_WIDTH) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
-def format_engine(index: int, gauges: EngineGauges) -> str:
-    return (f"engine {index} {text_bar(gauges.utilization)} {gauges.utilization:6.1%}  "
-            f"used {gauges.used:>6,}  free {gauges.free:>6,} (evictable {gauges.evictable:>6,})  "
-            f"limit {gauges.limit:>6,}")
+def tokens(value: int | None) -> str:
+    """A token count with thousands separators; "-" for a gauge the engine does not report."""
+    return "-" if value is None else f"{value:,}"
+
+
+def format_engine(index: int, gauges: EngineReading) -> str:
+    utilization = gauges.utilization or 0.0
+    return (f"engine {index} {text_bar(utilization)} {utilization:6.1%}  "
+            f"used {tokens(gauges.used):>6}  free {tokens(gauges.free):>6} (evictable {tokens(gauges.evictable):>6})  "
+            f"limit {tokens(gauges.limit):>6}")
 
 
 class PlainView:
@@ -116,7 +122,8 @@ class RichView:
         table.add_column("utilization")
         table.add_column("", justify="right", min_width=6)
         for index, gauges in (sample.engines if sample else {}).items():
-            table.add_row(str(index), f"{gauges.used:,}", f"{gauges.free:,}", f"{gauges.evictable:,}",
-                          f"{gauges.limit:,}", ProgressBar(total=1.0, completed=gauges.utilization, width=30),
-                          f"{gauges.utilization:.1%}")
+            utilization = gauges.utilization or 0.0
+            table.add_row(str(index), tokens(gauges.used), tokens(gauges.free), tokens(gauges.evictable),
+                          tokens(gauges.limit), ProgressBar(total=1.0, completed=utilization, width=30),
+                          f"{utilization:.1%}")
         return Group(table, self._progress)

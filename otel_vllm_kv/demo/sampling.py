@@ -5,61 +5,113 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
-from otel_vllm_kv.exporter.gauges import (
+from otel_vllm_kv.names import (
     ENGINE_INDEX,
+    GAUGES,
+    KV_CACHE_ADMISSION_HEADROOM,
+    KV_CACHE_BLOCK_EVICTABLE,
+    KV_CACHE_BLOCK_LIMIT,
+    KV_CACHE_BLOCK_SIZE,
+    KV_CACHE_BLOCK_USAGE,
     KV_CACHE_EVICTABLE,
+    KV_CACHE_GROUP_INDEX,
+    KV_CACHE_GROUP_TYPE,
     KV_CACHE_LIMIT,
     KV_CACHE_STATE,
     KV_CACHE_USAGE,
     KV_CACHE_UTILIZATION,
+    MODEL_NAME,
 )
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 
+class GroupReading(NamedTuple):
+    """One KV-cache group of an engine: vLLM's attention type, tokens per block, evictable blocks."""
+
+    attention_type: str
+    block_size: int | None = None
+    evictable_blocks: int | None = None
+
+
 @dataclass(frozen=True)
-class EngineGauges:
-    used: int
-    free: int
-    limit: int
-    utilization: float
-    evictable: int = 0
+class EngineReading:
+    """One engine's gauges in one collection. None: no point of that gauge for the engine in it (an
+    engine reported from vLLM's scheduler statistics has no evictable, headroom or group gauges; one
+    that appeared or went away during the collection lacks some of the others)."""
+
+    model_name: str
+    used: int | None = None
+    free: int | None = None
+    limit: int | None = None
+    utilization: float | None = None
+    evictable: int | None = None
+    headroom: int | None = None
+    used_blocks: int | None = None
+    free_blocks: int | None = None
+    limit_blocks: int | None = None
+    groups: dict[int, GroupReading] = field(default_factory=dict)
+    """By KV-cache group index."""
+
+    @property
+    def reports_tokens(self) -> bool:
+        """Whether it has used, free, limit and utilization (what the demo shows and charts)."""
+        return None not in (self.used, self.free, self.limit, self.utilization)
 
 
 @dataclass(frozen=True)
 class Sample:
     at: float  # wall clock, seconds since the epoch
-    engines: dict[int, EngineGauges]  # by vllm.engine.index
+    engines: dict[int, EngineReading]  # by vllm.engine.index; only those that report tokens
 
 
-def read_engines(reader: InMemoryMetricReader) -> dict[int, EngineGauges]:
-    """One collection: the gauges of every engine that reports tokens, by engine index."""
-    values: dict[int, dict[str, Any]] = {}
+#: The field of ``EngineReading`` each per-engine gauge without a state attribute fills.
+_PER_ENGINE = {
+    KV_CACHE_LIMIT: "limit",
+    KV_CACHE_UTILIZATION: "utilization",
+    KV_CACHE_EVICTABLE: "evictable",
+    KV_CACHE_ADMISSION_HEADROOM: "headroom",
+    KV_CACHE_BLOCK_LIMIT: "limit_blocks",
+}
+
+
+def read_engines(reader: InMemoryMetricReader) -> dict[int, EngineReading]:
+    """One collection: every engine any of the package's gauges reports, by engine index (in index
+    order). Empty when nothing was observed; other metrics the reader holds are left out."""
+    engines: dict[int, dict[str, Any]] = {}
+    groups: dict[int, dict[int, dict[str, Any]]] = {}
     data = reader.get_metrics_data()
     for resource_metrics in data.resource_metrics if data else ():
         for scope_metrics in resource_metrics.scope_metrics:
             for metric in scope_metrics.metrics:
+                if metric.name not in GAUGES:
+                    continue
                 for point in cast("list[NumberDataPoint]", metric.data.data_points):  # gauges only
                     attributes: Mapping[str, Any] = point.attributes or {}
-                    engine = values.setdefault(attributes[ENGINE_INDEX], {})
+                    index = attributes[ENGINE_INDEX]
+                    engine = engines.setdefault(index, {"model_name": attributes[MODEL_NAME]})
                     if metric.name == KV_CACHE_USAGE:
                         engine[attributes[KV_CACHE_STATE]] = point.value  # "used" or "free"
-                    elif metric.name == KV_CACHE_LIMIT:
-                        engine["limit"] = point.value
-                    elif metric.name == KV_CACHE_UTILIZATION:
-                        engine["utilization"] = point.value
-                    elif metric.name == KV_CACHE_EVICTABLE:
-                        engine["evictable"] = point.value
+                    elif metric.name == KV_CACHE_BLOCK_USAGE:
+                        engine[f"{attributes[KV_CACHE_STATE]}_blocks"] = point.value
+                    elif metric.name in _PER_ENGINE:
+                        engine[_PER_ENGINE[metric.name]] = point.value
+                    elif metric.name in (KV_CACHE_BLOCK_SIZE, KV_CACHE_BLOCK_EVICTABLE):  # per group
+                        group = groups.setdefault(index, {}).setdefault(attributes[KV_CACHE_GROUP_INDEX], {})
+                        group["attention_type"] = attributes[KV_CACHE_GROUP_TYPE]
+                        group["block_size" if metric.name == KV_CACHE_BLOCK_SIZE else "evictable_blocks"] = point.value
     return {
-        index: EngineGauges(**engine)
-        for index, engine in sorted(values.items())
-        if {"used", "free", "limit", "utilization"} <= engine.keys()
+        index: EngineReading(
+            **engine,
+            groups={group: GroupReading(**values) for group, values in sorted(groups.get(index, {}).items())},
+        )
+        for index, engine in sorted(engines.items())
     }
 
 
@@ -75,7 +127,8 @@ class Sampler:
         self.samples: list[Sample] = []
 
     def _take(self) -> None:
-        sample = Sample(time.time(), read_engines(self._reader))
+        engines = {index: engine for index, engine in read_engines(self._reader).items() if engine.reports_tokens}
+        sample = Sample(time.time(), engines)
         self.samples.append(sample)
         self._on_sample(sample)
 

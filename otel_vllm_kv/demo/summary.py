@@ -30,17 +30,18 @@ class Summary:
 
 
 def summarize(result: LoadResult, samples: list[Sample], events: list[CacheEvent]) -> Summary:
+    # A sample holds only engines that report tokens (``Sampler``): the ``or 0`` never applies.
     engines = [gauges for sample in samples for gauges in sample.engines.values()]
-    peak = max(engines, key=lambda gauges: gauges.used, default=None)
+    peak = max(engines, key=lambda gauges: gauges.used or 0, default=None)
     kinds = [event.kind for event in events]
     return Summary(
         requests=result.progress.finished,
         generated_tokens=result.progress.generated_tokens,
         seconds=result.seconds,
-        peak_used=peak.used if peak else 0,
-        limit=peak.limit if peak else 0,
+        peak_used=(peak.used or 0) if peak else 0,
+        limit=(peak.limit or 0) if peak else 0,
         admissions=kinds.count(ADMITTED),
         preemptions=kinds.count(PREEMPTED),
         resumptions=kinds.count(RESUMED),
-        used_at_end=sum(gauges.used for gauges in samples[-1].engines.values()) if samples else 0,
+        used_at_end=sum(gauges.used or 0 for gauges in samples[-1].engines.values()) if samples else 0,
     )

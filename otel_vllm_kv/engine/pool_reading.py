@@ -82,8 +82,8 @@ def waiting_queues(scheduler: Any) -> tuple[deque, deque, deque] | None:
     stand-in before, so the admission hook always adds three lengths).
 
     vLLM's FCFS queue (the default policy) is a ``deque`` with a Python ``__len__`` that calls
-    ``super().__len__()``: two frames and a ``super`` object per queue, 4,324 instructions for
-    two; ``deque.__len__`` reads the same lengths in C, 2,540 (``benchmarks/call_costs.py``).
+    ``super().__len__()``: two frames and a ``super`` object per queue; ``deque.__len__`` reads
+    the same lengths in C, for fewer instructions (docs/benchmarks.md).
     None (use ``get_request_counts``) for other queues, e.g. the priority policy's heap.
     """
     waiting, kv_holding, async_kv = (getattr(scheduler, name, None) for name in WAITING_QUEUES)

@@ -215,13 +215,13 @@ REQUIRED = (
 )
 
 
-def install_probe(relay_directory: str) -> None:
+def install(relay_directory: str) -> None:
     """Wrap the scheduler class; every engine built in this process publishes into the relay."""
     registry.relay_directory = relay_directory
     apply_patches(PATCHES)
 
 
-def remove_probe() -> None:
+def uninstall() -> None:
     remove_patches(PATCHES)
     registry.relay_directory = None  # a scheduler met after this is not attached
     registry.clear()

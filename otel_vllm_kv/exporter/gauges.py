@@ -1,4 +1,4 @@
-"""Exporter: the KV-cache gauges, exported only by the owning process from the relay's latest snapshots.
+"""Exporter: the KV-cache gauges' callbacks, which read the relay's latest snapshots at collection time.
 
 Definitions (per engine; see ``kv_cache`` for the why): N blocks, one reserved null block,
 F free of which E are evictable prefix-cache blocks, W the admission watermark, and
@@ -21,31 +21,30 @@ from typing import NamedTuple
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from otel_vllm_kv.kv_cache import GroupLayout, KVCacheOccupancy
-from otel_vllm_kv.relay import EngineSnapshot, SnapshotReader
+from otel_vllm_kv.names import (
+    ENGINE_INDEX,
+    GAUGES,
+    KV_CACHE_ADMISSION_HEADROOM,
+    KV_CACHE_BLOCK_EVICTABLE,
+    KV_CACHE_BLOCK_LIMIT,
+    KV_CACHE_BLOCK_SIZE,
+    KV_CACHE_BLOCK_USAGE,
+    KV_CACHE_EVICTABLE,
+    KV_CACHE_GROUP_INDEX,
+    KV_CACHE_GROUP_TYPE,
+    KV_CACHE_LIMIT,
+    KV_CACHE_STATE,
+    KV_CACHE_STATE_FREE,
+    KV_CACHE_STATE_USED,
+    KV_CACHE_USAGE,
+    KV_CACHE_UTILIZATION,
+    MODEL_NAME,
+)
+from otel_vllm_kv.relay import EngineSnapshot
+from otel_vllm_kv.relay_reader import SnapshotReader
 
-KV_CACHE_USAGE = "vllm.kv_cache.usage"
-KV_CACHE_LIMIT = "vllm.kv_cache.limit"
-KV_CACHE_UTILIZATION = "vllm.kv_cache.utilization"
-KV_CACHE_EVICTABLE = "vllm.kv_cache.evictable"
-KV_CACHE_ADMISSION_HEADROOM = "vllm.kv_cache.admission.headroom"
-KV_CACHE_BLOCK_USAGE = "vllm.kv_cache.block.usage"
-KV_CACHE_BLOCK_LIMIT = "vllm.kv_cache.block.limit"
-KV_CACHE_BLOCK_EVICTABLE = "vllm.kv_cache.block.evictable"
-KV_CACHE_BLOCK_SIZE = "vllm.kv_cache.block.size"
 
-KV_CACHE_STATE = "vllm.kv_cache.state"
-KV_CACHE_STATE_USED = "used"
-KV_CACHE_STATE_FREE = "free"
-ENGINE_INDEX = "vllm.engine.index"
-#: The engine's served model name: what clients send as ``model``.
-MODEL_NAME = "gen_ai.request.model"
-#: A KV-cache group's index in vLLM's ``kv_cache_config.kv_cache_groups``.
-KV_CACHE_GROUP_INDEX = "vllm.kv_cache.group.index"
-#: vLLM's name of the group's attention type: ``full_attention``, ``sliding_window``, ``mamba``, ...
-KV_CACHE_GROUP_TYPE = "vllm.kv_cache.group.type"
-
-
-class _Engine(NamedTuple):
+class _ObservedEngine(NamedTuple):
     attributes: dict
     occupancy: KVCacheOccupancy
     groups: tuple[GroupLayout, ...]
@@ -76,11 +75,11 @@ class _CollectionSnapshot:
         self._reader = reader
         self._exporter_pid = os.getpid()
         self._lock = threading.Lock()
-        self._engines: list[_Engine] = []
+        self._engines: list[_ObservedEngine] = []
         self._served: set[str] = set()
         self._read_at = float("-inf")
 
-    def engines(self, instrument: str) -> list[_Engine]:
+    def engines(self, instrument: str) -> list[_ObservedEngine]:
         # A forked child inherits the callbacks and a running metric reader: only the exporter reports.
         if os.getpid() != self._exporter_pid:
             return []
@@ -94,9 +93,9 @@ class _CollectionSnapshot:
             return self._engines
 
 
-def _to_observed(snapshot: EngineSnapshot) -> _Engine:
+def _to_observed(snapshot: EngineSnapshot) -> _ObservedEngine:
     attributes = {ENGINE_INDEX: snapshot.engine_index, MODEL_NAME: snapshot.model_name}
-    return _Engine(attributes, snapshot.occupancy(), snapshot.layout.groups, snapshot.evictable_blocks)
+    return _ObservedEngine(attributes, snapshot.occupancy(), snapshot.layout.groups, snapshot.evictable_blocks)
 
 
 _source: _CollectionSnapshot | None = None
@@ -108,7 +107,7 @@ def set_source(reader: SnapshotReader | None) -> None:
     _source = None if reader is None else _CollectionSnapshot(reader)
 
 
-def _engines(instrument: str) -> list[_Engine]:
+def _engines(instrument: str) -> list[_ObservedEngine]:
     source = _source
     return [] if source is None else source.engines(instrument)
 
@@ -120,7 +119,7 @@ def _states(used: int | None, free: int | None, attributes: dict) -> Iterable[Ob
 
 
 def _per_engine(value: Callable[[KVCacheOccupancy], int | float | None]):
-    def points(engine: _Engine) -> Iterable[Observation]:
+    def points(engine: _ObservedEngine) -> Iterable[Observation]:
         observed = value(engine.occupancy)
         if observed is not None:
             yield Observation(observed, engine.attributes)
@@ -128,66 +127,39 @@ def _per_engine(value: Callable[[KVCacheOccupancy], int | float | None]):
     return points
 
 
-def _usage(engine: _Engine) -> Iterable[Observation]:
+def _usage(engine: _ObservedEngine) -> Iterable[Observation]:
     return _states(engine.occupancy.used_tokens, engine.occupancy.free_tokens, engine.attributes)
 
 
-def _block_usage(engine: _Engine) -> Iterable[Observation]:
+def _block_usage(engine: _ObservedEngine) -> Iterable[Observation]:
     return _states(engine.occupancy.used_blocks, engine.occupancy.free_blocks, engine.attributes)
 
 
-def _block_evictable(engine: _Engine) -> Iterable[Observation]:
+def _block_evictable(engine: _ObservedEngine) -> Iterable[Observation]:
     for attributes, _, evictable in engine.group_attributes():
         yield Observation(evictable, attributes)
 
 
-def _block_size(engine: _Engine) -> Iterable[Observation]:
+def _block_size(engine: _ObservedEngine) -> Iterable[Observation]:
     for attributes, group, _ in engine.group_attributes():
         yield Observation(group.block_size, attributes)
 
 
-#: name: (unit, description, the points of one engine).
-GAUGES: dict[str, tuple[str, str, Callable[[_Engine], Iterable[Observation]]]] = {
-    KV_CACHE_USAGE: (
-        "{token}", ("KV-cache tokens by state (used or free); used + free = limit. "
-                    "Evictable prefix-cached blocks count as free."), _usage,
-    ),
-    KV_CACHE_LIMIT: (
-        "{token}", ("KV-cache token capacity: (blocks - 1 reserved null block) x block size; "
-                    "vLLM's group-aware kv_cache_size_tokens for hybrid models."),
-        _per_engine(lambda o: o.limit_tokens),
-    ),
-    KV_CACHE_UTILIZATION: (
-        "1", "Fraction of allocatable KV-cache blocks in use; equals vLLM's kv_cache_usage.",
-        _per_engine(lambda o: o.utilization),
-    ),
-    KV_CACHE_EVICTABLE: (
-        "{token}", ("Free KV-cache tokens that still hold a cached prefix no request references: "
-                    "reusable by a prefix hit until vLLM evicts them for new blocks."),
-        _per_engine(lambda o: o.evictable_tokens),
-    ),
-    KV_CACHE_ADMISSION_HEADROOM: (
-        "{token}", ("Free KV-cache tokens beyond vLLM's admission watermark: what a waiting request "
-                    "may take while others run."), _per_engine(lambda o: o.headroom_tokens),
-    ),
-    KV_CACHE_BLOCK_USAGE: (
-        "{block}", "KV-cache blocks by state (used or free); used + free = block.limit.", _block_usage,
-    ),
-    KV_CACHE_BLOCK_LIMIT: (
-        "{block}", "Allocatable KV-cache blocks: all blocks but vLLM's reserved null block.",
-        _per_engine(lambda o: o.limit_blocks),
-    ),
-    KV_CACHE_BLOCK_EVICTABLE: (
-        "{block}", "Evictable prefix-cache blocks (free, cached, unreferenced) per KV-cache group.",
-        _block_evictable,
-    ),
-    KV_CACHE_BLOCK_SIZE: (
-        "{token}", "Tokens per block of each KV-cache group (decode-context parallelism included).", _block_size,
-    ),
+#: The points of one engine, per gauge (units and descriptions: ``names.GAUGES``).
+POINTS: dict[str, Callable[[_ObservedEngine], Iterable[Observation]]] = {
+    KV_CACHE_USAGE: _usage,
+    KV_CACHE_LIMIT: _per_engine(lambda o: o.limit_tokens),
+    KV_CACHE_UTILIZATION: _per_engine(lambda o: o.utilization),
+    KV_CACHE_EVICTABLE: _per_engine(lambda o: o.evictable_tokens),
+    KV_CACHE_ADMISSION_HEADROOM: _per_engine(lambda o: o.headroom_tokens),
+    KV_CACHE_BLOCK_USAGE: _block_usage,
+    KV_CACHE_BLOCK_LIMIT: _per_engine(lambda o: o.limit_blocks),
+    KV_CACHE_BLOCK_EVICTABLE: _block_evictable,
+    KV_CACHE_BLOCK_SIZE: _block_size,
 }
 
 
-def _callback(name: str, points: Callable[[_Engine], Iterable[Observation]]):
+def _callback(name: str, points: Callable[[_ObservedEngine], Iterable[Observation]]):
     def observe(options: CallbackOptions) -> Iterable[Observation]:
         for engine in _engines(name):
             yield from points(engine)
@@ -195,7 +167,7 @@ def _callback(name: str, points: Callable[[_Engine], Iterable[Observation]]):
     return observe
 
 
-CALLBACKS = {name: _callback(name, points) for name, (_, _, points) in GAUGES.items()}
+CALLBACKS = {name: _callback(name, POINTS[name]) for name in GAUGES}
 
 
 def create_instruments(meter: Meter) -> None:
@@ -203,5 +175,14 @@ def create_instruments(meter: Meter) -> None:
     if meter in _meters_with_instruments:
         return
     _meters_with_instruments.add(meter)
-    for name, (unit, description, _) in GAUGES.items():
-        meter.create_observable_gauge(name, [CALLBACKS[name]], unit=unit, description=description)
+    for name, gauge in GAUGES.items():
+        meter.create_observable_gauge(name, [CALLBACKS[name]], unit=gauge.unit, description=gauge.description)
+
+
+def install(meter: Meter, reader: SnapshotReader) -> None:
+    create_instruments(meter)
+    set_source(reader)
+
+
+def uninstall() -> None:
+    set_source(None)

@@ -27,9 +27,11 @@ from typing import Any
 
 from opentelemetry import trace
 
-from otel_vllm_kv import span_attributes as names
+from otel_vllm_kv import names
 from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, TRACE_HEADER_KEY, AdmissionRecord, decode
-from otel_vllm_kv.logs import WarnOnce
+from otel_vllm_kv.diagnostics import WarnOnce
+from otel_vllm_kv.frontend.admission_attributes import record_attributes
+from otel_vllm_kv.patching import apply_patches, remove_patches
 
 _logger = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ class _Annotator:
             raise ValueError(f"admission record {out_of_order} out of order after {tracked.last_sequence}")
 
     def _apply_event(self, tracked: _TrackedRequest, event: AdmissionRecord) -> None:
-        attributes = event.attributes()
+        attributes = record_attributes(event)
         if event.kind == ADMITTED:
             tracked.admission = attributes
         elif event.kind == PREEMPTED:
@@ -245,3 +247,12 @@ PATCHES = (
     (OUTPUT_PROCESSOR_MODULE, "OutputProcessor.do_tracing", _around_do_tracing),
     (OUTPUT_PROCESSOR_MODULE, "instrument_manual", _around_instrument_manual),
 )
+
+
+def install() -> None:
+    apply_patches(PATCHES)
+
+
+def uninstall() -> None:
+    remove_patches(PATCHES)
+    annotator.clear()

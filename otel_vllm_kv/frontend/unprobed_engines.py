@@ -32,8 +32,9 @@ from collections.abc import Callable
 from typing import Any
 
 from otel_vllm_kv.admission_records import PREEMPTED, TRACE_HEADER_KEY, decode
+from otel_vllm_kv.diagnostics import WarnOnce
 from otel_vllm_kv.kv_cache import PoolLayout
-from otel_vllm_kv.logs import WarnOnce
+from otel_vllm_kv.patching import apply_patches, remove_patches
 from otel_vllm_kv.relay import NoSpace, StatsSnapshotWriter, warn_no_space
 
 _logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ _logger = logging.getLogger(__name__)
 CORE_CLIENT_MODULE = "vllm.v1.engine.core_client"
 
 
-class _Engine:
+class _KnownEngine:
     """What one frontend knows of one engine; ``probed`` is None until its first prefill ends."""
 
     __slots__ = ("index", "model_name", "layout", "probed", "writer")
@@ -75,12 +76,12 @@ class _Engine:
             self.writer.write(free_blocks)
 
 
-class _Directory:
+class _Reporter:
     """The engines of each engine-core client (``MPClient``) of this process, by engine index."""
 
     def __init__(self) -> None:
         self.relay_directory: str | None = None
-        self.clients: weakref.WeakKeyDictionary[Any, dict[int, _Engine]] = weakref.WeakKeyDictionary()
+        self.clients: weakref.WeakKeyDictionary[Any, dict[int, _KnownEngine]] = weakref.WeakKeyDictionary()
         self.warn_once = WarnOnce(
             _logger, "otel-vllm-kv could not read vLLM's engine outputs; engines are unaffected"
         )
@@ -97,7 +98,7 @@ class _Directory:
         model_name = str(served[0] if isinstance(served, (list, tuple)) else served)
         engines = self.clients.setdefault(client, {})
         replaced = engines.get(response.data_parallel_rank)
-        engines[response.data_parallel_rank] = _Engine(
+        engines[response.data_parallel_rank] = _KnownEngine(
             response.data_parallel_rank, model_name, layout_from_ready_response(response, model_config)
         )
         if replaced is not None and replaced.writer is not None:
@@ -119,7 +120,7 @@ class _Directory:
         if engine.writer is not None and stats is not None:
             engine.publish(stats.kv_cache_usage)
 
-    def _report_from_stats(self, client: Any, engine: _Engine) -> None:
+    def _report_from_stats(self, client: Any, engine: _KnownEngine) -> None:
         if self.relay_directory is None:  # uninstrumented meanwhile
             return
         try:
@@ -144,7 +145,7 @@ class _Directory:
         self.clients = weakref.WeakKeyDictionary()
 
 
-directory = _Directory()
+reporter = _Reporter()
 
 
 def layout_from_ready_response(response: Any, model_config: Any) -> PoolLayout:
@@ -167,17 +168,17 @@ def layout_from_ready_response(response: Any, model_config: Any) -> PoolLayout:
 def _after_ready_response(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     result = wrapped(*args, **kwargs)
     try:
-        directory.add_engine(instance, args[0] if args else kwargs["payload"])
+        reporter.add_engine(instance, args[0] if args else kwargs["payload"])
     except Exception:  # noqa: BLE001 - the frontend must never see our failure
-        directory.warn_once()
+        reporter.warn_once()
     return result
 
 
 def _observed(outputs: Any, client: Any) -> Any:
     try:
-        directory.observe(client, outputs)
+        reporter.observe(client, outputs)
     except Exception:  # noqa: BLE001
-        directory.warn_once()
+        reporter.warn_once()
     return outputs
 
 
@@ -189,9 +190,21 @@ async def _after_get_output_async(wrapped: Callable, instance: Any, args: tuple,
     return _observed(await wrapped(*args, **kwargs), instance)
 
 
-#: (module, "Class.method", wrapper): every vLLM function the frontend's engine directory wraps.
+#: (module, "Class.method", wrapper): every vLLM function the reporter of unprobed engines wraps.
 PATCHES = (
     (CORE_CLIENT_MODULE, "MPClient._apply_ready_response", _after_ready_response),
     (CORE_CLIENT_MODULE, "SyncMPClient.get_output", _after_get_output),
     (CORE_CLIENT_MODULE, "AsyncMPClient.get_output_async", _after_get_output_async),
 )
+
+
+def install(relay_directory: str) -> None:
+    """Report, into ``relay_directory``, the engines this process's clients see running no probe."""
+    reporter.relay_directory = relay_directory
+    apply_patches(PATCHES)
+
+
+def uninstall() -> None:
+    remove_patches(PATCHES)
+    reporter.relay_directory = None
+    reporter.clear()

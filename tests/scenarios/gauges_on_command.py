@@ -11,14 +11,14 @@ import json
 import sys
 
 if __name__ == "__main__":
-    from engine_load import distinct_prompts
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from vllm import LLM, SamplingParams
 
     from otel_vllm_kv import VLLMKVCacheInstrumentor
     from otel_vllm_kv.demo.tiny_model import engine_kwargs
-    from otel_vllm_kv.exporter.gauges import KV_CACHE_LIMIT, KV_CACHE_USAGE
+    from otel_vllm_kv.names import KV_CACHE_LIMIT, KV_CACHE_USAGE
+    from tests.support.engine_load import distinct_prompts
 
     reader = InMemoryMetricReader()
     VLLMKVCacheInstrumentor().instrument(meter_provider=MeterProvider(metric_readers=[reader]))

@@ -16,8 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from otel_vllm_kv import VLLMKVCacheInstrumentor
-from otel_vllm_kv import span_attributes as names
+from otel_vllm_kv import VLLMKVCacheInstrumentor, names
 from otel_vllm_kv.demo.tiny_model import engine_kwargs
 
 PROMPTS = 50

@@ -12,11 +12,11 @@ import sys
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from schedulers import evictable_per_group
-from telemetry import read_gauges
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
+from otel_vllm_kv.demo.sampling import read_engines
 from otel_vllm_kv.demo.tiny_model import engine_kwargs
+from tests.support.schedulers import evictable_per_group
 
 PREFIX = "The shared system prompt of every request in this scenario. " * 10  # 610 bytes: 4 full blocks
 
@@ -36,7 +36,7 @@ def published(llm) -> dict:
 
 
 def check_step(llm, reader, scheduler, mismatches: list, step: int) -> dict:
-    gauges, vllm = read_gauges(reader)[0], published(llm)
+    gauges, vllm = read_engines(reader)[0], published(llm)
     free = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
     expected = {
         "utilization": vllm["usage"],
@@ -52,7 +52,7 @@ def check_step(llm, reader, scheduler, mismatches: list, step: int) -> dict:
         "used + free": gauges.used + gauges.free,
         "limit_blocks": gauges.limit_blocks,
         "used_blocks": gauges.used_blocks,
-        "evictable per group": [gauges.groups[index][2] for index in sorted(gauges.groups)],
+        "evictable per group": [group.evictable_blocks for group in gauges.groups.values()],
     }
     if observed != expected:
         mismatches.append([step, observed, expected])
@@ -78,24 +78,24 @@ if __name__ == "__main__":
     for index in range(4):
         engine.add_request(f"first-{index}", f"{PREFIX}request {index}: " + "x" * 200, params)
     run_until_done(engine, llm, reader, scheduler, mismatches, trace)
-    idle = read_gauges(reader)[0]
+    idle = read_engines(reader)[0]
     hits_before = published(llm)["prefix_cache_hits"]
 
     engine.add_request("reuser", f"{PREFIX}a new request", SamplingParams(max_tokens=100, ignore_eos=True))
     engine.step()
     trace.append(check_step(llm, reader, scheduler, mismatches, len(trace)))
-    reusing = read_gauges(reader)[0]
+    reusing = read_engines(reader)[0]
     hits = published(llm)["prefix_cache_hits"] - hits_before
     run_until_done(engine, llm, reader, scheduler, mismatches, trace)
     print(json.dumps({
         "engine_core": type(engine.engine_core).__name__,
         "steps": len(trace),
         "mismatches": mismatches[:5],
-        "groups": {index: group[:2] for index, group in idle.groups.items()},
+        "groups": {index: [group.attention_type, group.block_size] for index, group in idle.groups.items()},
         "published": published(llm),
         "most_used_blocks": max(step["used_blocks"] for step in trace),
         "usages": sorted({step["usage"] for step in trace}),
         "idle": {"used": idle.used, "free": idle.free, "limit": idle.limit, "evictable": idle.evictable,
-                 "evictable_blocks": [group[2] for group in idle.groups.values()]},
+                 "evictable_blocks": [group.evictable_blocks for group in idle.groups.values()]},
         "reusing": {"evictable": reusing.evictable, "prefix_cache_hits": hits},
     }))

@@ -11,13 +11,13 @@ vLLM's ``AsyncScheduler`` itself, the class a GPU runs by default, with its outp
 import json
 import sys
 
-from engine_load import BLOCK_SIZE, assert_consistent, blocks_for, distinct_prompts
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from telemetry import read_gauges
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
+from otel_vllm_kv.demo.sampling import read_engines
 from otel_vllm_kv.demo.tiny_model import engine_kwargs
+from tests.support.engine_load import BLOCK_SIZE, assert_consistent, blocks_for, distinct_prompts
 
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
@@ -35,14 +35,14 @@ if __name__ == "__main__":
     while engine.has_unfinished_requests():
         engine.step()
         steps += 1
-        gauges = read_gauges(reader)[0]
+        gauges = read_engines(reader)[0]
         assert_consistent(gauges)
         pool_free = scheduler.kv_cache_manager.block_pool.get_num_free_blocks() * BLOCK_SIZE
         expected = 0 if request.is_finished() else blocks_for(request.num_prompt_tokens, request.num_output_tokens) * BLOCK_SIZE
         if (gauges.used, gauges.free) != (expected, pool_free):
             mismatches.append([steps, gauges.used, expected, gauges.free, pool_free])
         most_used = max(most_used, gauges.used)
-    gauges = read_gauges(reader)[0]
+    gauges = read_engines(reader)[0]
     print(json.dumps({
         "engine_core": type(engine.engine_core).__name__,
         "scheduler": type(scheduler).__name__,

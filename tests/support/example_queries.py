@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DASHBOARD = EXAMPLES / "grafana" / "dashboards" / "kv-cache.json"
 ALERT_RULES = EXAMPLES / "prometheus" / "alert-rules.yml"
 
@@ -92,8 +92,9 @@ def _variable_expressions(dashboard: dict, values: dict[str, str]) -> list[tuple
         if match is None:
             raise ValueError(f"dashboard variable {variable['name']}: not label_values(selector, label): {query}")
         selector, label = match.groups()
-        expressions.append((f"dashboard variable ${variable['name']}",
-                            f"count by ({label}) ({substitute(selector, values)})"))
+        expressions.append(
+            (f"dashboard variable ${variable['name']}", f"count by ({label}) ({substitute(selector, values)})")
+        )
     return expressions
 
 
@@ -115,8 +116,7 @@ def annotation_queries(rule: dict) -> list[tuple[str, str]]:
     for name, text in sorted(rule.get("annotations", {}).items()):
         for index, match in enumerate(_ANNOTATION_QUERY.finditer(text), 1):
             query = match.group(1).replace('\\"', '"')
-            queries.append((f"alert {rule['alert']} annotation {name} query {index}",
-                            query.replace("=%q", '=~".+"')))
+            queries.append((f"alert {rule['alert']} annotation {name} query {index}", query.replace("=%q", '=~".+"')))
     return queries
 
 

@@ -62,18 +62,25 @@ def build_vllm_config(
     cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
     cache_config.num_gpu_blocks = num_blocks
     scheduler_config = SchedulerConfig(
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens or max(MAX_MODEL_LEN, max_num_seqs),
-        max_model_len=MAX_MODEL_LEN, is_encoder_decoder=False, watermark=watermark, policy=policy,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens or max(MAX_MODEL_LEN, max_num_seqs),
+        max_model_len=MAX_MODEL_LEN,
+        is_encoder_decoder=False,
+        watermark=watermark,
+        policy=policy,
     )
     vllm_config = VllmConfig(
-        model_config=model_config, cache_config=cache_config,
-        scheduler_config=scheduler_config, parallel_config=ParallelConfig(),
+        model_config=model_config,
+        cache_config=cache_config,
+        scheduler_config=scheduler_config,
+        parallel_config=ParallelConfig(),
     )
     vllm_config.parallel_config.data_parallel_index = data_parallel_index
     if example_connector_dir is not None:
         # vLLM's example KV connector (disk storage under the directory), as a P/D deployment has one.
         vllm_config.kv_transfer_config = KVTransferConfig(
-            kv_connector="ExampleConnector", kv_role="kv_both",
+            kv_connector="ExampleConnector",
+            kv_role="kv_both",
             kv_connector_extra_config={"shared_storage_path": example_connector_dir},
         )
         vllm_config.scheduler_config.disable_hybrid_kv_cache_manager = True  # it supports one group only
@@ -91,19 +98,32 @@ def scheduler_on(vllm_config: VllmConfig, log_stats: bool = True, sliding_window
     """
     block_size = vllm_config.cache_config.block_size
     num_blocks = vllm_config.cache_config.num_gpu_blocks
-    groups = [KVCacheGroupSpec(["layer"], FullAttentionSpec(
-        block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32
-    ))]
+    groups = [
+        KVCacheGroupSpec(
+            ["layer"], FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32)
+        )
+    ]
     if sliding_window is not None:
-        groups.append(KVCacheGroupSpec(["window_layer"], SlidingWindowSpec(
-            block_size=block_size, num_kv_heads=1, head_size=1, dtype=torch.float32, sliding_window=sliding_window
-        )))
+        groups.append(
+            KVCacheGroupSpec(
+                ["window_layer"],
+                SlidingWindowSpec(
+                    block_size=block_size,
+                    num_kv_heads=1,
+                    head_size=1,
+                    dtype=torch.float32,
+                    sliding_window=sliding_window,
+                ),
+            )
+        )
     kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
     return SCHEDULER_CLASS(
-        vllm_config=vllm_config, kv_cache_config=kv_cache_config,
+        vllm_config=vllm_config,
+        kv_cache_config=kv_cache_config,
         structured_output_manager=StructuredOutputManager(vllm_config),
         # EngineCore passes the scheduler's block size with the DCP factor in it.
-        block_size=block_size * vllm_config.parallel_config.decode_context_parallel_size, log_stats=log_stats,
+        block_size=block_size * vllm_config.parallel_config.decode_context_parallel_size,
+        log_stats=log_stats,
     )
 
 
@@ -115,7 +135,10 @@ def build_scheduler(
 
 
 def make_request(
-    scheduler: Scheduler, num_prompt_tokens: int, max_tokens: int = 8, first_token: int = 0,
+    scheduler: Scheduler,
+    num_prompt_tokens: int,
+    max_tokens: int = 8,
+    first_token: int = 0,
     prompt_token_ids: list[int] | None = None,
 ) -> Request:
     """A request of consecutive token ids from ``first_token``, or of ``prompt_token_ids``."""
@@ -135,8 +158,11 @@ def runner_output(scheduler_output: Any) -> ModelRunnerOutput:
     """What the model runner would return after the step: token 7 sampled for every scheduled request."""
     request_ids = list(scheduler_output.num_scheduled_tokens)
     fields: dict[str, Any] = dict(
-        req_ids=request_ids, sampled_token_ids=[[SAMPLED_TOKEN] for _ in request_ids],
-        logprobs=None, prompt_logprobs_dict={}, pooler_output=[],
+        req_ids=request_ids,
+        sampled_token_ids=[[SAMPLED_TOKEN] for _ in request_ids],
+        logprobs=None,
+        prompt_logprobs_dict={},
+        pooler_output=[],
     )
     if "req_id_to_index" in _RUNNER_OUTPUT_FIELDS:
         fields["req_id_to_index"] = {request_id: index for index, request_id in enumerate(request_ids)}

@@ -6,10 +6,17 @@ import threading
 import time
 
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from telemetry import EngineGauges, read_gauges
 
-BLOCK_SIZE = 128  # vLLM's CPU block size for the tiny model
-LIMIT = (64 - 1) * BLOCK_SIZE
+from otel_vllm_kv.demo.sampling import EngineReading, read_engines
+from otel_vllm_kv.demo.tiny_model import NUM_GPU_BLOCKS
+
+#: Tokens per block of the tiny model's engines: vLLM's default on CPU (``engine_kwargs`` sets none).
+BLOCK_SIZE = 128
+#: The blocks requests can hold: every block but vLLM's reserved null block.
+ALLOCATABLE_BLOCKS = NUM_GPU_BLOCKS - 1
+#: The KV-cache limit in tokens of every engine on the tiny model (``engine_kwargs``), 63 x 128 = 8064:
+#: every test takes it from here.
+LIMIT = ALLOCATABLE_BLOCKS * BLOCK_SIZE
 
 
 def distinct_prompts(count: int, length: int, first: int = 0) -> list[str]:
@@ -22,7 +29,7 @@ def blocks_for(prompt_tokens: int, output_tokens: int) -> int:
     return -(-(prompt_tokens + output_tokens - 1) // BLOCK_SIZE)
 
 
-def assert_consistent(gauges: EngineGauges) -> None:
+def assert_consistent(gauges: EngineReading) -> None:
     """Invariants of every observation: used + free = limit, whole blocks, vLLM's usage formula."""
     assert gauges.limit == LIMIT
     assert gauges.used + gauges.free == gauges.limit
@@ -37,12 +44,12 @@ class GaugePoller:
         self._reader = reader
         self._interval = interval
         self._stop = threading.Event()
-        self.observations: list[dict[int, EngineGauges]] = []
+        self.observations: list[dict[int, EngineReading]] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.observations.append(read_gauges(self._reader))
+            self.observations.append(read_engines(self._reader))
             time.sleep(self._interval)
 
     def __enter__(self) -> GaugePoller:

@@ -20,13 +20,21 @@ from otel_vllm_kv.demo.tiny_model import server_arguments
 OPENTELEMETRY_INSTRUMENT = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
 #: vLLM's command-line entry point (``vllm serve``), installed beside this interpreter.
 VLLM = os.path.join(os.path.dirname(sys.executable), "vllm")
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+#: The repository's root: ``tests.support`` is imported from there.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLES = os.path.join(ROOT, "examples")
 
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def support_pythonpath() -> str:
+    """``PYTHONPATH`` for a script run in a subprocess that imports ``tests.support``: the repository's
+    root, then this process's ``PYTHONPATH`` (it may select the package under test)."""
+    return os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 
 
 def otel_environment(**settings: str) -> dict[str, str]:
@@ -93,8 +101,7 @@ class ServerProcess:
     def complete_concurrently(self, prompts: list[str], max_tokens: int) -> list[tuple[int, dict]]:
         results: list = []
         threads = [
-            threading.Thread(target=lambda p=prompt: results.append(self.complete(p, max_tokens)))
-            for prompt in prompts
+            threading.Thread(target=lambda p=prompt: results.append(self.complete(p, max_tokens))) for prompt in prompts
         ]
         for thread in threads:
             thread.start()
@@ -133,7 +140,10 @@ def vllm_process(
 
 @contextlib.contextmanager
 def instrumented_server(
-    model_dir: str, env: dict[str, str], exporter_args: list[str], vllm_args: list[str] = (),
+    model_dir: str,
+    env: dict[str, str],
+    exporter_args: list[str],
+    vllm_args: list[str] = (),
     program: tuple[str, ...] = (VLLM, "serve"),
 ) -> Iterator[ServerProcess]:
     """``vllm serve`` on the tiny model under ``opentelemetry-instrument``, healthy, stopped at exit.
@@ -143,8 +153,13 @@ def instrumented_server(
     """
     port = free_port()
     command = [
-        OPENTELEMETRY_INSTRUMENT, *exporter_args, *program, *server_arguments(model_dir),
-        "--port", str(port), *vllm_args,
+        OPENTELEMETRY_INSTRUMENT,
+        *exporter_args,
+        *program,
+        *server_arguments(model_dir),
+        "--port",
+        str(port),
+        *vllm_args,
     ]
     with vllm_process(command, env, port) as server:
         yield server
@@ -154,11 +169,17 @@ def run_instrumented(script: list[str], env: dict[str, str], exporter_args: list
     """Run a Python program under ``opentelemetry-instrument`` to completion."""
     return subprocess.run(
         [OPENTELEMETRY_INSTRUMENT, *exporter_args, sys.executable, *script],
-        env=env, capture_output=True, text=True, timeout=timeout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def package_complaints(output: str) -> list[str]:
     """Lines of a process's output that name this package, but for its one INFO line on the vLLM release."""
-    return [line for line in output.splitlines()
-            if ("otel-vllm-kv" in line or "otel_vllm_kv" in line) and not line.startswith("INFO")]
+    return [
+        line
+        for line in output.splitlines()
+        if ("otel-vllm-kv" in line or "otel_vllm_kv" in line) and not line.startswith("INFO")
+    ]

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from instrumented_processes import free_port
+
+from tests.support.instrumented_processes import free_port
 
 SCRAPE_INTERVAL_SECONDS = 1
 
@@ -54,7 +55,10 @@ class Prometheus:
 
     def query_range(self, expression: str, start: float, end: float) -> list[dict]:
         return self._get(
-            "/api/v1/query_range", query=expression, start=f"{start:.3f}", end=f"{end:.3f}",
+            "/api/v1/query_range",
+            query=expression,
+            start=f"{start:.3f}",
+            end=f"{end:.3f}",
             step=str(SCRAPE_INTERVAL_SECONDS),
         )["result"]
 
@@ -68,19 +72,25 @@ def running_prometheus(directory: str, targets: dict[str, str], rule_files: list
     binary = require_binary("prometheus")
     port = free_port()
     config = os.path.join(directory, "prometheus.yml")
-    scrape_configs = [
-        {"job_name": job, "static_configs": [{"targets": [target]}]} for job, target in targets.items()
-    ]
+    scrape_configs = [{"job_name": job, "static_configs": [{"targets": [target]}]} for job, target in targets.items()]
     with open(config, "w") as file:  # JSON is YAML
-        json.dump({
-            "global": {"scrape_interval": f"{SCRAPE_INTERVAL_SECONDS}s", "evaluation_interval": "1s"},
-            "rule_files": list(rule_files),
-            "scrape_configs": scrape_configs,
-        }, file)
+        json.dump(
+            {
+                "global": {"scrape_interval": f"{SCRAPE_INTERVAL_SECONDS}s", "evaluation_interval": "1s"},
+                "rule_files": list(rule_files),
+                "scrape_configs": scrape_configs,
+            },
+            file,
+        )
     process = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={os.path.join(directory, 'data')}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=open(os.path.join(directory, "prometheus.log"), "w"),
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={os.path.join(directory, 'data')}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(os.path.join(directory, "prometheus.log"), "w"),
     )
     try:
         deadline = time.monotonic() + 60

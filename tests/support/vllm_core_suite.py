@@ -1,8 +1,9 @@
 """pytest plugin for running vLLM's own ``tests/v1/core`` with and without this package.
 
-Loaded with ``-p vllm_core_suite`` (``PYTHONPATH`` including this directory) by
-``scripts/run-vllm-core-suite``; not a test module, so the project's own pytest run never
-collects it.
+Loaded with ``-p vllm_core_suite`` (``PYTHONPATH`` including this directory, ``tests/support``)
+by ``scripts/run-vllm-core-suite``; not as ``tests.support.vllm_core_suite``: the suite runs from
+vLLM's unpacked sources, whose own ``tests`` package comes first on ``sys.path``. It imports
+nothing from ``tests.support``. Not a test module, so the project's own pytest run never collects it.
 
 Always: records every test's outcome (and a one-line reason for failures and errors) and,
 at session end, writes them as JSON to ``$OTEL_VLLM_KV_SUITE_REPORT`` (if set).
@@ -16,7 +17,7 @@ only, nothing in the package changes):
 * ``EngineProbe.publish``: after every publish that returned, the probe's evictable
   count (``probe._evictable.per_group``) is compared with a walk of vLLM's free queue
   (``free_block_queue.get_all_free_blocks()``, blocks with a ``block_hash``, per KV-cache
-  group by ``get_group_id``: ``evictable_per_group`` of ``tests/schedulers.py``);
+  group by ``get_group_id``: ``evictable_per_group`` of ``tests/support/schedulers.py``);
 * ``_ProbeRegistry.attach`` / ``_attach``: schedulers seen and probes attached;
 * ``_ProbeRegistry.give_up``: every give-up, with the test id and the exception being handled.
 
@@ -110,7 +111,7 @@ def _short(text: str, limit: int = 300) -> str:
 
 
 def _truth_per_group(scheduler: Any, width: int) -> list[int]:
-    """``tests/schedulers.py``'s ``evictable_per_group``: hashed blocks in the free queue, per group."""
+    """``tests/support/schedulers.py``'s ``evictable_per_group``: hashed blocks in the free queue, per group."""
     from vllm.v1.core.kv_cache_utils import get_group_id
 
     manager = scheduler.kv_cache_manager
@@ -137,15 +138,17 @@ def _check(probe: Any) -> None:
             _figures.mismatches += 1
             if len(_figures.mismatch_details) < MAX_DETAILS:
                 queue = scheduler.kv_cache_manager.block_pool.free_block_queue
-                _figures.mismatch_details.append({
-                    "test": test,
-                    "probe": counted,
-                    "free_queue": truth,
-                    "num_free_blocks": queue.num_free_blocks,
-                    "same_queue_as_at_attach": queue is probe._queue,
-                    "publish_in_test": _figures.publishes_per_test.get(test, 0),
-                    "scheduler": type(scheduler).__name__,
-                })
+                _figures.mismatch_details.append(
+                    {
+                        "test": test,
+                        "probe": counted,
+                        "free_queue": truth,
+                        "num_free_blocks": queue.num_free_blocks,
+                        "same_queue_as_at_attach": queue is probe._queue,
+                        "publish_in_test": _figures.publishes_per_test.get(test, 0),
+                        "scheduler": type(scheduler).__name__,
+                    }
+                )
     except Exception as error:  # noqa: BLE001 - a failing check must never reach the probe (it would give up)
         _figures.check_errors += 1
         if len(_figures.check_error_details) < MAX_DETAILS:
@@ -203,13 +206,18 @@ def _install_checks() -> None:
             error = sys.exc_info()[1]
             _figures.give_ups += 1
             if len(_figures.give_up_details) < MAX_DETAILS:
-                _figures.give_up_details.append({
-                    "test": _current["nodeid"],
-                    "scheduler": type(scheduler).__name__,
-                    "error": None if error is None else _short(repr(error)),
-                    "traceback": None if error is None else _short(
-                        "".join(traceback.format_exception(type(error), error, error.__traceback__)[-4:]), 2000),
-                })
+                _figures.give_up_details.append(
+                    {
+                        "test": _current["nodeid"],
+                        "scheduler": type(scheduler).__name__,
+                        "error": None if error is None else _short(repr(error)),
+                        "traceback": None
+                        if error is None
+                        else _short(
+                            "".join(traceback.format_exception(type(error), error, error.__traceback__)[-4:]), 2000
+                        ),
+                    }
+                )
             return original(self, scheduler)
 
         return give_up
@@ -238,7 +246,9 @@ def _instrument() -> None:
     from otel_vllm_kv.engine import probe as probe_module
 
     # instrument() returns quietly when it does not recognise this vLLM: that is no instrumented run.
-    _figures.instrumented = instrumentor.is_instrumented_by_opentelemetry and probe_module.registry.relay_directory is not None
+    _figures.instrumented = (
+        instrumentor.is_instrumented_by_opentelemetry and probe_module.registry.relay_directory is not None
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -293,8 +303,9 @@ def _reason(report: pytest.TestReport) -> str:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    entry = _outcomes.setdefault(report.nodeid, {"outcome": None, "reason": None, "teardown_error": False,
-                                                 "seconds": 0.0})
+    entry = _outcomes.setdefault(
+        report.nodeid, {"outcome": None, "reason": None, "teardown_error": False, "seconds": 0.0}
+    )
     entry["seconds"] = round(entry["seconds"] + report.duration, 3)
     if report.when == "setup":
         if report.failed:
@@ -321,8 +332,12 @@ def _metric_points() -> int | None:
     data = reader.get_metrics_data()
     if data is None:
         return 0
-    return sum(len(metric.data.data_points) for resource in data.resource_metrics
-               for scope in resource.scope_metrics for metric in scope.metrics)
+    return sum(
+        len(metric.data.data_points)
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

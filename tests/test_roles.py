@@ -10,10 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from schedulers import Stepper, build_scheduler, make_request
-from telemetry import read_gauges
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
+from otel_vllm_kv.demo.sampling import read_engines
+from tests.support.schedulers import Stepper, build_scheduler, make_request
 
 
 @pytest.fixture
@@ -34,11 +34,11 @@ def _engine_child(model_dir: str, to_parent, from_parent) -> None:
     scheduler = build_scheduler(model_dir, num_blocks=11, block_size=16, data_parallel_index=2)
     scheduler.add_request(make_request(scheduler, num_prompt_tokens=50, max_tokens=100))
     Stepper(scheduler).step()
-    to_parent.send(("stepped", read_gauges(child_reader) == {}))
+    to_parent.send(("stepped", read_engines(child_reader) == {}))
     from_parent.recv()
 
 
-def test_spawned_engine_probes_and_only_the_owner_exports(reader, tiny_model_dir):
+def test_spawned_engine_probes_and_only_the_exporter_exports(reader, tiny_model_dir):
     context = multiprocessing.get_context("spawn")
     to_parent, child_end = context.Pipe()
     parent_end, from_parent = context.Pipe()
@@ -46,31 +46,31 @@ def test_spawned_engine_probes_and_only_the_owner_exports(reader, tiny_model_dir
     child.start()
     try:
         assert to_parent.recv() == ("stepped", True), "the child must not export"
-        engine = read_gauges(reader)[2]
+        engine = read_engines(reader)[2]
         assert (engine.used, engine.free, engine.limit) == (64, 96, 160)
     finally:
         parent_end.send("exit")
         child.join(60)
     assert child.exitcode == 0
-    assert read_gauges(reader) == {}, "an engine that exited is no longer reported"
+    assert read_engines(reader) == {}, "an engine that exited is no longer reported"
 
 
 def test_forked_child_exports_nothing(reader, tiny_model_dir):
     scheduler = build_scheduler(tiny_model_dir)
-    assert scheduler and read_gauges(reader), "the exporter sees its in-process engine"
+    assert scheduler and read_engines(reader), "the exporter sees its in-process engine"
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child inherits the SDK, the callbacks and the relay
         try:
-            os.write(write_end, b"empty" if read_gauges(reader) == {} else b"exported")
+            os.write(write_end, b"empty" if read_engines(reader) == {} else b"exported")
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(read_end, 16) == b"empty"
-    assert read_gauges(reader), "the exporter still exports"
+    assert read_engines(reader), "the exporter still exports"
 
 
-def test_a_dead_owner_named_in_the_environment_is_ignored(tmp_path, monkeypatch):
+def test_a_dead_exporter_named_in_the_environment_is_ignored(tmp_path, monkeypatch):
     """An engine started after its instrumenting parent died, or with a stale variable, stays unpatched:
     a relay nobody holds locked has no exporter, whatever its pid (1 always runs)."""
     from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_EXPORTER
@@ -82,8 +82,17 @@ def test_a_dead_owner_named_in_the_environment_is_ignored(tmp_path, monkeypatch)
     assert inherited_role() is None
 
 
-MALFORMED = ["2147483648:/tmp", "\u00b2:/tmp", "1:/tmp", "0:/dev/shm/otel-vllm-kv-relay-x", "-1:/x", "7",
-             "not-a-pid:/nowhere", "12:relative/otel-vllm-kv-relay-x", "4194305:/dev/shm/otel-vllm-kv-relay-x"]
+MALFORMED = [
+    "2147483648:/tmp",
+    "\u00b2:/tmp",
+    "1:/tmp",
+    "0:/dev/shm/otel-vllm-kv-relay-x",
+    "-1:/x",
+    "7",
+    "not-a-pid:/nowhere",
+    "12:relative/otel-vllm-kv-relay-x",
+    "4194305:/dev/shm/otel-vllm-kv-relay-x",
+]
 
 
 @pytest.mark.parametrize("value", MALFORMED)
@@ -172,7 +181,7 @@ def test_a_relay_parent_without_room_names_the_setting(tmp_path, monkeypatch):
         subprocess.run(["umount", str(mount)], check=True)
 
 
-def test_relay_of_a_killed_owner_is_removed_by_the_next_owner(tmp_path):
+def test_relay_of_a_killed_exporter_is_removed_by_the_next_exporter(tmp_path):
     """SIGKILL skips the exit handler; the next instrumented process sweeps that relay, not live ones."""
     import signal
     import subprocess

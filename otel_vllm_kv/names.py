@@ -1,0 +1,133 @@
+"""Every public name the package emits, each defined here only: metrics with their units and
+descriptions, their attributes, vLLM ``/metrics`` families, span attributes and span events.
+
+Semantic-convention names where one exists (``gen_ai.request.model``,
+``gen_ai.usage.cache_read.input_tokens``), ``vllm.*`` otherwise. docs/metrics.md defines each.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+#: The instrumentation scope of every metric (``otel_scope_name`` in Prometheus).
+INSTRUMENTATION_SCOPE = "otel_vllm_kv"
+#: The semantic-conventions release the names follow where one applies.
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
+
+# Metric attributes.
+ENGINE_INDEX = "vllm.engine.index"
+#: The engine's served model name: what clients send as ``model``.
+MODEL_NAME = "gen_ai.request.model"
+KV_CACHE_STATE = "vllm.kv_cache.state"
+KV_CACHE_STATE_USED = "used"
+KV_CACHE_STATE_FREE = "free"
+#: A KV-cache group's index in vLLM's ``kv_cache_config.kv_cache_groups``.
+KV_CACHE_GROUP_INDEX = "vllm.kv_cache.group.index"
+#: vLLM's name of the group's attention type: ``full_attention``, ``sliding_window``, ``mamba``, ...
+KV_CACHE_GROUP_TYPE = "vllm.kv_cache.group.type"
+
+# Gauges (observable, per engine; the exporter's callbacks give their points).
+KV_CACHE_USAGE = "vllm.kv_cache.usage"
+KV_CACHE_LIMIT = "vllm.kv_cache.limit"
+KV_CACHE_UTILIZATION = "vllm.kv_cache.utilization"
+KV_CACHE_EVICTABLE = "vllm.kv_cache.evictable"
+KV_CACHE_ADMISSION_HEADROOM = "vllm.kv_cache.admission.headroom"
+KV_CACHE_BLOCK_USAGE = "vllm.kv_cache.block.usage"
+KV_CACHE_BLOCK_LIMIT = "vllm.kv_cache.block.limit"
+KV_CACHE_BLOCK_EVICTABLE = "vllm.kv_cache.block.evictable"
+KV_CACHE_BLOCK_SIZE = "vllm.kv_cache.block.size"
+
+
+class Gauge(NamedTuple):
+    unit: str
+    description: str
+
+
+GAUGES: dict[str, Gauge] = {
+    KV_CACHE_USAGE: Gauge(
+        "{token}",
+        "KV-cache tokens by state (used or free); used + free = limit. Evictable prefix-cached blocks count as free.",
+    ),
+    KV_CACHE_LIMIT: Gauge(
+        "{token}",
+        "KV-cache token capacity: (blocks - 1 reserved null block) x block size; "
+        "vLLM's group-aware kv_cache_size_tokens for hybrid models.",
+    ),
+    KV_CACHE_UTILIZATION: Gauge(
+        "1", "Fraction of allocatable KV-cache blocks in use; equals vLLM's kv_cache_usage."
+    ),
+    KV_CACHE_EVICTABLE: Gauge(
+        "{token}",
+        "Free KV-cache tokens that still hold a cached prefix no request references: "
+        "reusable by a prefix hit until vLLM evicts them for new blocks.",
+    ),
+    KV_CACHE_ADMISSION_HEADROOM: Gauge(
+        "{token}",
+        "Free KV-cache tokens beyond vLLM's admission watermark: what a waiting request may take while others run.",
+    ),
+    KV_CACHE_BLOCK_USAGE: Gauge(
+        "{block}", "KV-cache blocks by state (used or free); used + free = block.limit."
+    ),
+    KV_CACHE_BLOCK_LIMIT: Gauge(
+        "{block}", "Allocatable KV-cache blocks: all blocks but vLLM's reserved null block."
+    ),
+    KV_CACHE_BLOCK_EVICTABLE: Gauge(
+        "{block}", "Evictable prefix-cache blocks (free, cached, unreferenced) per KV-cache group."
+    ),
+    KV_CACHE_BLOCK_SIZE: Gauge(
+        "{token}", "Tokens per block of each KV-cache group (decode-context parallelism included)."
+    ),
+}
+
+# Families on vLLM's own Prometheus ``/metrics``, with vLLM's labels; the help is the gauge's description.
+PROMETHEUS_USAGE_TOKENS = "vllm:kv_cache_usage_tokens"
+PROMETHEUS_LIMIT_TOKENS = "vllm:kv_cache_limit_tokens"
+PROMETHEUS_EVICTABLE_TOKENS = "vllm:kv_cache_evictable_tokens"
+PROMETHEUS_HEADROOM_TOKENS = "vllm:kv_cache_admission_headroom_tokens"
+PROMETHEUS_LABELS = ("model_name", "engine")
+
+
+class PrometheusFamily(NamedTuple):
+    help: str
+    #: A label beside ``PROMETHEUS_LABELS``, if any.
+    extra_label: str | None
+
+
+PROMETHEUS_FAMILIES: dict[str, PrometheusFamily] = {
+    PROMETHEUS_USAGE_TOKENS: PrometheusFamily(GAUGES[KV_CACHE_USAGE].description, "state"),
+    PROMETHEUS_LIMIT_TOKENS: PrometheusFamily(GAUGES[KV_CACHE_LIMIT].description, None),
+    PROMETHEUS_EVICTABLE_TOKENS: PrometheusFamily(GAUGES[KV_CACHE_EVICTABLE].description, None),
+    PROMETHEUS_HEADROOM_TOKENS: PrometheusFamily(GAUGES[KV_CACHE_ADMISSION_HEADROOM].description, None),
+}
+
+# Span attributes. "At admission" means right after the scheduler allocated the request's
+# blocks, when it moved the request from waiting to running.
+
+# Pool occupancy at admission (same definitions as the gauges; tokens absent for hybrid models).
+ADMISSION_USED_TOKENS = "vllm.admission.kv_cache.used_tokens"
+ADMISSION_FREE_TOKENS = "vllm.admission.kv_cache.free_tokens"
+ADMISSION_LIMIT_TOKENS = "vllm.admission.kv_cache.limit_tokens"
+ADMISSION_UTILIZATION = "vllm.admission.kv_cache.utilization"
+ADMISSION_USED_BLOCKS = "vllm.admission.kv_cache.used_blocks"
+ADMISSION_FREE_BLOCKS = "vllm.admission.kv_cache.free_blocks"
+
+# The request's own share at admission.
+REQUEST_KV_BLOCKS = "vllm.request.kv_cache.blocks"
+REQUEST_KV_TOKENS = "vllm.request.kv_cache.tokens"
+CACHE_READ_INPUT_TOKENS = "gen_ai.usage.cache_read.input_tokens"
+
+# The queue.
+ADMISSION_QUEUE_DURATION = "vllm.admission.queue_duration"
+"""Seconds from arrival (or from the preemption, for a resumption) to admission."""
+ADMISSION_WAITING_REQUESTS = "vllm.admission.waiting_requests"
+"""Requests still waiting in the engine's queue once this one was admitted."""
+
+REQUEST_PREEMPTIONS = "vllm.request.preemptions"
+REQUEST_ID = "vllm.request.id"
+"""The request id the caller gave (vLLM's external id); only on per-request events."""
+
+# Events.
+EVENT_ADMITTED = "vllm.request.admitted"
+"""On a span that submitted several requests: one per request, instead of attributes."""
+EVENT_PREEMPTED = "vllm.request.preempted"
+EVENT_RESUMED = "vllm.request.resumed"
