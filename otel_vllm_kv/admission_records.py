@@ -102,8 +102,17 @@ def decode(text: str) -> list[AdmissionRecord]:
 
 
 def _out_of_range(
-    kind: int, sequence: int, time: float, engine_index: int, num_blocks: int, limit_tokens: int,
-    free_blocks: int, own_blocks: int, cached_tokens: int, queue_seconds: float, waiting: int,
+    kind: int,
+    sequence: int,
+    time: float,
+    engine_index: int,
+    num_blocks: int,
+    limit_tokens: int,
+    free_blocks: int,
+    own_blocks: int,
+    cached_tokens: int,
+    queue_seconds: float,
+    waiting: int,
 ) -> str | None:
     """The first field no engine writes, as ``name = value``; None if there is none.
 

@@ -78,8 +78,9 @@ def supported() -> bool:
 
 
 def warn_unsupported(reason: str) -> None:
-    _verdict_logger().warning("otel-vllm-kv does not recognise this vLLM (%s); KV-cache instrumentation is off, "
-                    "nothing is patched", reason)
+    _verdict_logger().warning(
+        "otel-vllm-kv does not recognise this vLLM (%s); KV-cache instrumentation is off, nothing is patched", reason
+    )
 
 
 def _instrumented_line(version: str) -> str:

@@ -158,7 +158,9 @@ def _judge(internal: Internal, shown: tuple[str, ...] | None) -> Finding:
     assert internal.signatures is not None
     if shown is not None and shown in internal.signatures:
         return Finding(internal, "present")
-    return Finding(internal, "changed", "takes " + ("other kinds of parameters" if shown is None else f"({', '.join(shown)})"))
+    return Finding(
+        internal, "changed", "takes " + ("other kinds of parameters" if shown is None else f"({', '.join(shown)})")
+    )
 
 
 def _free_block_queue() -> Any:
@@ -219,7 +221,8 @@ def _function_named(node: ast.AST, name: str) -> ast.FunctionDef | ast.AsyncFunc
 
 def _imports_name(module: ast.AST, name: str) -> bool:
     return any(
-        isinstance(child, (ast.Import, ast.ImportFrom)) and any((alias.asname or alias.name) == name for alias in child.names)
+        isinstance(child, (ast.Import, ast.ImportFrom))
+        and any((alias.asname or alias.name) == name for alias in child.names)
         for child in getattr(module, "body", ())
     )
 
@@ -238,16 +241,19 @@ def _slots(cls: ast.ClassDef) -> set[str]:
     """Members of ``__slots__``, or the fields of a ``@dataclass(slots=True)``."""
     names: set[str] = set()
     slotted_dataclass = any(
-        isinstance(decorator, ast.Call) and any(k.arg == "slots" and getattr(k.value, "value", False) is True
-                                                for k in decorator.keywords)
+        isinstance(decorator, ast.Call)
+        and any(k.arg == "slots" and getattr(k.value, "value", False) is True for k in decorator.keywords)
         for decorator in cls.decorator_list
     )
     for child in cls.body:
         if slotted_dataclass and isinstance(child, ast.AnnAssign) and isinstance(child.target, ast.Name):
             names.add(child.target.id)
         if isinstance(child, ast.Assign) and any(getattr(t, "id", None) == "__slots__" for t in child.targets):
-            names.update(e.value for e in getattr(child.value, "elts", ())
-                         if isinstance(e, ast.Constant) and isinstance(e.value, str))
+            names.update(
+                e.value
+                for e in getattr(child.value, "elts", ())
+                if isinstance(e, ast.Constant) and isinstance(e.value, str)
+            )
     return names
 
 
@@ -264,7 +270,11 @@ def _assigns_attribute(cls: ast.AST, name: str) -> bool:
             targets = [node.target]
         for target in targets:
             for element in getattr(target, "elts", [target]):
-                if (isinstance(element, ast.Attribute) and element.attr == name
-                        and isinstance(element.value, ast.Name) and element.value.id == "self"):
+                if (
+                    isinstance(element, ast.Attribute)
+                    and element.attr == name
+                    and isinstance(element.value, ast.Name)
+                    and element.value.id == "self"
+                ):
                     return True
     return False

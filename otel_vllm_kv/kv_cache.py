@@ -104,9 +104,17 @@ def occupancy(layout: PoolLayout, free_blocks: int, evictable_blocks: int | None
     used_tokens = layout.tokens(used_blocks)
     limit = layout.limit_tokens if used_tokens is not None else None
     return KVCacheOccupancy(
-        utilization(free_blocks, allocatable), allocatable, used_blocks, free_blocks, evictable_blocks, headroom_blocks,
-        limit, used_tokens, None if limit is None or used_tokens is None else limit - used_tokens,
-        _tokens_or_none(layout, evictable_blocks), _tokens_or_none(layout, headroom_blocks),
+        utilization(free_blocks, allocatable),
+        allocatable,
+        used_blocks,
+        free_blocks,
+        evictable_blocks,
+        headroom_blocks,
+        limit,
+        used_tokens,
+        None if limit is None or used_tokens is None else limit - used_tokens,
+        _tokens_or_none(layout, evictable_blocks),
+        _tokens_or_none(layout, headroom_blocks),
     )
 
 

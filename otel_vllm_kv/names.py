@@ -53,9 +53,7 @@ GAUGES: dict[str, Gauge] = {
         "KV-cache token capacity: (blocks - 1 reserved null block) x block size; "
         "vLLM's group-aware kv_cache_size_tokens for hybrid models.",
     ),
-    KV_CACHE_UTILIZATION: Gauge(
-        "1", "Fraction of allocatable KV-cache blocks in use; equals vLLM's kv_cache_usage."
-    ),
+    KV_CACHE_UTILIZATION: Gauge("1", "Fraction of allocatable KV-cache blocks in use; equals vLLM's kv_cache_usage."),
     KV_CACHE_EVICTABLE: Gauge(
         "{token}",
         "Free KV-cache tokens that still hold a cached prefix no request references: "
@@ -65,12 +63,8 @@ GAUGES: dict[str, Gauge] = {
         "{token}",
         "Free KV-cache tokens beyond vLLM's admission watermark: what a waiting request may take while others run.",
     ),
-    KV_CACHE_BLOCK_USAGE: Gauge(
-        "{block}", "KV-cache blocks by state (used or free); used + free = block.limit."
-    ),
-    KV_CACHE_BLOCK_LIMIT: Gauge(
-        "{block}", "Allocatable KV-cache blocks: all blocks but vLLM's reserved null block."
-    ),
+    KV_CACHE_BLOCK_USAGE: Gauge("{block}", "KV-cache blocks by state (used or free); used + free = block.limit."),
+    KV_CACHE_BLOCK_LIMIT: Gauge("{block}", "Allocatable KV-cache blocks: all blocks but vLLM's reserved null block."),
     KV_CACHE_BLOCK_EVICTABLE: Gauge(
         "{block}", "Evictable prefix-cache blocks (free, cached, unreferenced) per KV-cache group."
     ),

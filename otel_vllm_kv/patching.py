@@ -34,7 +34,9 @@ def remove_patches(patches: tuple) -> None:
             unwrap(sys.modules[module], attribute)
 
 
-def hook_methods(target: object, hooks: dict[str, Callable[[Callable], Callable]], beneath: Iterable[Callable] = ()) -> None:
+def hook_methods(
+    target: object, hooks: dict[str, Callable[[Callable], Callable]], beneath: Iterable[Callable] = ()
+) -> None:
     """Shadow ``target``'s own methods: ``hooks[name](original)`` returns what a call runs instead.
 
     ``original`` is the class's method bound to ``target``. Where that method is one of our own

@@ -172,8 +172,9 @@ class _RelayFile:
 
     __slots__ = ("_descriptor", "_path", "_sequence", "_record", "_pack", "_lock")
 
-    def __init__(self, directory: str, prefix: str, engine_index: int, model_name: str, layout: PoolLayout,
-                 record: RecordFormat) -> None:
+    def __init__(
+        self, directory: str, prefix: str, engine_index: int, model_name: str, layout: PoolLayout, record: RecordFormat
+    ) -> None:
         pid = os.getpid()
         name = f"{prefix}{engine_index}-{pid}-{time.time_ns()}-{next(_file_counter)}"
         temporary = os.path.join(directory, f".{name}")
@@ -185,8 +186,18 @@ class _RelayFile:
         limit = -1 if layout.limit_tokens is None else layout.limit_tokens
         watermark = -1 if layout.watermark_blocks is None else layout.watermark_blocks
         header = _HEADER.pack(
-            _MAGIC, _FORMAT_VERSION, len(encoded), engine_index, pid, layout.num_blocks,
-            limit, watermark, len(groups), len(layout.groups), encoded, groups,
+            _MAGIC,
+            _FORMAT_VERSION,
+            len(encoded),
+            engine_index,
+            pid,
+            layout.num_blocks,
+            limit,
+            watermark,
+            len(groups),
+            len(layout.groups),
+            encoded,
+            groups,
         )
         self._descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -282,8 +293,20 @@ class OpenedRelayFile:
         _check(stat.S_ISREG(os.fstat(self.descriptor).st_mode), "not a regular file")
         header = os.pread(self.descriptor, _HEADER.size, 0)
         _check(len(header) == _HEADER.size, "shorter than a header")
-        (magic, version, name_length, self.engine_index, self.pid, num_blocks, limit, watermark,
-         groups_length, num_groups, name, groups) = _HEADER.unpack(header)
+        (
+            magic,
+            version,
+            name_length,
+            self.engine_index,
+            self.pid,
+            num_blocks,
+            limit,
+            watermark,
+            groups_length,
+            num_groups,
+            name,
+            groups,
+        ) = _HEADER.unpack(header)
         _check(magic == _MAGIC and version == _FORMAT_VERSION, f"not a version {_FORMAT_VERSION} relay file")
         _check(self.engine_index >= 0, f"engine index {self.engine_index}")
         _check(2 <= num_blocks <= _MAX_BLOCKS, f"{num_blocks} blocks")

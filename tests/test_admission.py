@@ -63,15 +63,19 @@ def test_each_admission_sees_the_pool_right_after_its_own_allocation(tiny_model_
 def test_a_kv_connector_changes_no_record(tiny_model_dir, tmp_path):
     """With a KV connector the admission is recorded at ``get_blocks`` (the connector asks first), not at
     ``record_prefix_cache_stats``: the same records, each once, including a prefix hit and a preemption."""
+
     def run(example_connector_dir):
-        scheduler = scheduler_on(build_vllm_config(
-            tiny_model_dir, num_blocks=6, block_size=16, example_connector_dir=example_connector_dir))
+        scheduler = scheduler_on(
+            build_vllm_config(tiny_model_dir, num_blocks=6, block_size=16, example_connector_dir=example_connector_dir)
+        )
         assert ("get_blocks" in vars(scheduler.kv_cache_manager)) == (example_connector_dir is not None)
         requests = crowd(scheduler, 2) + [make_request(scheduler, 30, max_tokens=3, first_token=0)]  # 0's prefix
         scheduler.add_request(requests[-1])
         history = records_until_idle(scheduler, requests)
-        return [[record._replace(time=0.0, queue_seconds=0.0) for record in history[request.request_id]]
-                for request in requests]
+        return [
+            [record._replace(time=0.0, queue_seconds=0.0) for record in history[request.request_id]]
+            for request in requests
+        ]
 
     plain, with_connector = run(None), run(str(tmp_path))
     assert with_connector == plain
@@ -193,8 +197,19 @@ def test_records_round_trip_exactly_and_garbage_is_rejected():
     from otel_vllm_kv.admission_records import AdmissionRecord, encode
 
     events = [
-        AdmissionRecord(ADMITTED, 1, 1_795_000_000.123_456_7, 3, 64, 63 * 128, 17, own_blocks=2, cached_tokens=256,
-                        queue_seconds=0.012_345_678, waiting=9),
+        AdmissionRecord(
+            ADMITTED,
+            1,
+            1_795_000_000.123_456_7,
+            3,
+            64,
+            63 * 128,
+            17,
+            own_blocks=2,
+            cached_tokens=256,
+            queue_seconds=0.012_345_678,
+            waiting=9,
+        ),
         AdmissionRecord(PREEMPTED, 2, 1_795_000_000.223_456_7, 3, 64, -1, 40, waiting=10),
     ]
     assert decode(encode(events)) == events

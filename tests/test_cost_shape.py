@@ -108,8 +108,10 @@ def test_the_hot_hooks_take_exactly_the_parameters_they_declare(tiny_model_dir):
         scheduler = build_scheduler(tiny_model_dir, num_blocks=16, block_size=16)
         manager = scheduler.kv_cache_manager
         checked = []
-        for target, declared in ((manager, admission.HOOKED_PARAMETERS),
-                                 (manager.block_pool.free_block_queue, prefix_cache.QUEUE_PARAMETERS)):
+        for target, declared in (
+            (manager, admission.HOOKED_PARAMETERS),
+            (manager.block_pool.free_block_queue, prefix_cache.QUEUE_PARAMETERS),
+        ):
             for name, names in declared.items():
                 hook = vars(target).get(name)  # get_blocks is hooked only with a KV connector
                 if hook is not None:
@@ -142,8 +144,9 @@ def _dict_built(target: object, attribute: str) -> bool:
     referents, holding ``attribute``; inline values are referents one by one instead.
     """
     value = getattr(target, attribute)
-    return any(type(referent) is dict and referent.get(attribute, referent) is value
-               for referent in gc.get_referents(target))
+    return any(
+        type(referent) is dict and referent.get(attribute, referent) is value for referent in gc.get_referents(target)
+    )
 
 
 def test_the_probe_never_builds_the_dict_of_vllms_objects(tiny_model_dir):
@@ -178,8 +181,9 @@ def _dicts_built_plain_and_instrumented(tiny_model_dir: str) -> tuple[dict | Non
             instrumentor.instrument(meter_provider=provider)
         try:
             scheduler = build_scheduler(tiny_model_dir, num_blocks=64, block_size=16)
-            requests = [make_request(scheduler, num_prompt_tokens=40, max_tokens=6, first_token=100 * i)
-                        for i in range(4)]
+            requests = [
+                make_request(scheduler, num_prompt_tokens=40, max_tokens=6, first_token=100 * i) for i in range(4)
+            ]
             for request in requests:
                 scheduler.add_request(request)
             stepper = Stepper(scheduler)

@@ -21,9 +21,15 @@ from tests.support.instrumented_processes import otel_environment, otlp_attribut
 
 DEMO = [sys.executable, "-m", "otel_vllm_kv.demo"]
 OTEL_VARIABLES = [
-    "OTEL_METRICS_EXPORTER", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_PROTOCOL",
-    "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_METRIC_EXPORT_INTERVAL", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_METRICS_EXPORTER",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_METRIC_EXPORT_INTERVAL",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
 ]
 
 
@@ -95,13 +101,22 @@ def test_bad_otel_values_fail_at_start_naming_the_variable(no_engine, monkeypatc
 def test_otel_variables_choose_the_exporters():
     nothing = read_export_settings({})
     assert (nothing.metrics.exporters, nothing.traces.exporters) == ((), ()), "no network unless asked"
-    endpoint = read_export_settings({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces",
-                                     "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
+    endpoint = read_export_settings(
+        {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        }
+    )
     assert (endpoint.metrics.exporters, endpoint.traces.exporters) == ((), ("otlp",))
     assert endpoint.traces.protocol == "http/protobuf"
-    both = read_export_settings({"OTEL_METRICS_EXPORTER": "console, otlp", "OTEL_TRACES_EXPORTER": "none",
-                                 "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-                                 "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc"})
+    both = read_export_settings(
+        {
+            "OTEL_METRICS_EXPORTER": "console, otlp",
+            "OTEL_TRACES_EXPORTER": "none",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc",
+        }
+    )
     assert both.metrics.exporters == ("console", "otlp") and both.metrics.protocol == "grpc", "the signal's own wins"
     assert both.traces.exporters == ()
 
@@ -116,8 +131,10 @@ SUMMARY = re.compile(
     r"(?P<admissions>\d+) admissions, (?P<preemptions>\d+) preemptions, (?P<resumptions>\d+) resumptions; "
     r"used at the end (?P<end>[\d,]+)"
 )
-ENGINE_LINE = re.compile(r"engine 0 \[[#.]+\]\s+(?P<percent>[\d.]+)%\s+used\s+(?P<used>[\d,]+)\s+"
-                         r"free\s+(?P<free>[\d,]+)\s+\(evictable\s+(?P<evictable>[\d,]+)\)\s+limit\s+(?P<limit>[\d,]+)")
+ENGINE_LINE = re.compile(
+    r"engine 0 \[[#.]+\]\s+(?P<percent>[\d.]+)%\s+used\s+(?P<used>[\d,]+)\s+"
+    r"free\s+(?P<free>[\d,]+)\s+\(evictable\s+(?P<evictable>[\d,]+)\)\s+limit\s+(?P<limit>[\d,]+)"
+)
 
 
 def number(text: str) -> int:
@@ -139,8 +156,18 @@ def demo_run(tiny_model_dir, tmp_path_factory):
             # drained (while the engine is still reported) must deliver the gauges.
             OTEL_METRIC_EXPORT_INTERVAL="60000",
         )
-        args = ["--requests", str(REQUESTS), "--prompt-tokens", str(PROMPT_TOKENS),
-                "--output-tokens", str(OUTPUT_TOKENS), "--interval", "0.05", "--model-dir", tiny_model_dir]
+        args = [
+            "--requests",
+            str(REQUESTS),
+            "--prompt-tokens",
+            str(PROMPT_TOKENS),
+            "--output-tokens",
+            str(OUTPUT_TOKENS),
+            "--interval",
+            "0.05",
+            "--model-dir",
+            tiny_model_dir,
+        ]
         result = subprocess.run(
             [*DEMO, *args], check=False, cwd=workdir, env=env, capture_output=True, text=True, timeout=500
         )
@@ -190,12 +217,18 @@ def test_demo_fills_and_drains_the_cache_and_feeds_a_collector(demo_run):
         assert otlp_attributes(item.resource.attributes)["service.name"] == "demo-under-test"
     limits = [point.as_int for m in metrics if m.metric.name == KV_CACHE_LIMIT for point in m.metric.gauge.data_points]
     assert limits and set(limits) == {LIMIT}
-    usage = {otlp_attributes(point.attributes)["vllm.kv_cache.state"]: point.as_int
-             for m in metrics if m.metric.name == KV_CACHE_USAGE for point in m.metric.gauge.data_points}
+    usage = {
+        otlp_attributes(point.attributes)["vllm.kv_cache.state"]: point.as_int
+        for m in metrics
+        if m.metric.name == KV_CACHE_USAGE
+        for point in m.metric.gauge.data_points
+    }
     assert usage == {"used": 0, "free": LIMIT}, "exported once the burst had drained"
     (load,) = [item.span for item in spans if item.span.name == "kv-cache-demo load"]
-    events = {name: [e for e in load.events if e.name == name]
-              for name in (names.EVENT_ADMITTED, names.EVENT_PREEMPTED, names.EVENT_RESUMED)}
+    events = {
+        name: [e for e in load.events if e.name == name]
+        for name in (names.EVENT_ADMITTED, names.EVENT_PREEMPTED, names.EVENT_RESUMED)
+    }
     admitted = events[names.EVENT_ADMITTED]
     assert len(admitted) == REQUESTS
     assert len({otlp_attributes(e.attributes)[names.REQUEST_ID] for e in admitted}) == REQUESTS

@@ -65,9 +65,10 @@ def prometheus_name(otel_name: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_:]", "_", otel_name)
 
 
-USAGE, LIMIT, UTILIZATION, HEADROOM, EVICTABLE = (prometheus_name(name) for name in (
-    KV_CACHE_USAGE, KV_CACHE_LIMIT, KV_CACHE_UTILIZATION, KV_CACHE_ADMISSION_HEADROOM, KV_CACHE_EVICTABLE
-))
+USAGE, LIMIT, UTILIZATION, HEADROOM, EVICTABLE = (
+    prometheus_name(name)
+    for name in (KV_CACHE_USAGE, KV_CACHE_LIMIT, KV_CACHE_UTILIZATION, KV_CACHE_ADMISSION_HEADROOM, KV_CACHE_EVICTABLE)
+)
 PACKAGE_METRICS = {prometheus_name(name) for name in GAUGES}
 DASHBOARD_METRICS = {USAGE, LIMIT, UTILIZATION, HEADROOM, EVICTABLE}
 STATE, ENGINE, MODEL = (prometheus_name(name) for name in (KV_CACHE_STATE, ENGINE_INDEX, MODEL_NAME))
@@ -87,7 +88,7 @@ def metric_names(expression: str) -> set[str]:
     text = _GROUPING.sub(" ", text)
     names = set()
     for match in re.finditer(r"(?<![\w.])[a-zA-Z_:][a-zA-Z0-9_:]*", text):
-        if match.group() in _KEYWORDS or text[match.end():].lstrip().startswith("("):
+        if match.group() in _KEYWORDS or text[match.end() :].lstrip().startswith("("):
             continue  # a keyword or a function call
         names.add(match.group())
     return names
@@ -121,8 +122,15 @@ def load_yaml(path: Path):
 def test_every_yaml_and_json_file_parses():
     yaml_files = [Path(p) for p in glob.glob(str(EXAMPLES / "**" / "*.y*ml"), recursive=True)]
     json_files = [Path(p) for p in glob.glob(str(EXAMPLES / "**" / "*.json"), recursive=True)]
-    expected = {COLLECTOR_CONFIG, PROMETHEUS_CONFIG, ALERT_RULES, RULES_TEST, COMPOSE, GRAFANA_DATASOURCES,
-                GRAFANA_DASHBOARD_PROVIDERS}
+    expected = {
+        COLLECTOR_CONFIG,
+        PROMETHEUS_CONFIG,
+        ALERT_RULES,
+        RULES_TEST,
+        COMPOSE,
+        GRAFANA_DATASOURCES,
+        GRAFANA_DASHBOARD_PROVIDERS,
+    }
     assert expected <= set(yaml_files) and DASHBOARD in json_files
     for path in yaml_files:
         assert isinstance(load_yaml(path), dict), path
@@ -153,13 +161,16 @@ def test_shell_scripts_parse():
 def _zero_code_run(tmp_path: Path, *arguments: str) -> tuple[list[str], dict[str, str]]:
     """What ``zero_code.sh`` executes: an ``opentelemetry-instrument`` on PATH that records it."""
     recorder = tmp_path / "opentelemetry-instrument"
-    recorder.write_text('#!/usr/bin/env python3\nimport json, os, sys\n'
-                        'print(json.dumps({"argv": sys.argv[1:], "env": dict(os.environ)}))\n')
+    recorder.write_text(
+        "#!/usr/bin/env python3\nimport json, os, sys\n"
+        'print(json.dumps({"argv": sys.argv[1:], "env": dict(os.environ)}))\n'
+    )
     recorder.chmod(0o755)
     env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
     env["PATH"] = f"{tmp_path}:{env['PATH']}"
-    result = subprocess.run(["bash", str(EXAMPLES / "zero_code.sh"), *arguments], env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(EXAMPLES / "zero_code.sh"), *arguments], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     run = json.loads(result.stdout)
     return run["argv"], run["env"]
@@ -176,8 +187,9 @@ def test_zero_code_script_runs_each_mode_under_opentelemetry_instrument(tmp_path
     script = Path(argv[argv.index("python") + 1])
     assert script.resolve() == (EXAMPLES / "offline_batch.py").resolve() and argv[-2:] == ["--model", "MODEL"]
     assert int(env["OTEL_METRIC_EXPORT_INTERVAL"]) > 0 and env["OTEL_SERVICE_NAME"]
-    result = subprocess.run(["bash", str(EXAMPLES / "zero_code.sh"), "nonsense", "MODEL"], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(EXAMPLES / "zero_code.sh"), "nonsense", "MODEL"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and "unknown mode" in result.stderr
 
 
@@ -348,10 +360,18 @@ def test_promql_expressions_lists_every_dashboard_and_rule_expression():
 # jobs (like the exporter's port and vLLM's /metrics). Every dashboard expression must return one
 # series per engine, the alert expressions only the full engine.
 _SYNTHETIC = {
-    ("0", KV_CACHE_STATE_USED): ENGINE_LIMIT, ("0", KV_CACHE_STATE_FREE): 0, ("0", LIMIT): ENGINE_LIMIT, ("0", UTILIZATION): 1,
-    ("0", HEADROOM): 0, ("0", EVICTABLE): 0,
-    ("1", KV_CACHE_STATE_USED): 0, ("1", KV_CACHE_STATE_FREE): ENGINE_LIMIT, ("1", LIMIT): ENGINE_LIMIT, ("1", UTILIZATION): 0,
-    ("1", HEADROOM): ENGINE_LIMIT, ("1", EVICTABLE): 4096,
+    ("0", KV_CACHE_STATE_USED): ENGINE_LIMIT,
+    ("0", KV_CACHE_STATE_FREE): 0,
+    ("0", LIMIT): ENGINE_LIMIT,
+    ("0", UTILIZATION): 1,
+    ("0", HEADROOM): 0,
+    ("0", EVICTABLE): 0,
+    ("1", KV_CACHE_STATE_USED): 0,
+    ("1", KV_CACHE_STATE_FREE): ENGINE_LIMIT,
+    ("1", LIMIT): ENGINE_LIMIT,
+    ("1", UTILIZATION): 0,
+    ("1", HEADROOM): ENGINE_LIMIT,
+    ("1", EVICTABLE): 4096,
 }
 
 
@@ -379,8 +399,10 @@ def test_every_expression_returns_one_series_per_engine_on_synthetic_data(tmp_pa
         if where.startswith("dashboard variable"):
             (label,) = re.match(r"count by \((\w+)\)", expression).groups()
             wrapped = f"count by ({label}) ({expression})"
-            expected = [{"labels": f'{{{label}="{value}"}}', "value": 1}
-                        for value in (["tiny"] if label == MODEL else ["0", "1"])]
+            expected = [
+                {"labels": f'{{{label}="{value}"}}', "value": 1}
+                for value in (["tiny"] if label == MODEL else ["0", "1"])
+            ]
         else:
             wrapped = f"count by ({MODEL}, {ENGINE}) ({expression})"
             engines = ["0"] if where.startswith("alert ") and "annotation" not in where else ["0", "1"]
@@ -388,10 +410,15 @@ def test_every_expression_returns_one_series_per_engine_on_synthetic_data(tmp_pa
         checks.append({"expr": wrapped, "eval_time": "10m", "exp_samples": expected})
     assert len(checks) >= len(promql_expressions()) - 1
     (tmp_path / "empty-rules.yml").write_text("groups: []\n")
-    (tmp_path / "expressions.test.yml").write_text(json.dumps({
-        "rule_files": ["empty-rules.yml"], "evaluation_interval": "1m",
-        "tests": [{"interval": "1m", "input_series": _synthetic_series(), "promql_expr_test": checks}],
-    }))
+    (tmp_path / "expressions.test.yml").write_text(
+        json.dumps(
+            {
+                "rule_files": ["empty-rules.yml"],
+                "evaluation_interval": "1m",
+                "tests": [{"interval": "1m", "input_series": _synthetic_series(), "promql_expr_test": checks}],
+            }
+        )
+    )
     result = run([promtool, "test", "rules", "expressions.test.yml"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -411,8 +438,12 @@ def test_collector_pipelines_use_only_defined_components():
         assert pipeline["receivers"] and pipeline["exporters"], name
         for kind in ("receivers", "processors", "exporters"):
             assert set(pipeline.get(kind, [])) <= _components(config, kind), (name, kind)
-    used = {c for pipeline in pipelines.values() for kind in ("receivers", "processors", "exporters")
-            for c in pipeline.get(kind, [])}
+    used = {
+        c
+        for pipeline in pipelines.values()
+        for kind in ("receivers", "processors", "exporters")
+        for c in pipeline.get(kind, [])
+    }
     assert used == {c for kind in ("receivers", "processors", "exporters") for c in _components(config, kind)}
     assert pipelines["metrics"]["exporters"] == ["prometheus"] and "batch" in pipelines["metrics"]["processors"]
     assert "otlp/jaeger" in pipelines["traces"]["exporters"]
@@ -431,7 +462,7 @@ def test_collector_tempo_alternative_is_valid_once_uncommented():
     for line in lines[start:]:
         if not line.startswith("  # "):
             break
-        block.append("  " + line[len("  # "):])
+        block.append("  " + line[len("  # ") :])
     tempo = yaml.safe_load("\n".join(["exporters:", *block]))["exporters"]["otlp/tempo"]
     assert tempo == {"endpoint": "tempo:4317", "tls": {"insecure": True}}
 
@@ -482,7 +513,7 @@ def test_compose_mounts_exist_and_configs_are_where_the_services_read_them():
 
 
 def _host(address: str) -> str:
-    return (urlparse(address).hostname if "://" in address else address.rsplit(":", 1)[0])
+    return urlparse(address).hostname if "://" in address else address.rsplit(":", 1)[0]
 
 
 def test_every_host_the_configurations_name_is_a_compose_service():
@@ -556,7 +587,10 @@ def test_programmatic_example_exports_the_gauges_and_the_span(tmp_path):
         )
         result = subprocess.run(
             [sys.executable, str(PROGRAMMATIC), "--requests", str(requests), "--max-tokens", str(max_tokens)],
-            env=env, capture_output=True, text=True, timeout=400,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
         )
         metrics, spans = receiver.drain_metrics(), receiver.drain_spans()
     assert result.returncode == 0, result.stderr[-4000:]

@@ -96,7 +96,8 @@ def test_requests_never_wait_for_a_failing_exporter_and_telemetry_resumes(tiny_m
             while len(annotated) < REQUESTS_PER_PHASE and time.monotonic() < deadline:
                 time.sleep(1)
                 annotated += [
-                    r.span for r in receiver.drain_spans()
+                    r.span
+                    for r in receiver.drain_spans()
                     if names.ADMISSION_LIMIT_TOKENS in otlp_attributes(r.span.attributes)
                 ]
 

@@ -114,7 +114,11 @@ def test_a_batch_span_gets_one_event_per_record_of_each_request(tokenizer, tiny_
         (span,) = crowd(frontend, tracer, spans_per_request=False)
         assert spans.annotator.requests == {}
     expected = sorted(
-        (record.time_ns, EVENT_NAMES[record.kind], {**record_attributes(record), names.REQUEST_ID: request_id.removesuffix("-int")})
+        (
+            record.time_ns,
+            EVENT_NAMES[record.kind],
+            {**record_attributes(record), names.REQUEST_ID: request_id.removesuffix("-int")},
+        )
         for request_id, records in frontend.records().items()
         for record in records
     )
@@ -153,8 +157,9 @@ def test_a_span_per_request_gets_its_admission_and_preemption_count(tokenizer, t
 
 
 @pytest.mark.usefixtures("vllm_scheduler")
-def test_vllms_request_span_gets_the_admission_and_the_submitting_span_as_parent(tokenizer, tiny_model_dir,
-                                                                               vllm_tracing):
+def test_vllms_request_span_gets_the_admission_and_the_submitting_span_as_parent(
+    tokenizer, tiny_model_dir, vllm_tracing
+):
     """With vLLM's tracing on, ``do_tracing`` -> ``instrument_manual`` makes one ``llm_request`` span per
     finished request: it keeps vLLM's attributes, gets its request's admission and preemption count, and is
     a child of the span current at submission. A request submitted with no span still gets its admission."""
@@ -303,8 +308,9 @@ def through_async_client(model_dir: str, ready: bytes, steps: list[EngineStep], 
     async def run():
         with external_engine(ready) as (addresses, send):
             # No executor class: the engines are external.
-            client = AsyncMPClient(client_config(model_dir), executor_class=None, log_stats=True,
-                                   client_addresses=addresses)
+            client = AsyncMPClient(
+                client_config(model_dir), executor_class=None, log_stats=True, client_addresses=addresses
+            )
             received, relayed = [], []
             try:
                 for step in steps:
@@ -322,8 +328,14 @@ def through_sync_client(model_dir: str, ready: bytes, steps: list[EngineStep], r
     """``SyncMPClient.get_output`` on a client whose base constructor ran (see the module docstring)."""
     with external_engine(ready) as (addresses, send):
         client = SyncMPClient.__new__(SyncMPClient)
-        MPClient.__init__(client, asyncio_mode=False, vllm_config=client_config(model_dir), executor_class=None,
-                          log_stats=True, client_addresses=addresses)
+        MPClient.__init__(
+            client,
+            asyncio_mode=False,
+            vllm_config=client_config(model_dir),
+            executor_class=None,
+            log_stats=True,
+            client_addresses=addresses,
+        )
         client.outputs_queue = queue.Queue()
         received, relayed = [], []
         try:
@@ -358,8 +370,9 @@ def relay(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("client_kind", sorted(CLIENTS))
-def test_an_engine_without_a_probe_is_reported_from_each_steps_statistics(client_kind, tiny_model_dir, tracer_provider,
-                                                                         relay, caplog):
+def test_an_engine_without_a_probe_is_reported_from_each_steps_statistics(
+    client_kind, tiny_model_dir, tracer_provider, relay, caplog
+):
     """An engine that ran without instrumentation: the client learns it from the handshake (and vLLM still
     applies the handshake), sees no admission record on its first prefill, warns once, and from then on puts
     the free blocks of every step's ``SchedulerStats`` into the relay: the scheduler's own count, step by step."""
@@ -381,8 +394,9 @@ def test_an_engine_without_a_probe_is_reported_from_each_steps_statistics(client
 
 
 @pytest.mark.parametrize("client_kind", sorted(CLIENTS))
-def test_a_probed_engine_is_recognised_and_not_reported_from_statistics(client_kind, tiny_model_dir, tracer_provider,
-                                                                       relay, caplog):
+def test_a_probed_engine_is_recognised_and_not_reported_from_statistics(
+    client_kind, tiny_model_dir, tracer_provider, relay, caplog
+):
     """An instrumented engine: its first prefill's output carries the probe's admission record, so the client
     marks it probed and writes nothing from vLLM's statistics (its probe reports it)."""
     with instrumented(tracer_provider[0]), caplog.at_level(logging.WARNING, logger="otel_vllm_kv"):

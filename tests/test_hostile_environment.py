@@ -56,10 +56,14 @@ def run_greedy(model_dir: str, mode: str, env: dict[str, str]) -> tuple[subproce
     """scenarios/greedy_tokens.py to completion; its result (output merged into stdout) and its tokens."""
     result = subprocess.run(
         [sys.executable, os.path.join(SCENARIOS, "greedy_tokens.py"), model_dir, mode],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=ENGINE_TIMEOUT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=ENGINE_TIMEOUT,
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("TOKENS ")]
-    return result, json.loads(lines[-1][len("TOKENS "):]) if lines else None
+    return result, json.loads(lines[-1][len("TOKENS ") :]) if lines else None
 
 
 def tail(output: str, lines: int = 60) -> str:
@@ -96,8 +100,10 @@ def greedy_runs(request, tiny_model_dir):
     (short) first, so the other two overlap."""
     selected = {item.originalname for item in request.session.items if getattr(item, "module", None) is request.module}
     runs = {}
-    if selected & {test_a_full_relay_tmpfs_leaves_the_engine_generating_with_one_warning.__name__,
-                   test_a_malformed_exporter_variable_leaves_vllm_generating.__name__}:
+    if selected & {
+        test_a_full_relay_tmpfs_leaves_the_engine_generating_with_one_warning.__name__,
+        test_a_malformed_exporter_variable_leaves_vllm_generating.__name__,
+    }:
         runs[WITHOUT_PACKAGE] = ("without-package", scenario_environment())
     if test_a_full_relay_tmpfs_leaves_the_engine_generating_with_one_warning.__name__ in selected:
         try:
@@ -124,8 +130,9 @@ def full_tmpfs(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     mount_point = str(tmp_path_factory.mktemp("full-relay-tmpfs"))
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", mount_point],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", mount_point], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"mounting a tmpfs is not allowed here: {mounted.stderr.strip()}")
     try:
@@ -149,8 +156,9 @@ def test_a_full_relay_tmpfs_leaves_the_engine_generating_with_one_warning(full_t
     result, tokens = greedy_runs.result(FULL_TMPFS)
     assert result.returncode == 0, f"exit {result.returncode}:\n{tail(result.stdout)}"
     tokens_without_package = greedy_runs.tokens_without_package()
-    warnings = [line for line in result.stdout.splitlines()
-                if OTEL_PYTHON_VLLM_KV_RELAY_DIR in line and full_tmpfs in line]
+    warnings = [
+        line for line in result.stdout.splitlines() if OTEL_PYTHON_VLLM_KV_RELAY_DIR in line and full_tmpfs in line
+    ]
     problems = []
     if tokens != tokens_without_package:
         problems.append("the tokens differ from those without the package")
@@ -166,8 +174,11 @@ def test_a_full_relay_tmpfs_leaves_the_engine_generating_with_one_warning(full_t
 
 def exporter_variable_errors(output: str) -> Counter:
     """{pid: ERROR records naming the variable that pid logged}."""
-    return Counter(match["pid"] for match in map(LOGGED.search, output.splitlines())
-                   if match and match["level"] == "ERROR" and OTEL_PYTHON_VLLM_KV_EXPORTER in match["message"])
+    return Counter(
+        match["pid"]
+        for match in map(LOGGED.search, output.splitlines())
+        if match and match["level"] == "ERROR" and OTEL_PYTHON_VLLM_KV_EXPORTER in match["message"]
+    )
 
 
 @pytest.mark.engine
@@ -189,8 +200,15 @@ class CommandedExporter:
     be stopped together), its merged output collected by a thread."""
 
     def __init__(self, command: list[str], env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self._replies: queue.Queue = queue.Queue()
         threading.Thread(target=self._collect, daemon=True).start()
@@ -217,7 +235,7 @@ class CommandedExporter:
         """[metric name, attributes, value] of each point of the limit and usage gauges."""
         self.process.stdin.write("gauges\n")
         self.process.stdin.flush()
-        return json.loads(self.reply(timeout=60)[len("GAUGES "):])
+        return json.loads(self.reply(timeout=60)[len("GAUGES ") :])
 
     def request_exit(self) -> None:
         try:
@@ -242,8 +260,11 @@ class CommandedExporter:
 def one_engine_of_the_tiny_model(points: list) -> bool:
     limits = [(attributes[MODEL_NAME], value) for name, attributes, value in points if name == KV_CACHE_LIMIT]
     usage = sorted((attributes[KV_CACHE_STATE], value) for name, attributes, value in points if name == KV_CACHE_USAGE)
-    return limits == [("tiny", LIMIT)] and [state for state, _ in usage] == ["free", "used"] and sum(
-        value for _, value in usage) == LIMIT
+    return (
+        limits == [("tiny", LIMIT)]
+        and [state for state, _ in usage] == ["free", "used"]
+        and sum(value for _, value in usage) == LIMIT
+    )
 
 
 @pytest.fixture
@@ -260,8 +281,9 @@ def unshare_pid():
 
 
 @pytest.mark.engine
-def test_exporters_in_two_pid_namespaces_sharing_a_relay_parent_keep_their_gauges(tiny_model_dir, unshare_pid,
-                                                                                 tmp_path, greedy_runs):
+def test_exporters_in_two_pid_namespaces_sharing_a_relay_parent_keep_their_gauges(
+    tiny_model_dir, unshare_pid, tmp_path, greedy_runs
+):
     """B's instrument() sweeps the shared relay parent for relays of dead exporters while A lives;
     A's pid means nothing in B's namespace."""
     greedy_runs.close()  # two engines at most

@@ -60,8 +60,17 @@ INT64 = range(-(2**63), 2**63)
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 #: A record as an engine of 11 blocks of 16 tokens writes one, field by field (``RECORD``'s order).
 PLAUSIBLE = dict(
-    kind=KINDS.index(ADMITTED), sequence=1, time=1_795_000_000.5, engine_index=0, num_blocks=11, limit_tokens=160,
-    free_blocks=7, own_blocks=3, cached_tokens=0, queue_seconds=0.01, waiting=0,
+    kind=KINDS.index(ADMITTED),
+    sequence=1,
+    time=1_795_000_000.5,
+    engine_index=0,
+    num_blocks=11,
+    limit_tokens=160,
+    free_blocks=7,
+    own_blocks=3,
+    cached_tokens=0,
+    queue_seconds=0.01,
+    waiting=0,
 )
 assert tuple(PLAUSIBLE) == AdmissionRecord._fields
 
@@ -99,12 +108,15 @@ def decoded_or_rejected(text: object) -> list[AdmissionRecord] | None:
 # --- decode ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", [
-    pytest.param(" " * 16 + packed()[16:], id="hex-with-spaces"),  # fromhex skips spaces: too few bytes to unpack
-    pytest.param(12345, id="int"),
-    pytest.param(bytes.fromhex(packed()) * 2, id="bytes"),
-    pytest.param(list(packed()), id="list"),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(" " * 16 + packed()[16:], id="hex-with-spaces"),  # fromhex skips spaces: too few bytes to unpack
+        pytest.param(12345, id="int"),
+        pytest.param(bytes.fromhex(packed()) * 2, id="bytes"),
+        pytest.param(list(packed()), id="list"),
+    ],
+)
 def test_decode_raises_value_error_and_nothing_else(text):
     with pytest.raises(ValueError):
         decode(text)
@@ -149,10 +161,28 @@ def test_decode_rejects_a_value_no_engine_writes(fields):
 
 def test_every_value_an_engine_writes_at_the_limits_is_accepted():
     limits = [
-        packed(sequence=2**32 - 2, kind=code(PREEMPTED), time=1e9, num_blocks=2, limit_tokens=-1, free_blocks=1,
-               own_blocks=0, waiting=2**31 - 1, engine_index=2**31 - 1),
-        packed(sequence=2**32 - 1, kind=code(RESUMED), time=9.2e9, num_blocks=2**31 - 1, limit_tokens=2**53 - 1,
-               free_blocks=2**31 - 2, own_blocks=2**31 - 2, cached_tokens=2**31 - 1, queue_seconds=366 * 86_400.0),
+        packed(
+            sequence=2**32 - 2,
+            kind=code(PREEMPTED),
+            time=1e9,
+            num_blocks=2,
+            limit_tokens=-1,
+            free_blocks=1,
+            own_blocks=0,
+            waiting=2**31 - 1,
+            engine_index=2**31 - 1,
+        ),
+        packed(
+            sequence=2**32 - 1,
+            kind=code(RESUMED),
+            time=9.2e9,
+            num_blocks=2**31 - 1,
+            limit_tokens=2**53 - 1,
+            free_blocks=2**31 - 2,
+            own_blocks=2**31 - 2,
+            cached_tokens=2**31 - 1,
+            queue_seconds=366 * 86_400.0,
+        ),
     ]
     records = decoded_or_rejected("".join(limits))
     assert records is not None and [r.sequence for r in records] == [2**32 - 2, 2**32 - 1]
@@ -161,8 +191,23 @@ def test_every_value_an_engine_writes_at_the_limits_is_accepted():
 #: Each field's struct code (``RECORD``): B unsigned char, I unsigned int, i int, q long long, d double.
 FIELD_CODES = RECORD.format.lstrip("<")
 INTEGER_RANGES = {"B": (0, 2**8 - 1), "I": (0, 2**32 - 1), "i": (-(2**31), 2**31 - 1), "q": (-(2**63), 2**63 - 1)}
-SPECIAL_DOUBLES = [math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 5e-324, 1.7976931348623157e308, 1e30,
-                   -1e30, 1e9, 9.2e9, 9.3e9, 366 * 86_400.0, 1e300]
+SPECIAL_DOUBLES = [
+    math.nan,
+    -math.nan,
+    math.inf,
+    -math.inf,
+    0.0,
+    -0.0,
+    5e-324,
+    1.7976931348623157e308,
+    1e30,
+    -1e30,
+    1e9,
+    9.2e9,
+    9.3e9,
+    366 * 86_400.0,
+    1e300,
+]
 
 
 def any_value(struct_code: str) -> st.SearchStrategy:
@@ -188,10 +233,17 @@ def valid_records(draw) -> list:
     kind = ADMITTED if sequence == 1 else RESUMED if sequence % 2 else PREEMPTED
     num_blocks = draw(st.integers(2, 2**31 - 1))
     return [
-        code(kind), sequence, draw(st.floats(1e9, 9.2e9)), draw(st.integers(0, 2**31 - 1)), num_blocks,
+        code(kind),
+        sequence,
+        draw(st.floats(1e9, 9.2e9)),
+        draw(st.integers(0, 2**31 - 1)),
+        num_blocks,
         draw(st.sampled_from([-1, num_blocks - 1, (num_blocks - 1) * 16, 2**53 - 1])),
-        draw(st.integers(0, num_blocks - 1)), draw(st.integers(0, num_blocks - 1)), draw(st.integers(0, 2**31 - 1)),
-        draw(st.floats(0.0, 366 * 86_400.0)), draw(st.integers(0, 2**31 - 1)),
+        draw(st.integers(0, num_blocks - 1)),
+        draw(st.integers(0, num_blocks - 1)),
+        draw(st.integers(0, 2**31 - 1)),
+        draw(st.floats(0.0, 366 * 86_400.0)),
+        draw(st.integers(0, 2**31 - 1)),
     ]
 
 
@@ -200,15 +252,23 @@ def test_fuzz_random_text(text):
     decoded_or_rejected(text)
 
 
-@given(st.integers(1, 3).flatmap(lambda n: st.binary(min_size=n * RECORD.size, max_size=n * RECORD.size))
-       | st.binary(max_size=3 * RECORD.size + 5))
+@given(
+    st.integers(1, 3).flatmap(lambda n: st.binary(min_size=n * RECORD.size, max_size=n * RECORD.size))
+    | st.binary(max_size=3 * RECORD.size + 5)
+)
 def test_fuzz_random_bytes_hex_encoded(data):
     for text in (data.hex(), data.hex().upper()):
         decoded_or_rejected(text)
 
 
-@given(st.none() | st.integers() | st.floats() | st.binary() | st.lists(st.text(max_size=4), max_size=3)
-       | st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2))
+@given(
+    st.none()
+    | st.integers()
+    | st.floats()
+    | st.binary()
+    | st.lists(st.text(max_size=4), max_size=3)
+    | st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2)
+)
 def test_fuzz_what_is_not_text(value):
     assert decoded_or_rejected(value) is None
 
@@ -295,8 +355,9 @@ def frontend_warnings(monkeypatch, caplog):
 
 
 @pytest.mark.usefixtures("vllm_scheduler")
-def test_a_record_numbered_far_ahead_holds_back_no_genuine_record(tokenizer, tiny_model_dir, tracer_provider,
-                                                                  frontend_warnings):
+def test_a_record_numbered_far_ahead_holds_back_no_genuine_record(
+    tokenizer, tiny_model_dir, tracer_provider, frontend_warnings
+):
     """Request 0's outputs carry a record numbered 2^32 - 1 ahead of the engine's own (what an engine node
     running the package before this change sends for a request that arrived with it). It is not the next
     record, so it is skipped with one warning, and every genuine record of that request still applies: its
@@ -330,8 +391,9 @@ MALFORMED = {
 
 @pytest.mark.usefixtures("vllm_scheduler")
 @pytest.mark.parametrize("malformed", MALFORMED.values(), ids=MALFORMED)
-def test_a_malformed_record_costs_only_its_own_request(tokenizer, tiny_model_dir, tracer_provider, malformed,
-                                                       frontend_warnings):
+def test_a_malformed_record_costs_only_its_own_request(
+    tokenizer, tiny_model_dir, tracer_provider, malformed, frontend_warnings
+):
     """Three requests admitted in one step, one span each; the first one's outputs carry a malformed record
     (as an engine without a probe echoes a key the application set). The two others, later in the same
     batch of outputs, get their admission; the first gets none; one warning."""
@@ -404,7 +466,9 @@ def test_each_output_processor_keeps_and_forgets_its_own_requests(tokenizer, tin
     vllm_spans = {s.parent.span_id: s for s in exporter.get_finished_spans() if s.name == "llm_request"}
     for span, admission in zip(opened, admissions):
         vllm_span = vllm_spans[span.context.span_id]
-        assert {name: vllm_span.attributes[name] for name in record_attributes(admission)} == record_attributes(admission)
+        assert {name: vllm_span.attributes[name] for name in record_attributes(admission)} == record_attributes(
+            admission
+        )
 
 
 # --- The engine: a key it did not write is replaced --------------------------------------------------------
@@ -491,8 +555,9 @@ UNPROBED_FORGERIES = {
 
 
 @pytest.mark.parametrize("forged", UNPROBED_FORGERIES.values(), ids=UNPROBED_FORGERIES)
-def test_a_forged_key_does_not_pass_an_engine_without_a_probe_for_a_probed_one(stats_relay, tiny_model_dir,
-                                                                              forged, caplog):
+def test_a_forged_key_does_not_pass_an_engine_without_a_probe_for_a_probed_one(
+    stats_relay, tiny_model_dir, forged, caplog
+):
     """An engine without a probe echoes the key its requests arrived with. Only an admission (or
     resumption) record of this engine, its index and its block count, marks it probed: with anything
     else the frontend reports it from vLLM's statistics, and says so once."""
@@ -523,4 +588,3 @@ def test_a_second_ready_response_for_a_rank_closes_the_writer_it_replaces(stats_
     reporter.add_engine(scheduler, payload)
     assert reporter.clients[scheduler][0] is not replaced
     assert stats_relay.read() == [], "the replaced engine's file is gone"
-

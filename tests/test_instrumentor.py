@@ -74,10 +74,15 @@ def test_gauges_follow_the_pool(reader, tiny_model_dir):
     assert (engine.evictable, engine.headroom) == (0, 112)
     assert engine.groups == {0: GroupReading("full_attention", 16, 0)}
     assert metric_units(reader) == {
-        KV_CACHE_USAGE: "{token}", KV_CACHE_LIMIT: "{token}", KV_CACHE_UTILIZATION: "1",
-        "vllm.kv_cache.evictable": "{token}", "vllm.kv_cache.admission.headroom": "{token}",
-        "vllm.kv_cache.block.usage": "{block}", "vllm.kv_cache.block.limit": "{block}",
-        "vllm.kv_cache.block.evictable": "{block}", "vllm.kv_cache.block.size": "{token}",
+        KV_CACHE_USAGE: "{token}",
+        KV_CACHE_LIMIT: "{token}",
+        KV_CACHE_UTILIZATION: "1",
+        "vllm.kv_cache.evictable": "{token}",
+        "vllm.kv_cache.admission.headroom": "{token}",
+        "vllm.kv_cache.block.usage": "{block}",
+        "vllm.kv_cache.block.limit": "{block}",
+        "vllm.kv_cache.block.evictable": "{block}",
+        "vllm.kv_cache.block.size": "{token}",
     }
 
     stepper.run_until_idle()  # the 8 full blocks of its 40 + 99 computed tokens stay cached: free, evictable
@@ -320,8 +325,9 @@ def _fail_after(calls: int, error: Exception):
         ("otel_vllm_kv.relay.SnapshotWriter.write", OSError(28, "No space left on device")),  # a full relay
     ],
 )
-def test_a_fault_mid_run_warns_once_and_withdraws_the_engine(target, error, reader, tiny_model_dir, monkeypatch,
-                                                              caplog):
+def test_a_fault_mid_run_warns_once_and_withdraws_the_engine(
+    target, error, reader, tiny_model_dir, monkeypatch, caplog
+):
     owner_name, name = target.rsplit(".", 1)
     try:
         owner = importlib.import_module(owner_name)  # a module's function
@@ -335,8 +341,7 @@ def test_a_fault_mid_run_warns_once_and_withdraws_the_engine(target, error, read
     run_expecting_one_warning_and_no_series(build_scheduler(tiny_model_dir), reader, caplog)
 
 
-def test_a_fault_in_a_free_queue_hook_warns_once_and_withdraws_the_engine(reader, tiny_model_dir, monkeypatch,
-                                                                         caplog):
+def test_a_fault_in_a_free_queue_hook_warns_once_and_withdraws_the_engine(reader, tiny_model_dir, monkeypatch, caplog):
     """The evictable count fails inside vLLM's ``free_blocks`` (its ``append_n`` hook), mid-run."""
 
     class FailingCounts(list):

@@ -38,8 +38,14 @@ async def one_stream(session: aiohttp.ClientSession, url: str, index: int) -> st
     abort = index % ABORT_EVERY == 0
     # Aborted streams ask for many tokens, so they are still running when the client hangs up.
     max_tokens = 20 * MAX_TOKENS if abort else MAX_TOKENS
-    body = {"model": "tiny", "prompt": f"{index:05d} " * 6, "max_tokens": max_tokens, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "tiny",
+        "prompt": f"{index:05d} " * 6,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     generated = None
     async with session.post(url, json=body) as response:
         assert response.status == 200, await response.text()
@@ -89,20 +95,24 @@ def test_300_streams_with_aborts_leave_no_state_and_no_errors(tiny_model_dir):
             OTEL_BSP_MAX_EXPORT_BATCH_SIZE="4096",
         )
         exporters = ["--traces_exporter", "otlp", "--metrics_exporter", "otlp"]
-        with instrumented_server(tiny_model_dir, env, exporters, program=(sys.executable, INSPECTABLE_SERVER)) as server:
+        with instrumented_server(
+            tiny_model_dir, env, exporters, program=(sys.executable, INSPECTABLE_SERVER)
+        ) as server:
             for _ in range(ROUNDS):
                 started = time.monotonic()
                 outcomes = asyncio.run(one_round(server.port))
                 time.sleep(2)  # let the aborts and the last outputs settle
                 state = server_state(server)
-                rounds.append({
-                    "seconds": time.monotonic() - started,
-                    "completed": outcomes.count("completed"),
-                    "aborted": outcomes.count("aborted"),
-                    "tracked": state["tracked_requests"],
-                    "server_rss": state["rss_bytes"],
-                    "engine_rss": engine_core_rss(server.process.pid),
-                })
+                rounds.append(
+                    {
+                        "seconds": time.monotonic() - started,
+                        "completed": outcomes.count("completed"),
+                        "aborted": outcomes.count("aborted"),
+                        "tracked": state["tracked_requests"],
+                        "server_rss": state["rss_bytes"],
+                        "engine_rss": engine_core_rss(server.process.pid),
+                    }
+                )
             time.sleep(3)
             recorded = receiver.drain_spans()
         stderr = server.stderr

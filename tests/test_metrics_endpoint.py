@@ -122,8 +122,9 @@ def test_several_api_servers_serve_every_engine_from_the_multiprocess_directory(
     prometheus_client, hence a process of its own here) and serves only the directory's files."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": support_pythonpath()}
     env.pop("OTEL_PYTHON_VLLM_KV_EXPORTER", None)
-    result = subprocess.run([sys.executable, "-c", API_SERVER_SCRAPE, tiny_model_dir],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", API_SERVER_SCRAPE, tiny_model_dir], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     first, after_reinstrument = json.loads(result.stdout.splitlines()[-1])
     limits = {dict(sample[1])["engine"]: sample[2] for sample in first if sample[0] == names.PROMETHEUS_LIMIT_TOKENS}

@@ -62,7 +62,8 @@ def test_every_public_name_string_is_defined_once():
         if path.name == "names.py":
             continue
         literals = {
-            node.value for node in ast.walk(ast.parse(path.read_text()))
+            node.value
+            for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, ast.Constant) and isinstance(node.value, str)
         }
         assert not literals & defined, f"{path.relative_to(PACKAGE)} spells {sorted(literals & defined)} itself"

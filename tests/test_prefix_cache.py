@@ -40,8 +40,11 @@ def test_a_finished_shared_prefix_is_evictable_until_a_new_request_reuses_it(hoo
     counter, stepper = watched(scheduler), Stepper(scheduler)
     # Three requests: the same 160-token prefix, 5 tokens of their own, 4 generated: 10 full blocks each.
     for suffix in range(3):
-        scheduler.add_request(make_request(scheduler, PREFIX + 5, max_tokens=4, first_token=0)
-                              if suffix == 0 else _with_prefix(scheduler, suffix))
+        scheduler.add_request(
+            make_request(scheduler, PREFIX + 5, max_tokens=4, first_token=0)
+            if suffix == 0
+            else _with_prefix(scheduler, suffix)
+        )
     stepper.run_until_idle()
     assert evictable_per_group(scheduler) == [10]
     assert counter.per_group == [10] and evictable_tokens(scheduler, counter) == PREFIX
@@ -164,8 +167,10 @@ def test_only_watched_pools_are_wrapped_and_forgetting_restores_them(hooks, tiny
     watched_scheduler, other = (build_scheduler(tiny_model_dir, num_blocks=41, block_size=16) for _ in range(2))
     pool, other_pool = watched_scheduler.kv_cache_manager.block_pool, other.kv_cache_manager.block_pool
     watched(watched_scheduler)
-    hooked = ((pool, other_pool, BlockPool, prefix_cache.POOL_METHODS),
-              (pool.free_block_queue, other_pool.free_block_queue, FreeKVCacheBlockQueue, prefix_cache.QUEUE_METHODS))
+    hooked = (
+        (pool, other_pool, BlockPool, prefix_cache.POOL_METHODS),
+        (pool.free_block_queue, other_pool.free_block_queue, FreeKVCacheBlockQueue, prefix_cache.QUEUE_METHODS),
+    )
     for target, other_target, cls, names in hooked:
         for name in names:
             assert hasattr(vars(target)[name], "__wrapped__"), name

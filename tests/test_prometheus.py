@@ -76,9 +76,7 @@ def scraped_run(tiny_model_dir, tmp_path_factory):
             results = server.complete_concurrently(distinct_prompts(REQUESTS, PROMPT_TOKENS), OUTPUT_TOKENS)
             load_end = time.time()
             time.sleep(4 * SCRAPE_INTERVAL_SECONDS)  # scrapes of the drained cache
-            yield ScrapedRun(
-                prometheus, server, relay_parent, load_start, load_end, [s for s, _ in results]
-            )
+            yield ScrapedRun(prometheus, server, relay_parent, load_start, load_end, [s for s, _ in results])
 
 
 def test_the_load_completed_and_needed_more_than_the_cache(scraped_run):
@@ -111,10 +109,13 @@ def test_block_evictable_and_headroom_series_agree_with_the_token_series(scraped
     assert prometheus.value('vllm_kv_cache_block_limit{job="otel"}') == LIMIT // 128
     assert prometheus.value('vllm_kv_cache_block_usage{job="otel", vllm_kv_cache_state="free"}') == LIMIT // 128
     # No watermark: headroom is the free tokens, at every scrape.
-    assert prometheus.query(
-        f'count_over_time((vllm_kv_cache_admission_headroom{{job="otel"}} != ignoring(vllm_kv_cache_state) {FREE})'
-        f'{window[:-1]}:1s])'
-    ) == []
+    assert (
+        prometheus.query(
+            f'count_over_time((vllm_kv_cache_admission_headroom{{job="otel"}} != ignoring(vllm_kv_cache_state) {FREE})'
+            f"{window[:-1]}:1s])"
+        )
+        == []
+    )
     # The distinct prompts left their full blocks in the prefix cache: free, still evictable.
     evictable = prometheus.value('vllm_kv_cache_evictable{job="otel"}')
     assert 0 < evictable <= LIMIT and evictable % 128 == 0
@@ -155,7 +156,7 @@ def test_every_example_expression_returns_data(scraped_run):
     for where, expression in expressions:
         if expression.lstrip().startswith("absent("):
             # Returns data only once the series are gone: check that what it watches exists.
-            inner = expression.strip()[len("absent("):-1]
+            inner = expression.strip()[len("absent(") : -1]
             assert prometheus.query_range(inner, scraped_run.load_start, time.time()), (where, inner)
             continue
         assert prometheus.query_range(expression, scraped_run.load_start, time.time()), (where, expression)

@@ -196,8 +196,12 @@ def test_long_model_names_are_truncated_not_rejected(tmp_path):
 
 
 def test_a_hybrid_layout_and_its_per_group_counts_round_trip(tmp_path):
-    layout = PoolLayout(num_blocks=64, limit_tokens=3971, watermark_blocks=6,
-                        groups=(GroupLayout("sliding_window", 128), GroupLayout("full_attention", 128)))
+    layout = PoolLayout(
+        num_blocks=64,
+        limit_tokens=3971,
+        watermark_blocks=6,
+        groups=(GroupLayout("sliding_window", 128), GroupLayout("full_attention", 128)),
+    )
     writer = SnapshotWriter(str(tmp_path), engine_index=1, model_name="gemma", layout=layout)
     writer.write(40, [3, 9])
     (snapshot,) = SnapshotReader(str(tmp_path)).read()

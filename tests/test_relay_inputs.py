@@ -29,12 +29,28 @@ from otel_vllm_kv.relay_reader import SnapshotReader
 LAYOUT = PoolLayout(num_blocks=64, limit_tokens=63 * 16, groups=(GroupLayout("full_attention", 16),))
 INT64 = (-(2**63), 2**63 - 1)
 #: The header's fields in order, as ``relay._HEADER`` packs them.
-HEADER_FIELDS = ("magic", "version", "name_length", "engine_index", "pid", "num_blocks", "limit", "watermark",
-                 "groups_length", "num_groups", "name", "groups")
+HEADER_FIELDS = (
+    "magic",
+    "version",
+    "name_length",
+    "engine_index",
+    "pid",
+    "num_blocks",
+    "limit",
+    "watermark",
+    "groups_length",
+    "num_groups",
+    "name",
+    "groups",
+)
 
 
 def _relay_warnings(caplog) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name in ("otel_vllm_kv.relay", "otel_vllm_kv.relay_reader")]
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name in ("otel_vllm_kv.relay", "otel_vllm_kv.relay_reader")
+    ]
 
 
 def _patch_header(path, **fields) -> None:
@@ -95,15 +111,19 @@ def test_a_writer_pid_beyond_any_pid_costs_nothing(tmp_path, good_engine):
     other.close()
 
 
-@pytest.mark.parametrize(("header", "values"), [
-    ({"num_blocks": 2**64 - 1}, (40, 0)),
-    ({}, (-(2**63), 0)),
-    ({}, (40, 41)),  # more evictable blocks than free ones
-    ({"limit": 2**62}, (40, 0)),
-    ({"groups": b"full_attention:0", "groups_length": 16}, (40, 0)),
-])
+@pytest.mark.parametrize(
+    ("header", "values"),
+    [
+        ({"num_blocks": 2**64 - 1}, (40, 0)),
+        ({}, (-(2**63), 0)),
+        ({}, (40, 41)),  # more evictable blocks than free ones
+        ({"limit": 2**62}, (40, 0)),
+        ({"groups": b"full_attention:0", "groups_length": 16}, (40, 0)),
+    ],
+)
 def test_values_out_of_range_spoil_only_their_engine_and_never_the_users_metrics(
-        tmp_path, good_engine, caplog, header, values):
+    tmp_path, good_engine, caplog, header, values
+):
     """A value out of int64 range once failed the OTLP export of the whole batch, the user's own
     metrics with it. Every value is checked against its range before it reaches a gauge."""
     from opentelemetry.sdk.metrics import MeterProvider
@@ -124,19 +144,31 @@ def test_values_out_of_range_spoil_only_their_engine_and_never_the_users_metrics
         gauges.set_source(None)
         bad.close()
     exported = encode_metrics(data)  # raises on an int64 overflow
-    names = {metric.name for resource in exported.resource_metrics for scope in resource.scope_metrics
-             for metric in scope.metrics}
+    names = {
+        metric.name
+        for resource in exported.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    }
     assert {"requests", gauges.KV_CACHE_USAGE} <= names
-    models = {point.attributes[gauges.MODEL_NAME] for metric in _metrics(data, gauges.KV_CACHE_LIMIT)
-              for point in metric.data.data_points}
+    models = {
+        point.attributes[gauges.MODEL_NAME]
+        for metric in _metrics(data, gauges.KV_CACHE_LIMIT)
+        for point in metric.data.data_points
+    }
     assert models == {"good"}
     (warning,) = _relay_warnings(caplog)
     assert os.path.basename(bad._path) in warning
 
 
 def _metrics(data, name):
-    return [metric for resource in data.resource_metrics for scope in resource.scope_metrics
-            for metric in scope.metrics if metric.name == name]
+    return [
+        metric
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == name
+    ]
 
 
 def test_a_file_shrunk_under_the_reader_is_dropped_not_a_fault(tmp_path, good_engine):
@@ -188,6 +220,7 @@ def test_a_statistics_record_too_old_is_not_reported(tmp_path):
 
 # Fuzzing: files a writer of this package never makes, held locked as a live writer holds its own.
 
+
 def _valid_file(num_groups: int = 1) -> bytearray:
     groups = ";".join(["full_attention:16"] * num_groups).encode()
     header = _HEADER.pack(b"OVKV", 4, 4, 0, 1, 64, 63 * 16, 0, len(groups), num_groups, b"fuzz", groups)
@@ -209,8 +242,15 @@ def _assert_in_range(snapshots) -> None:
     for snapshot in snapshots:
         occupancy = snapshot.occupancy()
         assert 0 <= snapshot.free_blocks < snapshot.layout.num_blocks
-        for value in (occupancy.used_tokens, occupancy.free_tokens, occupancy.limit_tokens, occupancy.evictable_tokens,
-                      occupancy.headroom_tokens, occupancy.used_blocks, occupancy.limit_blocks):
+        for value in (
+            occupancy.used_tokens,
+            occupancy.free_tokens,
+            occupancy.limit_tokens,
+            occupancy.evictable_tokens,
+            occupancy.headroom_tokens,
+            occupancy.used_blocks,
+            occupancy.limit_blocks,
+        ):
             assert value is None or INT64[0] <= value <= INT64[1]
         assert math.isfinite(occupancy.utilization)
 
@@ -229,13 +269,13 @@ def test_random_bytes_never_escape_the_reader(fuzz_directory, content, stats):
 def test_truncated_or_mutated_files_never_escape_the_reader(fuzz_directory, data):
     content = _valid_file(data.draw(st.integers(1, 3)))
     if data.draw(st.booleans()):
-        content = content[:data.draw(st.integers(0, len(content)))]
+        content = content[: data.draw(st.integers(0, len(content)))]
     else:
         offset = data.draw(st.integers(0, len(content) - 1))
         width = data.draw(st.sampled_from([1, 2, 4, 8]))
         boundary = st.sampled_from([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**53, 2**63 - 1, 2**63, 2**64 - 1])
         value = data.draw(boundary | st.integers(0, 2**64 - 1))
-        content[offset:offset + width] = (value % 2 ** (8 * width)).to_bytes(width, "little")
+        content[offset : offset + width] = (value % 2 ** (8 * width)).to_bytes(width, "little")
     _assert_in_range(_read_planted(fuzz_directory, "engine-0-1-1-0", bytes(content)))
 
 
@@ -276,7 +316,9 @@ def test_a_full_tmpfs_refuses_a_relay_file_with_the_setting_named_and_leaves_not
     from otel_vllm_kv.relay import NoSpace, warn_no_space
 
     for writer_class in (SnapshotWriter, StatsSnapshotWriter):
-        with pytest.raises(NoSpace, match=f"no space left in {full_tmpfs} \\(OTEL_PYTHON_VLLM_KV_RELAY_DIR\\)") as error:
+        with pytest.raises(
+            NoSpace, match=f"no space left in {full_tmpfs} \\(OTEL_PYTHON_VLLM_KV_RELAY_DIR\\)"
+        ) as error:
             writer_class(str(full_tmpfs), 0, "tiny", LAYOUT)
         warn_no_space(error.value)
     assert [name for name in os.listdir(full_tmpfs) if not name.startswith(".no-space")] == []

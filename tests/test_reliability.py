@@ -20,9 +20,16 @@ HERE = os.path.dirname(__file__)
 def test_greedy_outputs_are_identical_with_instrumentation_and_tracing(tiny_model_dir):
     with OtlpProtoTestServer() as receiver:
         result = subprocess.run(
-            [sys.executable, os.path.join(HERE, "scenarios", "greedy_outputs.py"), tiny_model_dir,
-             receiver.traces_endpoint],
-            capture_output=True, text=True, timeout=480, env=otel_environment(PYTHONPATH=support_pythonpath()),
+            [
+                sys.executable,
+                os.path.join(HERE, "scenarios", "greedy_outputs.py"),
+                tiny_model_dir,
+                receiver.traces_endpoint,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=480,
+            env=otel_environment(PYTHONPATH=support_pythonpath()),
         )
         assert result.returncode == 0, result.stderr[-4000:]
         vllm_spans = [recorded.span for recorded in receiver.drain_spans() if recorded.span.name == "llm_request"]

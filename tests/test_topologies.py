@@ -52,7 +52,12 @@ PROMPTS = distinct_prompts(REQUESTS, 200, first=500)
 #: The Prometheus exporter's name for the limit gauge (dots become underscores).
 PROMETHEUS_LIMIT = KV_CACHE_LIMIT.replace(".", "_")
 PROMETHEUS_ENGINE_INDEX = ENGINE_INDEX.replace(".", "_")
-OUR_VLLM_METRICS = {PROMETHEUS_USAGE_TOKENS, PROMETHEUS_LIMIT_TOKENS, PROMETHEUS_EVICTABLE_TOKENS, PROMETHEUS_HEADROOM_TOKENS}
+OUR_VLLM_METRICS = {
+    PROMETHEUS_USAGE_TOKENS,
+    PROMETHEUS_LIMIT_TOKENS,
+    PROMETHEUS_EVICTABLE_TOKENS,
+    PROMETHEUS_HEADROOM_TOKENS,
+}
 VLLM_METRICS_SCRAPES = 6
 
 
@@ -78,8 +83,7 @@ class Run:
     stderr: str
 
 
-def serve(model_dir: str, receiver: OtlpProtoTestServer, topology: Topology,
-          with_package: bool) -> Run:
+def serve(model_dir: str, receiver: OtlpProtoTestServer, topology: Topology, with_package: bool) -> Run:
     """``vllm serve`` under ``opentelemetry-instrument``: traces over OTLP/HTTP, metrics over OTLP or Prometheus.
 
     A topology with ``second_node_args`` runs a second process tree beside it, a "node" with its
@@ -108,9 +112,7 @@ def serve(model_dir: str, receiver: OtlpProtoTestServer, topology: Topology,
             if topology.second_node_instrumented:
                 command = [OPENTELEMETRY_INSTRUMENT, *exporters, *command]
             nodes.append(stack.enter_context(vllm_process(command, env, port, wait=False)))
-        server = stack.enter_context(
-            instrumented_server(model_dir, env, exporters, topology.args(rpc_port))
-        )
+        server = stack.enter_context(instrumented_server(model_dir, env, exporters, topology.args(rpc_port)))
         server.wait_api_servers(topology.api_servers)
         http_servers = [server, *(node for node in nodes if node.port is not None)]
         for node in http_servers[1:]:
@@ -131,16 +133,22 @@ def serve(model_dir: str, receiver: OtlpProtoTestServer, topology: Topology,
     spans += receiver.drain_spans()
     metrics += receiver.drain_metrics()
     kv_exporters_by_engine: dict[int, int] = defaultdict(int)
-    drained_used = {index: value for recorded in _latest(metrics, KV_CACHE_USAGE, "used").values()
-                    for index, value in recorded.items()}
+    drained_used = {
+        index: value
+        for recorded in _latest(metrics, KV_CACHE_USAGE, "used").values()
+        for index, value in recorded.items()
+    }
     for resource, recorded in _latest(metrics, KV_CACHE_LIMIT).items():
         for engine_index, value in recorded.items():
             limits[engine_index].append(value)
             kv_exporters_by_engine[engine_index] += 1
     return Run(
         statuses=[status for status, _ in results],
-        server_spans=[s.span for s in spans if s.span.kind == Span.SPAN_KIND_SERVER
-                      and s.span.name.startswith("POST /v1/completions")],
+        server_spans=[
+            s.span
+            for s in spans
+            if s.span.kind == Span.SPAN_KIND_SERVER and s.span.name.startswith("POST /v1/completions")
+        ],
         span_exporters=len(exporting_resources(spans)),
         metric_exporters=len(exporting_resources([m for m in metrics if not _is_ours(m)])),
         kv_exporters=len(exporting_resources([m for m in metrics if _is_ours(m)])),
@@ -175,7 +183,7 @@ def _settled(receiver: OtlpProtoTestServer, quiet: float = 3.0, limit: float = 2
 
 def _complete_across(servers: list, prompts: list[str]) -> list:
     """Send the prompts concurrently, spread over ``servers`` as an external load balancer would."""
-    shares = [prompts[index::len(servers)] for index in range(len(servers))]
+    shares = [prompts[index :: len(servers)] for index in range(len(servers))]
     with ThreadPoolExecutor(len(servers)) as pool:
         results = pool.map(lambda server, share: server.complete_concurrently(share, max_tokens=16), servers, shares)
         return [result for server_results in results for result in server_results]
@@ -242,37 +250,69 @@ class Topology:
 
 #: Stands for the head's data-parallel RPC port, a free port chosen per run.
 RPC_PORT = "{rpc_port}"
-_TWO_NODES = ("--data-parallel-size", "2", "--data-parallel-size-local", "1",
-              "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", RPC_PORT)
+_TWO_NODES = (
+    "--data-parallel-size",
+    "2",
+    "--data-parallel-size-local",
+    "1",
+    "--data-parallel-address",
+    "127.0.0.1",
+    "--data-parallel-rpc-port",
+    RPC_PORT,
+)
 _HEAD = (*_TWO_NODES, "--api-server-count", "1")
 _HEADLESS = (*_TWO_NODES, "--headless", "--data-parallel-start-rank", "1")
 
 TOPOLOGIES = {
     # vllm serve starts one API-server process per engine by default (internal load balancing).
     "data parallel 2, OTLP": Topology(
-        ("--data-parallel-size", "2"), "otlp", engines=2, server_spans=REQUESTS, api_servers=2,
+        ("--data-parallel-size", "2"),
+        "otlp",
+        engines=2,
+        server_spans=REQUESTS,
+        api_servers=2,
     ),
     # Every spawned process tries the launcher's Prometheus port; opentelemetry-instrument then
     # skips the API servers altogether (no server spans), with or without this package.
     "one engine, 2 API servers, Prometheus": Topology(
-        ("--api-server-count", "2"), "prometheus", 1, server_spans=0, api_servers=2,
+        ("--api-server-count", "2"),
+        "prometheus",
+        1,
+        server_spans=0,
+        api_servers=2,
     ),
     # Two "nodes" on this host, each its own process tree and relay: the head serves HTTP and
     # runs engine 0; the headless node runs engine 1 and exports it itself.
     "head and headless node, OTLP": Topology(
-        _HEAD, "otlp", engines=2, server_spans=REQUESTS, process_trees=2, vllm_metrics_engines=1,
+        _HEAD,
+        "otlp",
+        engines=2,
+        server_spans=REQUESTS,
+        process_trees=2,
+        vllm_metrics_engines=1,
         second_node_args=_HEADLESS,
     ),
     # The headless node started without opentelemetry-instrument (as a node someone forgot to
     # wrap): its engine has no probe, and the head reports it from vLLM's scheduler statistics.
     "head and uninstrumented headless node, OTLP": Topology(
-        _HEAD, "otlp", engines=2, server_spans=REQUESTS, second_node_args=_HEADLESS,
-        second_node_instrumented=False, probed_engines=1,
+        _HEAD,
+        "otlp",
+        engines=2,
+        server_spans=REQUESTS,
+        second_node_args=_HEADLESS,
+        second_node_instrumented=False,
+        probed_engines=1,
     ),
     # Two independent instances behind a load balancer, each its own process tree: both report
     # engine 0, told apart by their resources (service.instance.id).
     "two independent instances, OTLP": Topology(
-        (), "otlp", engines=1, server_spans=REQUESTS, process_trees=2, instances=2, second_node_args=(),
+        (),
+        "otlp",
+        engines=1,
+        server_spans=REQUESTS,
+        process_trees=2,
+        instances=2,
+        second_node_args=(),
         second_node_serves_http=True,
     ),
 }

@@ -85,7 +85,9 @@ def test_a_newer_release_whose_internals_check_out_is_instrumented_and_says_so(v
     assert patched_now()
 
 
-@pytest.mark.parametrize("fake", [renamed_method, renamed_hash_slot], ids=["hooked method renamed", "hash slot renamed"])
+@pytest.mark.parametrize(
+    "fake", [renamed_method, renamed_hash_slot], ids=["hooked method renamed", "hash slot renamed"]
+)
 def test_a_release_with_one_internal_renamed_gets_one_warning_and_no_patch(verdicts, monkeypatch, fake):
     internal = fake(monkeypatch)
     VLLMKVCacheInstrumentor().instrument(meter_provider=new_reader()[1])
@@ -117,6 +119,7 @@ def test_a_hooked_method_with_another_signature_gets_one_warning_and_no_patch(ve
 
 def test_the_table_reads_the_same_from_source_as_from_the_live_classes():
     """One table, two readers: the release script (source text) and the run-time check agree here."""
+
     def installed_source(module: str) -> str | None:
         spec = importlib.util.find_spec(module)
         return None if spec is None or spec.origin is None else Path(spec.origin).read_text()
@@ -126,25 +129,39 @@ def test_the_table_reads_the_same_from_source_as_from_the_live_classes():
         assert (live.status, live.detail) == (text.status, text.detail), (live, text)
 
 
-@pytest.mark.parametrize(("source", "status", "detail"), [
-    ("class FreeKVCacheBlockQueue:\n    def popleft_n(self, n): ...", "present", ""),
-    ("class FreeKVCacheBlockQueue:\n    def popleft_n(self, count): ...", "changed", "takes (count)"),
-    ("class FreeKVCacheBlockQueue:\n    def popleft_n(self, n, *, fast=True): ...", "changed", "takes other kinds of parameters"),
-    ("class FreeKVCacheBlockQueue:\n    def pop_many(self, n): ...", "missing", ""),
-    ("class Other:\n    def popleft_n(self, n): ...", "missing", "no FreeKVCacheBlockQueue"),
-])
+@pytest.mark.parametrize(
+    ("source", "status", "detail"),
+    [
+        ("class FreeKVCacheBlockQueue:\n    def popleft_n(self, n): ...", "present", ""),
+        ("class FreeKVCacheBlockQueue:\n    def popleft_n(self, count): ...", "changed", "takes (count)"),
+        (
+            "class FreeKVCacheBlockQueue:\n    def popleft_n(self, n, *, fast=True): ...",
+            "changed",
+            "takes other kinds of parameters",
+        ),
+        ("class FreeKVCacheBlockQueue:\n    def pop_many(self, n): ...", "missing", ""),
+        ("class Other:\n    def popleft_n(self, n): ...", "missing", "no FreeKVCacheBlockQueue"),
+    ],
+)
 def test_source_reading_tells_present_changed_and_missing_methods(source, status, detail):
     internal = internals.method("m", "FreeKVCacheBlockQueue.popleft_n", ("n",))
     finding = internals.check_source(internal, {"m": textwrap.dedent(source)}.get)
     assert (finding.status, finding.detail) == (status, detail)
 
 
-@pytest.mark.parametrize(("source", "status", "detail"), [
-    ("@dataclass(slots=True)\nclass KVCacheBlock:\n    block_hash: int | None = None", "present", ""),
-    ("@dataclass(slots=True)\nclass KVCacheBlock:\n    _block_hash: int | None = None", "present", "as _block_hash"),
-    ("@dataclass\nclass KVCacheBlock:\n    block_hash: int | None = None", "missing", "no such slot"),
-    ("class KVCacheBlock:\n    __slots__ = ('block_hash',)", "present", ""),
-])
+@pytest.mark.parametrize(
+    ("source", "status", "detail"),
+    [
+        ("@dataclass(slots=True)\nclass KVCacheBlock:\n    block_hash: int | None = None", "present", ""),
+        (
+            "@dataclass(slots=True)\nclass KVCacheBlock:\n    _block_hash: int | None = None",
+            "present",
+            "as _block_hash",
+        ),
+        ("@dataclass\nclass KVCacheBlock:\n    block_hash: int | None = None", "missing", "no such slot"),
+        ("class KVCacheBlock:\n    __slots__ = ('block_hash',)", "present", ""),
+    ],
+)
 def test_source_reading_tells_slots_from_plain_fields(source, status, detail):
     finding = internals.check_source(internals.slot("m", "KVCacheBlock.block_hash", "_block_hash"), {"m": source}.get)
     assert (finding.status, finding.detail) == (status, detail)
@@ -152,22 +169,34 @@ def test_source_reading_tells_slots_from_plain_fields(source, status, detail):
 
 # --- Under `vllm serve` (its root logger at ERROR) ----------------------------------------------
 
+
 @pytest.mark.engine
 @pytest.mark.parametrize("fake", ["none", *FAKES])
 def test_under_vllm_serve_the_verdict_is_one_line_and_a_refused_release_still_serves(tiny_model_dir, fake):
     """The whole tree (server, engine core, worker) says it once; a refused release serves untouched."""
     port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
-           "PYTHONPATH": support_pythonpath(),
-           "FAKE_VLLM_RELEASE": fake}
-    command = [sys.executable, str(FAKE_RELEASE_SERVER), "serve", *server_arguments(tiny_model_dir),
-               "--port", str(port)]
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+        "PYTHONPATH": support_pythonpath(),
+        "FAKE_VLLM_RELEASE": fake,
+    }
+    command = [
+        sys.executable,
+        str(FAKE_RELEASE_SERVER),
+        "serve",
+        *server_arguments(tiny_model_dir),
+        "--port",
+        str(port),
+    ]
     with vllm_process(command, env, port) as server:
         status, body = server.complete("hello", max_tokens=4)
         output = server.stderr
     assert status == 200, body
-    lines = [line for line in output.splitlines() if "otel-vllm-kv" in line and ("instruments vLLM" in line
-                                                                                or "does not recognise" in line)]
+    lines = [
+        line
+        for line in output.splitlines()
+        if "otel-vllm-kv" in line and ("instruments vLLM" in line or "does not recognise" in line)
+    ]
     assert len(lines) == 1, "\n".join(lines) or output[-3000:]
     if fake == "none":
         assert lines[0].startswith("INFO") and "instruments vLLM" in lines[0], lines[0]

@@ -49,7 +49,8 @@ def test_offline_script_exports_the_gauges_over_grpc_from_one_process(tmp_path):
     assert len(exporting_resources(kv_metrics)) == 1, "the engine core (auto-instrumented too) exports no gauges"
     assert {point.as_int for point in _points(metrics, KV_CACHE_LIMIT)} == {LIMIT}
     used = [
-        point.as_int for point in _points(metrics, KV_CACHE_USAGE)
+        point.as_int
+        for point in _points(metrics, KV_CACHE_USAGE)
         if otlp_attributes(point.attributes)[KV_CACHE_STATE] == "used"
     ]
     assert max(used) > 0, "an export happened while the batch held blocks"

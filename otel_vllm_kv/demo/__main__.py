@@ -12,8 +12,10 @@ from otel_vllm_kv.demo.options import PROG, DemoOptions, parse_options
 
 
 def chart_title(options: DemoOptions) -> str:
-    return (f"vLLM KV cache of the tiny model: {options.requests} requests of {options.prompt_tokens} prompt + "
-            f"{options.output_tokens} output tokens, submitted at once")
+    return (
+        f"vLLM KV cache of the tiny model: {options.requests} requests of {options.prompt_tokens} prompt + "
+        f"{options.output_tokens} output tokens, submitted at once"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         with engine.tiny_engine(options.model_dir) as llm:
             view = open_view(options.requests, options.plain)
             with view, Sampler(telemetry.metric_reader, options.interval, view.show_sample) as sampler:
-                result = run_load(llm, telemetry.tracer, options.requests, options.prompt_tokens,
-                                  options.output_tokens, view.show_progress)
+                result = run_load(
+                    llm,
+                    telemetry.tracer,
+                    options.requests,
+                    options.prompt_tokens,
+                    options.output_tokens,
+                    view.show_progress,
+                )
             telemetry.flush()  # while the engine is still reported
         span = telemetry.finished_span(LOAD_SPAN)
         events = cache_events(span)

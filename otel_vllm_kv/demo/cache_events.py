@@ -30,10 +30,14 @@ def cache_events(span: ReadableSpan) -> list[CacheEvent]:
     for event in span.events:
         if event.name in _KINDS:
             attributes: Mapping[str, Any] = event.attributes or {}
-            events.append(CacheEvent(
-                kind=_KINDS[event.name], at=event.timestamp / 1e9,
-                engine_index=attributes[names.ENGINE_INDEX], used_tokens=attributes[names.ADMISSION_USED_TOKENS],
-            ))
+            events.append(
+                CacheEvent(
+                    kind=_KINDS[event.name],
+                    at=event.timestamp / 1e9,
+                    engine_index=attributes[names.ENGINE_INDEX],
+                    used_tokens=attributes[names.ADMISSION_USED_TOKENS],
+                )
+            )
     return events
 
 

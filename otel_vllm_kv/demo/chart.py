@@ -47,8 +47,13 @@ def _draw_engine(ax, index: int, samples: list[Sample], events: list[CacheEvent]
     for kind, style in MARKERS.items():
         marked = [event for event in events if event.kind == kind]
         if marked:
-            ax.scatter([event.at - origin for event in marked], [event.used_tokens for event in marked],
-                       label=f"{kind} ({len(marked)})", zorder=3, **style)
+            ax.scatter(
+                [event.at - origin for event in marked],
+                [event.used_tokens for event in marked],
+                label=f"{kind} ({len(marked)})",
+                zorder=3,
+                **style,
+            )
     ax.set_title(f"engine {index}", loc="left")
     ax.set_ylabel("KV-cache tokens")
     ax.set_ylim(0, limit * 1.08 or 1)

@@ -51,9 +51,11 @@ def tokens(value: int | None) -> str:
 
 def format_engine(index: int, gauges: EngineReading) -> str:
     utilization = gauges.utilization or 0.0
-    return (f"engine {index} {text_bar(utilization)} {utilization:6.1%}  "
-            f"used {tokens(gauges.used):>6}  free {tokens(gauges.free):>6} (evictable {tokens(gauges.evictable):>6})  "
-            f"limit {tokens(gauges.limit):>6}")
+    return (
+        f"engine {index} {text_bar(utilization)} {utilization:6.1%}  "
+        f"used {tokens(gauges.used):>6}  free {tokens(gauges.free):>6} (evictable {tokens(gauges.evictable):>6})  "
+        f"limit {tokens(gauges.limit):>6}"
+    )
 
 
 class PlainView:
@@ -81,8 +83,10 @@ class PlainView:
             return
         self._shown = state
         width = len(str(progress.total))
-        head = (f"{sample.at - self._origin:7.2f}s  requests {progress.finished:>{width}}/{progress.total}  "
-                f"preempted {progress.preempted:>3}")
+        head = (
+            f"{sample.at - self._origin:7.2f}s  requests {progress.finished:>{width}}/{progress.total}  "
+            f"preempted {progress.preempted:>3}"
+        )
         for index, gauges in sample.engines.items():
             print(f"{head} | {format_engine(index, gauges)}", file=self._out, flush=True)
 
@@ -92,7 +96,10 @@ class RichView:
 
     def __init__(self, total_requests: int) -> None:
         self._progress = Progress(
-            TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("[bold]requests"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
             TextColumn("{task.fields[status]}"),
         )
         self._task = self._progress.add_task("load", total=total_requests, status="", start=False)
@@ -107,8 +114,10 @@ class RichView:
         self._live.__exit__(*exc_info)
 
     def show_progress(self, progress: LoadProgress) -> None:
-        status = (f"{progress.admitted} admitted · {progress.preempted} preempted · "
-                  f"{progress.generated_tokens:,} tokens generated")
+        status = (
+            f"{progress.admitted} admitted · {progress.preempted} preempted · "
+            f"{progress.generated_tokens:,} tokens generated"
+        )
         self._progress.update(self._task, completed=progress.finished, status=status)
 
     def show_sample(self, sample: Sample) -> None:
@@ -123,7 +132,13 @@ class RichView:
         table.add_column("", justify="right", min_width=6)
         for index, gauges in (sample.engines if sample else {}).items():
             utilization = gauges.utilization or 0.0
-            table.add_row(str(index), tokens(gauges.used), tokens(gauges.free), tokens(gauges.evictable),
-                          tokens(gauges.limit), ProgressBar(total=1.0, completed=utilization, width=30),
-                          f"{utilization:.1%}")
+            table.add_row(
+                str(index),
+                tokens(gauges.used),
+                tokens(gauges.free),
+                tokens(gauges.evictable),
+                tokens(gauges.limit),
+                ProgressBar(total=1.0, completed=utilization, width=30),
+                f"{utilization:.1%}",
+            )
         return Group(table, self._progress)

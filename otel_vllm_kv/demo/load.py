@@ -40,7 +40,11 @@ def distinct_prompts(count: int, length: int) -> list[str]:
 
 
 def run_load(
-    llm: LLM, tracer: Tracer, requests: int, prompt_tokens: int, output_tokens: int,
+    llm: LLM,
+    tracer: Tracer,
+    requests: int,
+    prompt_tokens: int,
+    output_tokens: int,
     on_progress: Callable[[LoadProgress], None],
 ) -> LoadResult:
     """Submit the burst inside the load span and step the engine until it drained; report progress on change."""

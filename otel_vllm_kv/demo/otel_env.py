@@ -109,8 +109,9 @@ def _protocol(environ: Mapping[str, str], signal: str) -> str:
 def _check_metric_export_interval(environ: Mapping[str, str]) -> None:
     value = _value(environ, METRIC_EXPORT_INTERVAL)
     if value and not (value.isdigit() and int(value) > 0):
-        raise ValueError(f"{METRIC_EXPORT_INTERVAL}={value!r} is invalid; accepted values: a positive integer "
-                         "(milliseconds)")
+        raise ValueError(
+            f"{METRIC_EXPORT_INTERVAL}={value!r} is invalid; accepted values: a positive integer (milliseconds)"
+        )
 
 
 def _invalid(variable: str, value: str, accepted: tuple[str, ...]) -> str:

@@ -23,10 +23,12 @@ class Summary:
 
     def __str__(self) -> str:
         peak = self.peak_used / self.limit if self.limit else 0.0
-        return (f"{self.requests} requests, {self.generated_tokens:,} tokens generated in {self.seconds:.1f} s; "
-                f"peak used {self.peak_used:,} of {self.limit:,} tokens ({peak:.1%}); "
-                f"{self.admissions} admissions, {self.preemptions} preemptions, {self.resumptions} resumptions; "
-                f"used at the end {self.used_at_end:,}")
+        return (
+            f"{self.requests} requests, {self.generated_tokens:,} tokens generated in {self.seconds:.1f} s; "
+            f"peak used {self.peak_used:,} of {self.limit:,} tokens ({peak:.1%}); "
+            f"{self.admissions} admissions, {self.preemptions} preemptions, {self.resumptions} resumptions; "
+            f"used at the end {self.used_at_end:,}"
+        )
 
 
 def summarize(result: LoadResult, samples: list[Sample], events: list[CacheEvent]) -> Summary:

@@ -65,8 +65,19 @@ PREEMPTED_TIME_ATTRIBUTE = "_otel_vllm_kv_preempted"
 class AdmissionRecorder:
     """One engine's admission, preemption and delivery bookkeeping (its probe owns it)."""
 
-    __slots__ = ("undelivered", "_scheduler", "_requests", "_queue", "_engine", "_group_blocks",
-                 "_without_connector", "_waiting", "_preempted", "_finished", "_waiting_queues")
+    __slots__ = (
+        "undelivered",
+        "_scheduler",
+        "_requests",
+        "_queue",
+        "_engine",
+        "_group_blocks",
+        "_without_connector",
+        "_waiting",
+        "_preempted",
+        "_finished",
+        "_waiting_queues",
+    )
 
     def __init__(self, scheduler: Any, engine_index: int, num_blocks: int, limit_tokens: int) -> None:
         from vllm.v1.request import RequestStatus
@@ -159,7 +170,9 @@ class AdmissionRecorder:
                     request._otel_vllm_kv_admitted = generation  # ADMITTED_GENERATION_ATTRIBUTE
                 now = time()
                 # Since the preemption, when we saw it; else since arrival (as for a first admission).
-                queued = now - ((generation and getattr(request, "_otel_vllm_kv_preempted", 0.0)) or request.arrival_time)
+                queued = now - (
+                    (generation and getattr(request, "_otel_vllm_kv_preempted", 0.0)) or request.arrival_time
+                )
                 if queued < 0.0:
                     queued = 0.0  # the wall clock stepped back
                 if single_group is not None:
@@ -168,15 +181,26 @@ class AdmissionRecorder:
                     own_blocks = 0
                     request_id = request.request_id
                     for blocks in group_blocks:
-                        own_blocks += sum(1 for block in blocks.get(request_id, ()) if not block.is_null)  # outside a window
+                        own_blocks += sum(
+                            1 for block in blocks.get(request_id, ()) if not block.is_null
+                        )  # outside a window
                 # Still queued: the request itself is not waiting any more.
                 if queues is None:
                     waiting = scheduler().get_request_counts()[1] - 1
                 else:
                     waiting = _queue_length(queues[0]) + _queue_length(queues[1]) + _queue_length(queues[2]) - 1
                 record = _pack(
-                    _RESUMED if generation else _ADMITTED, 2 * generation + 1, now, engine_index, num_blocks,
-                    limit_tokens, queue.num_free_blocks, own_blocks, num_hits, queued, waiting,
+                    _RESUMED if generation else _ADMITTED,
+                    2 * generation + 1,
+                    now,
+                    engine_index,
+                    num_blocks,
+                    limit_tokens,
+                    queue.num_free_blocks,
+                    own_blocks,
+                    num_hits,
+                    queued,
+                    waiting,
                 ).hex()
                 _carry(undelivered, request, record)
             except Exception:  # noqa: BLE001 - the engine must never see our failure
@@ -188,8 +212,15 @@ class AdmissionRecorder:
     def preemption(self, request: Any) -> None:
         now = request._otel_vllm_kv_preempted = time()  # PREEMPTED_TIME_ATTRIBUTE
         record = _pack(
-            _PREEMPTED, 2 * request.num_preemptions, now, *self._engine,
-            self._queue.num_free_blocks, 0, 0, 0.0, self._waiting_requests(),
+            _PREEMPTED,
+            2 * request.num_preemptions,
+            now,
+            *self._engine,
+            self._queue.num_free_blocks,
+            0,
+            0,
+            0.0,
+            self._waiting_requests(),
         ).hex()
         _carry(self.undelivered, request, record)
 
@@ -253,8 +284,16 @@ def _without_foreign_records(headers: Any) -> dict:
 #: What the recorder reads of the scheduler and of each vLLM ``Request`` (``internals``).
 REQUIRED = (
     attribute("vllm.v1.core.sched.scheduler", "Scheduler.requests"),
-    *(attribute("vllm.v1.request", f"Request.{name}") for name in (
-        "trace_headers", "num_preemptions", "_output_token_ids", "arrival_time", "status", "request_id",
-        "num_computed_tokens",
-    )),
+    *(
+        attribute("vllm.v1.request", f"Request.{name}")
+        for name in (
+            "trace_headers",
+            "num_preemptions",
+            "_output_token_ids",
+            "arrival_time",
+            "status",
+            "request_id",
+            "num_computed_tokens",
+        )
+    ),
 )

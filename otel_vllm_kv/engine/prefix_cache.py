@@ -289,7 +289,9 @@ def _pool_hooks(counter: EvictableBlocks, frees_evicting_first: bool) -> dict[st
         return free_blocks
 
     hooks: dict[str, Callable[[Callable], Callable]] = {
-        "unpin_blocks": unpin_blocks, "evict_blocks": evict_blocks, "reset_prefix_cache": reset_prefix_cache,
+        "unpin_blocks": unpin_blocks,
+        "evict_blocks": evict_blocks,
+        "reset_prefix_cache": reset_prefix_cache,
     }
     if frees_evicting_first:
         hooks["free_blocks"] = free_blocks
@@ -302,8 +304,13 @@ def _prepended_with_hash(pool: Any, blocks: list[Any], hash_of: Callable[[Any], 
     own = pool.blocks
     freed = {}
     for block in blocks:
-        if (block.ref_cnt == 0 and not block.is_null and hash_of(block) is not None
-                and block.block_id < len(own) and own[block.block_id] is block):
+        if (
+            block.ref_cnt == 0
+            and not block.is_null
+            and hash_of(block) is not None
+            and block.block_id < len(own)
+            and own[block.block_id] is block
+        ):
             freed[block.block_id] = block
     return freed.values()
 
@@ -319,8 +326,13 @@ def _evicted(pool: Any, block_ids: Iterable[int]) -> list[Any]:
 
 
 #: The ``FreeKVCacheBlockQueue`` methods hooked on each watched pool's queue, with vLLM's own parameters.
-QUEUE_PARAMETERS = {"append_n": ("blocks",), "popleft_n": ("n",), "remove": ("block",), "append": ("block",),
-                    "popleft": ()}
+QUEUE_PARAMETERS = {
+    "append_n": ("blocks",),
+    "popleft_n": ("n",),
+    "remove": ("block",),
+    "append": ("block",),
+    "popleft": (),
+}
 QUEUE_METHODS = tuple(QUEUE_PARAMETERS)
 #: The ``BlockPool`` methods hooked on each watched pool (any signature); ``free_blocks`` too where it takes
 #: ``evict_first``.
@@ -338,8 +350,13 @@ REQUIRED = (
     *(method(BLOCK_POOL_MODULE, f"BlockPool.{name}") for name in POOL_METHODS),
     method(BLOCK_POOL_MODULE, "BlockPool.free_blocks", ("ordered_blocks",), ("ordered_blocks", "evict_first=")),
     BLOCK_HASH,
-    *(slot(FREE_QUEUE_MODULE, f"KVCacheBlock.{name}") for name in ("block_id", "ref_cnt", "is_null", "next_free_block")),
-    *(attribute(FREE_QUEUE_MODULE, f"FreeKVCacheBlockQueue.{name}")
-      for name in ("num_free_blocks", "fake_free_list_head", "fake_free_list_tail")),
+    *(
+        slot(FREE_QUEUE_MODULE, f"KVCacheBlock.{name}")
+        for name in ("block_id", "ref_cnt", "is_null", "next_free_block")
+    ),
+    *(
+        attribute(FREE_QUEUE_MODULE, f"FreeKVCacheBlockQueue.{name}")
+        for name in ("num_free_blocks", "fake_free_list_head", "fake_free_list_tail")
+    ),
     *(attribute(BLOCK_POOL_MODULE, f"BlockPool.{name}") for name in ("free_block_queue", "null_block", "blocks")),
 )

@@ -46,8 +46,19 @@ MANAGER_METHODS = ("record_prefix_cache_stats", "get_blocks")
 class EngineProbe:
     """One scheduler's view: publishes its free and evictable block counts when they change."""
 
-    __slots__ = ("_queue", "_evictable", "_counts", "_writer", "_last", "_last_counts", "close", "layout",
-                 "engine_index", "scheduler", "recorder")
+    __slots__ = (
+        "_queue",
+        "_evictable",
+        "_counts",
+        "_writer",
+        "_last",
+        "_last_counts",
+        "close",
+        "layout",
+        "engine_index",
+        "scheduler",
+        "recorder",
+    )
 
     def __init__(self, scheduler: Any, writer: SnapshotWriter, layout: PoolLayout, engine_index: int) -> None:
         self._queue = free_block_queue(scheduler)
@@ -105,8 +116,8 @@ class _ProbeRegistry:
         layout = read_layout(scheduler)
         if layout.limit_tokens is None:
             _logger.warning(
-                "vLLM reports no token capacity for this KV cache (%d groups): "
-                "it is reported in blocks only", len(layout.groups),
+                "vLLM reports no token capacity for this KV cache (%d groups): it is reported in blocks only",
+                len(layout.groups),
             )
         engine_index, model_name = read_engine_identity(scheduler)
         try:
@@ -144,7 +155,8 @@ class _ProbeRegistry:
             self._warned = True
             _logger.warning(
                 "otel-vllm-kv could not read the KV cache of this vLLM scheduler; "
-                "it stops observing this engine (the engine is unaffected)", exc_info=True,
+                "it stops observing this engine (the engine is unaffected)",
+                exc_info=True,
             )
 
 

@@ -41,7 +41,9 @@ def record_attributes(record: AdmissionRecord) -> dict[str, AttributeValue]:
     if record.kind == PREEMPTED:
         return attributes
     attributes[names.REQUEST_KV_BLOCKS] = record.own_blocks
-    own_tokens = tokens_in(record.own_blocks, record.limit_tokens, record.num_blocks - 1) if record.limit_tokens >= 0 else None
+    own_tokens = (
+        tokens_in(record.own_blocks, record.limit_tokens, record.num_blocks - 1) if record.limit_tokens >= 0 else None
+    )
     if own_tokens is not None:
         attributes[names.REQUEST_KV_TOKENS] = own_tokens
     attributes[names.CACHE_READ_INPUT_TOKENS] = record.cached_tokens

@@ -38,8 +38,9 @@ class _MultiprocessGauges:
 
         self._reader = SnapshotReader(relay_directory)
         self._gauges = {
-            name: Gauge(name, family.help, labelnames=label_names(name), registry=None,
-                        multiprocess_mode="livemostrecent")
+            name: Gauge(
+                name, family.help, labelnames=label_names(name), registry=None, multiprocess_mode="livemostrecent"
+            )
             for name, family in PROMETHEUS_FAMILIES.items()
         }
         self._warn = warn_once()

@@ -62,9 +62,7 @@ class _Annotator:
         self.processors: weakref.WeakSet[Any] = weakref.WeakSet()
         self.submissions: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
         self.tracing: _TrackedRequest | None = None
-        self.warn_once = WarnOnce(
-            _logger, "otel-vllm-kv could not annotate a request span; requests are unaffected"
-        )
+        self.warn_once = WarnOnce(_logger, "otel-vllm-kv could not annotate a request span; requests are unaffected")
 
     def track(self, output_processor: Any, request: Any) -> None:
         span = trace.get_current_span()

@@ -82,9 +82,7 @@ class _Reporter:
     def __init__(self) -> None:
         self.relay_directory: str | None = None
         self.clients: weakref.WeakKeyDictionary[Any, dict[int, _KnownEngine]] = weakref.WeakKeyDictionary()
-        self.warn_once = WarnOnce(
-            _logger, "otel-vllm-kv could not read vLLM's engine outputs; engines are unaffected"
-        )
+        self.warn_once = WarnOnce(_logger, "otel-vllm-kv could not read vLLM's engine outputs; engines are unaffected")
 
     def add_engine(self, client: Any, payload: bytes) -> None:
         if not payload or self.relay_directory is None:
@@ -134,7 +132,9 @@ class _Reporter:
             "without otel-vllm-kv instrumentation (or its probe stopped). Its KV-cache gauges are derived from vLLM's "
             "scheduler statistics (used, free, limit, utilization, blocks; no evictable, headroom or "
             "per-group series) and its requests' spans carry no admission attributes. Start that node "
-            "under opentelemetry-instrument to probe it (docs/topologies.md).", engine.index, engine.index,
+            "under opentelemetry-instrument to probe it (docs/topologies.md).",
+            engine.index,
+            engine.index,
         )
 
     def clear(self) -> None:

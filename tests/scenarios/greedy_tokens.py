@@ -24,8 +24,14 @@ import sys
 logging.basicConfig(format="%(levelname)s [pid %(process)d] %(name)s: %(message)s")
 
 #: Distinct last bytes: the tiny model's greedy continuation differs for each (one token per byte).
-PROMPTS = ["Hello", "The quick brown fox", "0000 0000 0000", "zzzzzzzzzzzzzz", "KV cache: 8064 tokens, 35% free?",
-           "the quick brown fox jumps; " * 12]
+PROMPTS = [
+    "Hello",
+    "The quick brown fox",
+    "0000 0000 0000",
+    "zzzzzzzzzzzzzz",
+    "KV cache: 8064 tokens, 35% free?",
+    "the quick brown fox jumps; " * 12,
+]
 MAX_TOKENS = 32
 
 
@@ -34,7 +40,9 @@ def _without_package() -> dict:
     from importlib.metadata import entry_points
 
     os.environ["VLLM_PLUGINS"] = ",".join(
-        plugin.name for plugin in entry_points(group="vllm.general_plugins") if plugin.value.split(".")[0] != "otel_vllm_kv"
+        plugin.name
+        for plugin in entry_points(group="vllm.general_plugins")
+        if plugin.value.split(".")[0] != "otel_vllm_kv"
     )
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return {"distributed_executor_backend": "uni"}

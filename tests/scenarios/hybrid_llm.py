@@ -87,15 +87,24 @@ if __name__ == "__main__":
     reusing = read_engines(reader)[0]
     hits = published(llm)["prefix_cache_hits"] - hits_before
     run_until_done(engine, llm, reader, scheduler, mismatches, trace)
-    print(json.dumps({
-        "engine_core": type(engine.engine_core).__name__,
-        "steps": len(trace),
-        "mismatches": mismatches[:5],
-        "groups": {index: [group.attention_type, group.block_size] for index, group in idle.groups.items()},
-        "published": published(llm),
-        "most_used_blocks": max(step["used_blocks"] for step in trace),
-        "usages": sorted({step["usage"] for step in trace}),
-        "idle": {"used": idle.used, "free": idle.free, "limit": idle.limit, "evictable": idle.evictable,
-                 "evictable_blocks": [group.evictable_blocks for group in idle.groups.values()]},
-        "reusing": {"evictable": reusing.evictable, "prefix_cache_hits": hits},
-    }))
+    print(
+        json.dumps(
+            {
+                "engine_core": type(engine.engine_core).__name__,
+                "steps": len(trace),
+                "mismatches": mismatches[:5],
+                "groups": {index: [group.attention_type, group.block_size] for index, group in idle.groups.items()},
+                "published": published(llm),
+                "most_used_blocks": max(step["used_blocks"] for step in trace),
+                "usages": sorted({step["usage"] for step in trace}),
+                "idle": {
+                    "used": idle.used,
+                    "free": idle.free,
+                    "limit": idle.limit,
+                    "evictable": idle.evictable,
+                    "evictable_blocks": [group.evictable_blocks for group in idle.groups.values()],
+                },
+                "reusing": {"evictable": reusing.evictable, "prefix_cache_hits": hits},
+            }
+        )
+    )

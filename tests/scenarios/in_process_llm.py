@@ -25,7 +25,11 @@ if __name__ == "__main__":
     reader = InMemoryMetricReader()
     VLLMKVCacheInstrumentor().instrument(meter_provider=MeterProvider(metric_readers=[reader]))
     scheduler_class = sys.argv[2] if len(sys.argv) > 2 else "Scheduler"
-    chosen = {} if scheduler_class == "Scheduler" else {"scheduler_cls": f"vllm.v1.core.sched.async_scheduler.{scheduler_class}"}
+    chosen = (
+        {}
+        if scheduler_class == "Scheduler"
+        else {"scheduler_cls": f"vllm.v1.core.sched.async_scheduler.{scheduler_class}"}
+    )
     llm = LLM(**engine_kwargs(sys.argv[1], **chosen))
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
@@ -38,17 +42,25 @@ if __name__ == "__main__":
         gauges = read_engines(reader)[0]
         assert_consistent(gauges)
         pool_free = scheduler.kv_cache_manager.block_pool.get_num_free_blocks() * BLOCK_SIZE
-        expected = 0 if request.is_finished() else blocks_for(request.num_prompt_tokens, request.num_output_tokens) * BLOCK_SIZE
+        expected = (
+            0
+            if request.is_finished()
+            else blocks_for(request.num_prompt_tokens, request.num_output_tokens) * BLOCK_SIZE
+        )
         if (gauges.used, gauges.free) != (expected, pool_free):
             mismatches.append([steps, gauges.used, expected, gauges.free, pool_free])
         most_used = max(most_used, gauges.used)
     gauges = read_engines(reader)[0]
-    print(json.dumps({
-        "engine_core": type(engine.engine_core).__name__,
-        "scheduler": type(scheduler).__name__,
-        "steps": steps,
-        "mismatches": mismatches,
-        "prompt_tokens": request.num_prompt_tokens,
-        "most_used": most_used,
-        "after": {"used": gauges.used, "free": gauges.free, "limit": gauges.limit},
-    }))
+    print(
+        json.dumps(
+            {
+                "engine_core": type(engine.engine_core).__name__,
+                "scheduler": type(scheduler).__name__,
+                "steps": steps,
+                "mismatches": mismatches,
+                "prompt_tokens": request.num_prompt_tokens,
+                "most_used": most_used,
+                "after": {"used": gauges.used, "free": gauges.free, "limit": gauges.limit},
+            }
+        )
+    )

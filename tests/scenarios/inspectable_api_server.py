@@ -4,7 +4,6 @@
 tracks, and this process's RSS. Run it as vLLM's server module is run (same arguments).
 """
 
-
 if __name__ == "__main__":
     import psutil
     from vllm.entrypoints.launchers.api_server import entry
