@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks import _callgrind
+from benchmarks import _callgrind, _instruction_report
 from benchmarks._common import (
     ROOT,
     SanityError,
@@ -228,14 +228,23 @@ def check_engine_runs(results: list[dict]) -> None:
     )
 
 
+def with_baselines(workloads: list[str]) -> list[str]:
+    """The workloads asked for, plus the baselines their rows subtract (``_instruction_report.ROWS``):
+    a decode step without its ``harness`` would have no figure of vLLM's own."""
+    wanted = list(workloads)
+    for workload in wanted:  # grows while it runs: a baseline's own baseline is added too
+        for row_workload, _, baseline, _ in _instruction_report.ROWS:
+            if row_workload == workload and baseline is not None and baseline not in wanted:
+                wanted.append(baseline)
+    return wanted
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
     if args.report:
-        from benchmarks import _instruction_report
-
         saved = [json.load(open(os.path.join(path, "results.json"), encoding="utf-8")) for path in args.report]
         results = [result for run in saved for result in run["results"]]
         print(_instruction_report.report(results, saved[0]["units"]))
@@ -255,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     directory = tempfile.mkdtemp(prefix="otel-vllm-kv-callgrind-")
-    spec = {"model_dir": tiny_model_dir(), "workloads": args.workloads, "units": units}
+    spec = {"model_dir": tiny_model_dir(), "workloads": with_baselines(args.workloads), "units": units}
     variants = tuple(args.variants) + (("toggle",) if args.toggle else ())
     jobs = [(variant, "engine", spec | {"engine": True}) for variant in VARIANTS] if args.engine else []
     jobs += [(variant, repeat, spec) for repeat in range(1 if args.smoke else args.repeat) for variant in variants]
@@ -278,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
         check_tallies([result for result in results if "tallies" in result])
         check_engine_runs([result for result in results if "tokens" in result])
         if not args.smoke:
-            from benchmarks import _instruction_report
-
             print(_instruction_report.report(results, units))
         print("All sanity checks passed.")
     finally:

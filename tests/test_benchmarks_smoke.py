@@ -138,3 +138,11 @@ def test_engine_throughput_smoke():
 def test_memory_smoke():
     stdout = run_smoke("memory", timeout=400)
     assert "| variant" in stdout and "| ours    | instrumented process" in stdout and "engine core" in stdout
+
+
+def test_a_part_of_the_workloads_brings_the_baselines_its_figures_subtract():
+    from benchmarks.instructions import with_baselines
+
+    assert with_baselines(["admission"]) == ["admission"]
+    assert with_baselines(["decode 64"]) == ["decode 64", "harness 64"]
+    assert with_baselines(["preemption + resumption"]) == ["preemption + resumption", "decode 16", "harness 16"]
