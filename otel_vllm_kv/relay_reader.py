@@ -1,4 +1,6 @@
-"""Exporter side of the relay: which engine files are read, and which file wins for an engine.
+"""The reading side of the relay: which engine files are read, and which file wins for an engine.
+
+Read in the exporter, and in each API server that serves a multiprocess ``/metrics``.
 
 Where an engine index repeats (an engine replaced by a newer one, or reported by several
 frontends), the newest probe file wins; without a probe file, the newest statistics record
