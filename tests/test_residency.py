@@ -46,15 +46,28 @@ def attached_ledger(scheduler, clock) -> list[int]:
     return hits
 
 
-def run_workload(scheduler, clock, seed: int) -> tuple[list, float]:
+def fair_shares_now(scheduler) -> dict[str, float]:
+    """Each request's fair share of the pool now, by brute force: every block it holds, in tokens,
+    divided by the requests holding it (the oracle the ledger must match without this work)."""
+    shares: dict[str, float] = {}
+    null_block = scheduler.kv_cache_manager.block_pool.null_block
+    for group in scheduler.kv_cache_manager.coordinator.single_type_managers:
+        for request_id, blocks in group.req_to_blocks.items():
+            held = sum(BLOCK_SIZE / block.ref_cnt for block in blocks if block is not null_block)
+            shares[request_id] = shares.get(request_id, 0.0) + held
+    return shares
+
+
+def run_workload(scheduler, clock, seed: int) -> tuple[list, float, dict[str, float]]:
     """Random requests (some sharing a prompt prefix), a random abort now and then, one prefix-cache
-    reset; returns every request and the integral of used tokens, step by step."""
+    reset; returns every request, the integral of used tokens and each request's integral of its
+    fair share, step by step."""
     rng = random.Random(seed)
     stepper = Stepper(scheduler)
     pool = scheduler.kv_cache_manager.block_pool
     allocatable = pool.num_gpu_blocks - 1
     prefixes = [list(range(1000 * p, 1000 * p + BLOCK_SIZE * rng.randint(1, 4))) for p in range(3)]
-    requests, used_integral = [], 0.0
+    requests, used_integral, share_integrals = [], 0.0, {}
     for step in range(400):
         clock.now = float(step)
         if step < 300 and rng.random() < 0.4:
@@ -72,9 +85,11 @@ def run_workload(scheduler, clock, seed: int) -> tuple[list, float]:
         if scheduler.has_requests() or stepper.in_flight:
             stepper.step()
         used_integral += (allocatable - pool.get_num_free_blocks()) * BLOCK_SIZE * 1.0
+        for request_id, share in fair_shares_now(scheduler).items():
+            share_integrals[request_id] = share_integrals.get(request_id, 0.0) + share * 1.0
     clock.now = 400.0
     stepper.run_until_idle()
-    return requests, used_integral
+    return requests, used_integral, share_integrals
 
 
 def residency_of(request) -> float:
@@ -87,9 +102,12 @@ def test_the_requests_shares_add_up_to_the_pools_used_tokens(vllm_scheduler, tin
     scheduler = build_scheduler(tiny_model_dir, num_blocks=40, block_size=BLOCK_SIZE)
     clock = StepClock()
     hits = attached_ledger(scheduler, clock)
-    requests, used_integral = run_workload(scheduler, clock, seed)
+    requests, used_integral, share_integrals = run_workload(scheduler, clock, seed)
     preemptions = sum(request.num_preemptions for request in requests)
     assert preemptions > 0, "the workload must preempt"
     assert sum(hit > 0 for hit in hits) > 5, "and share prefixes"
     total = sum(residency_of(request) for request in requests)
     assert math.isclose(total, used_integral, rel_tol=1e-12), (total, used_integral)
+    for request in requests:
+        expected = share_integrals.get(request.request_id, 0.0)
+        assert math.isclose(residency_of(request), expected, rel_tol=1e-12, abs_tol=1e-9), request.request_id
