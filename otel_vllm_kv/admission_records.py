@@ -23,6 +23,7 @@ TRACE_HEADER_KEY = "x-otel-vllm-kv"
 ADMITTED = "admitted"
 RESUMED = "resumed"
 PREEMPTED = "preempted"
+FINISHED = "finished"
 
 
 class AdmissionRecord(NamedTuple):
@@ -38,10 +39,15 @@ class AdmissionRecord(NamedTuple):
     """The pool's token capacity; -1 where it is unknown."""
     free_blocks: int
     own_blocks: int = 0
+    """Blocks the request held: at admission its own; when it finished, the most it held at once."""
     cached_tokens: int = 0
     queue_seconds: float = 0.0
     """Time in the waiting queue before this admission (since arrival, or since the preemption)."""
     waiting: int = 0
+    block_seconds: float = 0.0
+    """When it finished: its fair-share KV residency in block-seconds (``engine.residency``)."""
+    recomputed_tokens: int = 0
+    """When it finished: tokens computed again after its preemptions."""
 
     @property
     def time_ns(self) -> int:
@@ -54,10 +60,11 @@ class AdmissionRecord(NamedTuple):
 # length, and needs no separator; cheaper than the same fields formatted as decimal text
 # (docs/benchmarks.md).
 #: The kinds, by their code in a record.
-KINDS = (ADMITTED, RESUMED, PREEMPTED)
+KINDS = (ADMITTED, RESUMED, PREEMPTED, FINISHED)
 #: One record: kind code, sequence, time, engine_index, num_blocks, limit_tokens, free_blocks,
-#: own_blocks, cached_tokens, queue_seconds, waiting (little-endian, no padding).
-RECORD = struct.Struct("<BIdiiqiiidi")
+#: own_blocks, cached_tokens, queue_seconds, waiting, block_seconds, recomputed_tokens
+#: (little-endian, no padding).
+RECORD = struct.Struct("<BIdiiqiiididq")
 RECORD_LENGTH = 2 * RECORD.size
 """Characters of one record's text."""
 
@@ -81,7 +88,9 @@ MAX_QUEUE_SECONDS = 366 * 86_400.0
 #: (2^53 tokens at one byte each is 8 PiB), and every token count derived from a record is at most
 #: its capacity, so each fits in int64.
 MAX_LIMIT_TOKENS = 2**53 - 1
-_ADMITTED_CODE, _RESUMED_CODE, _PREEMPTED_CODE = (KINDS.index(kind) for kind in (ADMITTED, RESUMED, PREEMPTED))
+_ADMITTED_CODE, _RESUMED_CODE, _PREEMPTED_CODE, _FINISHED_CODE = (
+    KINDS.index(kind) for kind in (ADMITTED, RESUMED, PREEMPTED, FINISHED)
+)
 
 
 def decode(text: str) -> list[AdmissionRecord]:
@@ -113,15 +122,22 @@ def _out_of_range(
     cached_tokens: int,
     queue_seconds: float,
     waiting: int,
+    block_seconds: float,
+    recomputed_tokens: int,
 ) -> str | None:
     """The first field no engine writes, as ``name = value``; None if there is none.
 
     Besides each field's range, a record's kind follows from its number (the engine's numbering:
-    admission 1, k-th preemption 2k, the resumption after it 2k + 1). The comparisons are written
-    so that NaN fails them.
+    admission 1, k-th preemption 2k, the resumption after it 2k + 1, the finish after k preemptions
+    2k + 2). Only a finish carries a residency. The comparisons are written so that NaN fails them.
     """
-    numbered_kind = _ADMITTED_CODE if sequence == 1 else _RESUMED_CODE if sequence & 1 else _PREEMPTED_CODE
-    if sequence < 1 or kind != numbered_kind:
+    if sequence == 1:
+        numbered = kind == _ADMITTED_CODE
+    elif sequence & 1:
+        numbered = kind == _RESUMED_CODE
+    else:
+        numbered = kind == _PREEMPTED_CODE or kind == _FINISHED_CODE
+    if sequence < 1 or not numbered:
         return f"kind = {kind}, sequence = {sequence}"
     if not EARLIEST_TIME <= time <= LATEST_TIME:
         return f"time = {time!r}"
@@ -141,4 +157,10 @@ def _out_of_range(
         return f"queue_seconds = {queue_seconds!r}"
     if waiting < 0:
         return f"waiting = {waiting}"
+    # At most the whole pool for a year; zero on every record but a finish.
+    most_block_seconds = (num_blocks - 1) * MAX_QUEUE_SECONDS if kind == _FINISHED_CODE else 0.0
+    if not 0.0 <= block_seconds <= most_block_seconds:
+        return f"block_seconds = {block_seconds!r}"
+    if not 0 <= recomputed_tokens <= (MAX_LIMIT_TOKENS if kind == _FINISHED_CODE else 0):
+        return f"recomputed_tokens = {recomputed_tokens}"
     return None

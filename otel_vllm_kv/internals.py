@@ -96,11 +96,18 @@ class Finding:
 
 def required() -> list[Internal]:
     """Every internal the package touches, from the modules that touch them."""
-    from otel_vllm_kv.engine import admission, pool_reading, prefix_cache, probe
+    from otel_vllm_kv.engine import admission, pool_reading, prefix_cache, probe, residency
     from otel_vllm_kv.frontend import spans, unprobed_engines
 
     patched = [method(module, name) for module, name, _ in (*probe.PATCHES, *spans.PATCHES, *unprobed_engines.PATCHES)]
-    return [*patched, *probe.REQUIRED, *prefix_cache.REQUIRED, *pool_reading.REQUIRED, *admission.REQUIRED]
+    return [
+        *patched,
+        *probe.REQUIRED,
+        *prefix_cache.REQUIRED,
+        *pool_reading.REQUIRED,
+        *admission.REQUIRED,
+        *residency.REQUIRED,
+    ]
 
 
 # --- On the installed vLLM ---------------------------------------------------------------------

@@ -110,6 +110,12 @@ REQUEST_KV_BLOCKS = "vllm.request.kv_cache.blocks"
 REQUEST_KV_TOKENS = "vllm.request.kv_cache.tokens"
 CACHE_READ_INPUT_TOKENS = "gen_ai.usage.cache_read.input_tokens"
 
+# What the request held over its life, on its spans when it finished (``engine.residency``).
+REQUEST_KV_TOKEN_SECONDS = "vllm.request.kv_cache.token_seconds"
+"""Its fair-share KV residency: a block shared by k requests counts 1/k to each."""
+REQUEST_KV_PEAK_TOKENS = "vllm.request.kv_cache.peak_tokens"
+REQUEST_KV_RECOMPUTED_TOKENS = "vllm.request.kv_cache.recomputed_tokens"
+
 # The queue.
 ADMISSION_QUEUE_DURATION = "vllm.admission.queue_duration"
 """Seconds from arrival (or from the preemption, for a resumption) to admission."""
@@ -125,3 +131,5 @@ EVENT_ADMITTED = "vllm.request.admitted"
 """On a span that submitted several requests: one per request, instead of attributes."""
 EVENT_PREEMPTED = "vllm.request.preempted"
 EVENT_RESUMED = "vllm.request.resumed"
+EVENT_FINISHED = "vllm.request.finished"
+"""On a span that submitted several requests: one per request, with what it held."""

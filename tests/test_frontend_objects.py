@@ -52,7 +52,7 @@ from vllm.v1.engine.core_client import AsyncMPClient, MPClient, SyncMPClient
 from vllm.v1.serial_utils import MsgpackEncoder
 
 from otel_vllm_kv import names
-from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED
+from otel_vllm_kv.admission_records import ADMITTED, FINISHED, PREEMPTED
 from otel_vllm_kv.frontend import spans
 from otel_vllm_kv.frontend.admission_attributes import record_attributes
 from otel_vllm_kv.frontend.unprobed_engines import reporter
@@ -63,6 +63,7 @@ from tests.support.frontend import (
     Frontend,
     busy_workload,
     crowd,
+    expected_span,
     instrumented,
     ready_payload,
     span_events,
@@ -72,8 +73,9 @@ from tests.support.schedulers import build_scheduler, build_vllm_config
 
 @pytest.mark.usefixtures("vllm_scheduler")
 def test_one_request_gives_the_span_current_at_submission_its_admission(tokenizer, tiny_model_dir, tracer_provider):
-    """The span current at ``add_request`` gets, as attributes, exactly what the engine's record says: the
-    request's 3 blocks of 16 tokens in a 10-block pool, nothing cached, nobody waiting; and no event."""
+    """The span current at ``add_request`` gets, as attributes, exactly what the engine's records say: the
+    request's 3 blocks of 16 tokens in a 10-block pool, nothing cached, nobody waiting; at its finish, what it
+    held (3 blocks at most, nothing recomputed); and no event."""
     provider, _ = tracer_provider
 
     def run():
@@ -89,13 +91,15 @@ def test_one_request_gives_the_span_current_at_submission_its_admission(tokenize
     with instrumented(provider):
         frontend, span = run()
         assert spans.annotator.requests == {}, "the finished request is forgotten"
-    (record,) = frontend.records()["req-0-int"]
+    record, finish = frontend.records()["req-0-int"]
     attributes = dict(span.attributes)
-    assert attributes == record_attributes(record)
+    assert attributes == {**record_attributes(record), **record_attributes(finish)}
     assert (attributes[names.REQUEST_KV_BLOCKS], attributes[names.ADMISSION_FREE_BLOCKS]) == (3, 10 - 3)
     assert attributes[names.ADMISSION_USED_TOKENS] == attributes[names.REQUEST_KV_TOKENS] == 3 * BLOCK_SIZE
     assert attributes[names.ADMISSION_LIMIT_TOKENS] == 10 * BLOCK_SIZE
     assert (attributes[names.CACHE_READ_INPUT_TOKENS], attributes[names.ADMISSION_WAITING_REQUESTS]) == (0, 0)
+    assert (attributes[names.REQUEST_KV_PEAK_TOKENS], attributes[names.REQUEST_KV_RECOMPUTED_TOKENS]) == (48, 0)
+    assert attributes[names.REQUEST_KV_TOKEN_SECONDS] > 0.0
     assert not span.events
     assert frontend.outputs == plain.outputs and len(plain.outputs) == 5
     assert plain.outputs[-1]["finished"] and plain.outputs[-1]["outputs"][0].token_ids == [7] * 5
@@ -144,14 +148,10 @@ def test_a_span_per_request_gets_its_admission_and_preemption_count(tokenizer, t
     records = frontend.records()
     preempted_total = 0
     for index, span in enumerate(opened):
-        admission, *later = records[f"req-{index}-int"]
-        preemptions = sum(record.kind == PREEMPTED for record in later)
-        preempted_total += preemptions
-        expected = record_attributes(admission)
-        if preemptions:
-            expected[names.REQUEST_PREEMPTIONS] = preemptions
-        assert admission.kind == ADMITTED and dict(span.attributes) == expected
-        assert span_events(span) == sorted((r.time_ns, EVENT_NAMES[r.kind], record_attributes(r)) for r in later)
+        request_records = records[f"req-{index}-int"]
+        preempted_total += sum(record.kind == PREEMPTED for record in request_records)
+        assert request_records[0].kind == ADMITTED and request_records[-1].kind == FINISHED
+        assert (dict(span.attributes), span_events(span)) == expected_span(request_records)
     assert preempted_total > 0, "vLLM preempted a request"
     assert frontend.outputs == plain.outputs
 

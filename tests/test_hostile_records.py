@@ -30,9 +30,9 @@ from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
-from otel_vllm_kv import names
 from otel_vllm_kv.admission_records import (
     ADMITTED,
+    FINISHED,
     KINDS,
     PREEMPTED,
     RECORD,
@@ -46,10 +46,10 @@ from otel_vllm_kv.frontend.admission_attributes import record_attributes
 from otel_vllm_kv.frontend.unprobed_engines import reporter
 from otel_vllm_kv.relay_reader import SnapshotReader
 from tests.support.frontend import (
-    EVENT_NAMES,
     Frontend,
     busy_workload,
     crowd,
+    expected_span,
     instrumented,
     ready_payload,
     span_events,
@@ -71,6 +71,8 @@ PLAUSIBLE = dict(
     cached_tokens=0,
     queue_seconds=0.01,
     waiting=0,
+    block_seconds=0.0,
+    recomputed_tokens=0,
 )
 assert tuple(PLAUSIBLE) == AdmissionRecord._fields
 
@@ -230,8 +232,9 @@ def boundary_value(struct_code: str) -> st.SearchStrategy:
 def valid_records(draw) -> list:
     """The fields of a record an engine could write."""
     sequence = draw(st.integers(1, 2**32 - 1))
-    kind = ADMITTED if sequence == 1 else RESUMED if sequence % 2 else PREEMPTED
+    kind = ADMITTED if sequence == 1 else RESUMED if sequence % 2 else draw(st.sampled_from([PREEMPTED, FINISHED]))
     num_blocks = draw(st.integers(2, 2**31 - 1))
+    finished = kind == FINISHED
     return [
         code(kind),
         sequence,
@@ -244,6 +247,8 @@ def valid_records(draw) -> list:
         draw(st.integers(0, 2**31 - 1)),
         draw(st.floats(0.0, 366 * 86_400.0)),
         draw(st.integers(0, 2**31 - 1)),
+        draw(st.floats(0.0, (num_blocks - 1) * 366 * 86_400.0)) if finished else 0.0,
+        draw(st.integers(0, 2**53 - 1)) if finished else 0,
     ]
 
 
@@ -334,16 +339,6 @@ def forging_frontend(tokenizer, model_dir: str, forge: Callable, **options) -> t
     frontend = Frontend(tokenizer, model_dir, **options)
     frontend.stepper = ForgingStepper(frontend.scheduler, forge=forge)
     return frontend, frontend.stepper
-
-
-def expected_span(records: list[AdmissionRecord]) -> tuple[dict, list]:
-    """The attributes and events of the span of one request with these records (one span per request)."""
-    admission, *later = records
-    attributes = record_attributes(admission)
-    preemptions = sum(record.kind == PREEMPTED for record in later)
-    if preemptions:
-        attributes[names.REQUEST_PREEMPTIONS] = preemptions
-    return attributes, sorted((r.time_ns, EVENT_NAMES[r.kind], record_attributes(r)) for r in later)
 
 
 @pytest.fixture
@@ -462,7 +457,8 @@ def test_each_output_processor_keeps_and_forgets_its_own_requests(tokenizer, tin
         span.end()
     admissions = [frontend.records()[f"{name}-int"][0] for frontend, name in zip((first, second), names_of)]
     assert [record.own_blocks for record in admissions] == [2, 4], "two different admissions"
-    assert [dict(span.attributes) for span in opened] == [record_attributes(record) for record in admissions]
+    expected = [expected_span(frontend.records()[f"{name}-int"]) for frontend, name in zip((first, second), names_of)]
+    assert [(dict(span.attributes), span_events(span)) for span in opened] == expected
     vllm_spans = {s.parent.span_id: s for s in exporter.get_finished_spans() if s.name == "llm_request"}
     for span, admission in zip(opened, admissions):
         vllm_span = vllm_spans[span.context.span_id]

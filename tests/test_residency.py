@@ -29,21 +29,26 @@ class StepClock:
 
 def attached_ledger(scheduler, clock) -> list[int]:
     """Keep the residency of the scheduler's requests; returns the prefix hits of each admission."""
-    ledger = ResidencyLedger(scheduler, tokens_per_block=BLOCK_SIZE, clock=clock)
-    ledger.attach(scheduler)
+    ledger = ResidencyLedger(scheduler, clock=clock)
+    on_pool, on_manager = ledger.hooks(give_up=failed)
     hits = []
 
     def record_prefix_cache_stats(original):
         def hook(request, num_hits):
             result = original(request, num_hits)
-            ledger.acquire(request)
+            ledger.acquire(request, num_hits)
             hits.append(num_hits)
             return result
 
         return hook
 
-    hook_methods(scheduler.kv_cache_manager, {"record_prefix_cache_stats": record_prefix_cache_stats})
+    hook_methods(scheduler.kv_cache_manager.block_pool, on_pool)
+    hook_methods(scheduler.kv_cache_manager, {**on_manager, "record_prefix_cache_stats": record_prefix_cache_stats})
     return hits
+
+
+def failed() -> None:
+    raise AssertionError("a residency hook failed")
 
 
 def fair_shares_now(scheduler) -> dict[str, float]:
@@ -94,7 +99,7 @@ def run_workload(scheduler, clock, seed: int) -> tuple[list, float, dict[str, fl
 
 def residency_of(request) -> float:
     residency = getattr(request, RESIDENCY_ATTRIBUTE, None)
-    return 0.0 if residency is None else residency.share_seconds * BLOCK_SIZE
+    return 0.0 if residency is None else residency.block_seconds * BLOCK_SIZE
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -41,13 +41,13 @@ from collections.abc import Callable
 from time import time
 from typing import Any
 
-from otel_vllm_kv.admission_records import ADMITTED, KINDS, PREEMPTED, RECORD, RESUMED, TRACE_HEADER_KEY
+from otel_vllm_kv.admission_records import ADMITTED, FINISHED, KINDS, PREEMPTED, RECORD, RESUMED, TRACE_HEADER_KEY
 from otel_vllm_kv.engine.pool_reading import request_blocks, waiting_queues
 from otel_vllm_kv.internals import attribute
 
 _queue_length = deque.__len__
 _pack = RECORD.pack
-_ADMITTED, _RESUMED, _PREEMPTED = (KINDS.index(kind) for kind in (ADMITTED, RESUMED, PREEMPTED))
+_ADMITTED, _RESUMED, _PREEMPTED, _FINISHED = (KINDS.index(kind) for kind in (ADMITTED, RESUMED, PREEMPTED, FINISHED))
 
 #: The parameters of the ``KVCacheManager`` methods hooked with vLLM's own signature.
 HOOKED_PARAMETERS = {"record_prefix_cache_stats": ("request", "num_hits"), "get_blocks": ("request_id",)}
@@ -77,9 +77,12 @@ class AdmissionRecorder:
         "_preempted",
         "_finished",
         "_waiting_queues",
+        "_residency",
     )
 
-    def __init__(self, scheduler: Any, engine_index: int, num_blocks: int, limit_tokens: int) -> None:
+    def __init__(
+        self, scheduler: Any, engine_index: int, num_blocks: int, limit_tokens: int, residency: Any = None
+    ) -> None:
         from vllm.v1.request import RequestStatus
 
         #: (request, its own ``trace_headers``, its output-token list and that list's length at its first
@@ -98,6 +101,8 @@ class AdmissionRecorder:
         self._finished = frozenset(status for status in RequestStatus if RequestStatus.is_finished(status))
         #: What ``get_request_counts()[1]`` adds up, read in C; None: call it.
         self._waiting_queues = waiting_queues(scheduler)
+        #: The ``residency.ResidencyLedger`` each admission reads, if residency is kept.
+        self._residency = residency
 
     def hooks(self, give_up: Callable[[], None]) -> tuple[dict, dict]:
         """The hooks of the scheduler's and the manager's own methods (``patching.hook_methods``)."""
@@ -159,6 +164,7 @@ class AdmissionRecorder:
         scheduler = self._scheduler
         undelivered = self.undelivered
         once = not self._without_connector  # with a connector, two hooks can see one admission
+        acquire = None if self._residency is None else self._residency.acquire
 
         def record_prefix_cache_stats(request: Any, num_hits: int) -> Any:
             result = None if original is None else original(request, num_hits)
@@ -201,8 +207,12 @@ class AdmissionRecorder:
                     num_hits,
                     queued,
                     waiting,
+                    0.0,
+                    0,
                 ).hex()
                 _carry(undelivered, request, record)
+                if acquire is not None:
+                    acquire(request, num_hits)
             except Exception:  # noqa: BLE001 - the engine must never see our failure
                 give_up()
             return result
@@ -221,6 +231,26 @@ class AdmissionRecorder:
             0,
             0.0,
             self._waiting_requests(),
+            0.0,
+            0,
+        ).hex()
+        _carry(self.undelivered, request, record)
+
+    def finished(self, request: Any, residency: Any) -> None:
+        """A finished request gave its blocks back (``residency``): its last record carries what it
+        held, for the output vLLM builds right after (``Scheduler.update_from_output``)."""
+        record = _pack(
+            _FINISHED,
+            2 * request.num_preemptions + 2,
+            time(),
+            *self._engine,
+            self._queue.num_free_blocks,
+            residency.peak_blocks,
+            0,
+            0.0,
+            0,
+            residency.block_seconds,
+            residency.recomputed_tokens,
         ).hex()
         _carry(self.undelivered, request, record)
 

@@ -25,9 +25,10 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from otel_vllm_kv.engine import prefix_cache
+from otel_vllm_kv.engine import prefix_cache, residency
 from otel_vllm_kv.engine.admission import HOOKED_PARAMETERS, AdmissionRecorder
 from otel_vllm_kv.engine.pool_reading import free_block_queue, read_engine_identity, read_layout
+from otel_vllm_kv.engine.residency import ResidencyLedger
 from otel_vllm_kv.internals import method
 from otel_vllm_kv.kv_cache import PoolLayout
 from otel_vllm_kv.patching import apply_patches, hook_methods, remove_patches, unhook_methods
@@ -58,6 +59,7 @@ class EngineProbe:
         "engine_index",
         "scheduler",
         "recorder",
+        "residency",
     )
 
     def __init__(self, scheduler: Any, writer: SnapshotWriter, layout: PoolLayout, engine_index: int) -> None:
@@ -72,7 +74,9 @@ class EngineProbe:
         self.scheduler = weakref.ref(scheduler)
         # Admission records carry -1 where the capacity is unknown.
         limit_tokens = -1 if layout.limit_tokens is None else layout.limit_tokens
-        self.recorder = AdmissionRecorder(scheduler, engine_index, layout.num_blocks, limit_tokens)
+        self.residency = ResidencyLedger(scheduler)
+        self.recorder = AdmissionRecorder(scheduler, engine_index, layout.num_blocks, limit_tokens, self.residency)
+        self.residency.on_release = self.recorder.finished
         #: Withdraws the relay file, at the latest when the scheduler is garbage-collected.
         self.close = weakref.finalize(scheduler, writer.close)
 
@@ -127,8 +131,10 @@ class _ProbeRegistry:
             return None
         probe = self._probes[scheduler] = EngineProbe(scheduler, writer, layout, engine_index)  # give_up detaches it
         on_scheduler, on_manager = probe.recorder.hooks(lambda: _give_up(probe))
+        on_pool, on_manager_residency = probe.residency.hooks(lambda: _give_up(probe))
         hook_methods(scheduler, {**_scheduler_hooks(probe), **on_scheduler}, beneath=(_attach_after,))
-        hook_methods(scheduler.kv_cache_manager, on_manager)
+        hook_methods(scheduler.kv_cache_manager, {**on_manager, **on_manager_residency})
+        hook_methods(scheduler.kv_cache_manager.block_pool, on_pool)
         probe.publish()
         return probe
 
@@ -165,7 +171,8 @@ registry = _ProbeRegistry()
 
 def _detach(scheduler: Any, probe: EngineProbe) -> None:
     unhook_methods(scheduler, SCHEDULER_METHODS)
-    unhook_methods(scheduler.kv_cache_manager, MANAGER_METHODS)
+    unhook_methods(scheduler.kv_cache_manager, (*MANAGER_METHODS, *residency.MANAGER_METHODS))
+    unhook_methods(scheduler.kv_cache_manager.block_pool, residency.POOL_METHODS)
     prefix_cache.forget(scheduler.kv_cache_manager.block_pool)
     probe.recorder.clear()
     probe.close()

@@ -1,13 +1,13 @@
-"""Engine: what each request holds of the KV cache over time, in fair-share token-seconds.
+"""Engine: what each request holds of the KV cache over time, in fair-share block-seconds.
 
 A block held by k requests at once (a prefix shared through the prefix cache) counts 1/k to
-each, so the shares of all requests add up to the pool's used tokens at every instant, and
+each, so the shares of all requests add up to the pool's used blocks at every instant, and
 their integrals to the integral of ``used`` (the conservation law the tests check).
 
 Exact without per-step work: each block keeps a *share clock*, the integral of 1/k over the
 time it was held (``share``), brought up to date only when its holder count k changes. A
 holder that acquired block b when its clock read c_a and released it when it read c_r held
-``tokens per block x (c_r - c_a)`` token-seconds of it. So:
+``c_r - c_a`` block-seconds of it. So:
 
 * a fresh block (``BlockPool.get_new_blocks``: k 0 -> 1) starts its clock at 0, and its
   holder's acquisition reads 0: nothing is recorded per request;
@@ -18,10 +18,9 @@ holder that acquired block b when its clock read c_a and released it when it rea
   request's blocks at their k before vLLM lowers it, and adds them up as its release.
 
 Nothing runs per running request per step; a decode step that allocates a block pays one
-list store per block. A block's tokens are the pool's capacity-equivalent tokens per block,
-``limit / (N - 1)`` (``kv_cache``), so hybrid models are counted as the gauges count them.
-Blocks a sliding-window group releases before the request ends (``remove_skipped_blocks``)
-are not seen per request: only full-attention groups are exact (``exact``).
+list store per block. Times are the engine's ``time.monotonic()``. Blocks a sliding-window
+group releases before the request ends (``remove_skipped_blocks``) are not seen per request:
+only full-attention groups are exact (``exact``).
 """
 
 from __future__ import annotations
@@ -30,89 +29,107 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from otel_vllm_kv.patching import hook_methods, unhook_methods
+from otel_vllm_kv.internals import attribute, method
 
+BLOCK_POOL_MODULE = "vllm.v1.core.block_pool"
+KV_CACHE_MANAGER_MODULE = "vllm.v1.core.kv_cache_manager"
 POOL_METHODS = ("get_new_blocks", "touch")
 MANAGER_METHODS = ("free",)
-#: The attributes this package sets on a vLLM ``Request`` for its residency.
+#: The parameters of the hooked methods, checked against the installed vLLM at attach.
+HOOKED_PARAMETERS = {"get_new_blocks": ("num_blocks",), "touch": ("blocks",), "free": ("request",)}
+#: The attributes this package sets on a vLLM ``Request`` (literal names in the hooks, for speed).
 ACQUIRED_ATTRIBUTE = "_otel_vllm_kv_acquired"
 RESIDENCY_ATTRIBUTE = "_otel_vllm_kv_residency"
-PEAK_ATTRIBUTE = "_otel_vllm_kv_peak_blocks"
 
 
 class RequestResidency:
-    """What one request held, as ``free`` leaves it on the request (``RESIDENCY_ATTRIBUTE``)."""
+    """What one request held, kept on the request (``RESIDENCY_ATTRIBUTE``) across its preemptions."""
 
-    __slots__ = ("share_seconds", "peak_blocks", "releases")
+    __slots__ = ("block_seconds", "peak_blocks", "computed_tokens", "recomputed_tokens")
 
     def __init__(self) -> None:
-        #: Fair-share block-seconds: times the tokens per block, token-seconds.
-        self.share_seconds = 0.0
+        #: Fair-share block-seconds (times the pool's tokens per block: token-seconds).
+        self.block_seconds = 0.0
         self.peak_blocks = 0
-        self.releases = 0
+        #: Tokens it had computed when it was last preempted (0 once resumed).
+        self.computed_tokens = 0
+        #: Tokens computed again after its preemptions: those it had, less its prefix hits at resumption.
+        self.recomputed_tokens = 0
 
 
 class ResidencyLedger:
-    """The share clocks of one ``BlockPool`` and the hooks that keep them."""
+    """The share clocks of one ``BlockPool``, and the hooks that keep them (``patching.hook_methods``).
 
-    __slots__ = ("share", "since", "tokens_per_block", "clock", "exact", "_group_blocks", "_null_block")
+    ``on_release(request, residency)`` runs when a finished request gave its blocks back;
+    ``give_up()`` when a hook failed (the hook lets vLLM's call run untouched).
+    """
 
-    def __init__(self, scheduler: Any, tokens_per_block: float, clock: Callable[[], float] = time.monotonic) -> None:
+    __slots__ = ("share", "since", "clock", "exact", "on_release", "_finished", "_group_blocks", "_null_block")
+
+    def __init__(self, scheduler: Any, clock: Callable[[], float] = time.monotonic) -> None:
+        from vllm.v1.request import RequestStatus
+
         manager = scheduler.kv_cache_manager
         pool = manager.block_pool
-        num_blocks = pool.num_gpu_blocks
         #: Per block id: the integral of 1 / holders over the time it was held, up to ``since``.
-        self.share = [0.0] * num_blocks
-        self.since = [0.0] * num_blocks
-        self.tokens_per_block = tokens_per_block
+        self.share = [0.0] * pool.num_gpu_blocks
+        self.since = [0.0] * pool.num_gpu_blocks
         self.clock = clock
+        self.on_release: Callable[[Any, RequestResidency], None] | None = None
+        self._finished = frozenset(status for status in RequestStatus if RequestStatus.is_finished(status))
         managers = manager.coordinator.single_type_managers
         self._group_blocks = tuple(group.req_to_blocks for group in managers)
         self._null_block = pool.null_block
         self.exact = all(type(group).__name__ == "FullAttentionManager" for group in managers)
 
-    def attach(self, scheduler: Any) -> None:
-        manager = scheduler.kv_cache_manager
-        hook_methods(manager.block_pool, {"get_new_blocks": self._allocated, "touch": self._touched})
-        hook_methods(manager, {"free": self._freed})
+    def hooks(self, give_up: Callable[[], None]) -> tuple[dict, dict]:
+        """The hooks of the pool's and of the manager's own methods."""
+        on_pool = {"get_new_blocks": self._allocated(give_up), "touch": self._touched(give_up)}
+        return on_pool, {"free": self._freed(give_up)}
 
-    @staticmethod
-    def detach(scheduler: Any) -> None:
-        manager = scheduler.kv_cache_manager
-        unhook_methods(manager.block_pool, POOL_METHODS)
-        unhook_methods(manager, MANAGER_METHODS)
-
-    def _allocated(self, original: Callable) -> Callable:
+    def _allocated(self, give_up: Callable[[], None]) -> Callable[[Callable], Callable]:
         share, since, clock = self.share, self.since, self.clock
 
-        def get_new_blocks(num_blocks: int) -> Any:
-            blocks = original(num_blocks)
-            now = clock()
-            for block in blocks:
-                index = block.block_id
-                share[index] = 0.0
-                since[index] = now
-            return blocks
+        def hook(original: Callable) -> Callable:
+            def get_new_blocks(num_blocks: int) -> Any:
+                blocks = original(num_blocks)
+                try:
+                    now = clock()
+                    for block in blocks:
+                        index = block.block_id
+                        share[index] = 0.0
+                        since[index] = now
+                except Exception:  # noqa: BLE001 - the engine must never see our failure
+                    give_up()
+                return blocks
 
-        return get_new_blocks
+            return get_new_blocks
 
-    def _touched(self, original: Callable) -> Callable:
+        return hook
+
+    def _touched(self, give_up: Callable[[], None]) -> Callable[[Callable], Callable]:
         share, since, clock = self.share, self.since, self.clock
 
-        def touch(blocks: Any) -> Any:
-            now = clock()
-            for block in blocks:
-                index = block.block_id
-                holders = block.ref_cnt
-                if holders > 0:
-                    share[index] += (now - since[index]) / holders
-                since[index] = now
-            return original(blocks)
+        def hook(original: Callable) -> Callable:
+            def touch(blocks: Any) -> Any:
+                try:
+                    now = clock()
+                    for block in blocks:
+                        index = block.block_id
+                        holders = block.ref_cnt
+                        if holders > 0:
+                            share[index] += (now - since[index]) / holders
+                        since[index] = now
+                except Exception:  # noqa: BLE001
+                    give_up()
+                return original(blocks)
 
-        return touch
+            return touch
 
-    def acquire(self, request: Any) -> None:
-        """At admission, after vLLM allocated the request's blocks: their clocks are its acquisition."""
+        return hook
+
+    def acquire(self, request: Any, num_hits: int) -> None:
+        """At an admission, after vLLM allocated the request's blocks: their clocks are its acquisition."""
         share, null_block = self.share, self._null_block
         request_id = request.request_id
         acquired = 0.0
@@ -120,34 +137,61 @@ class ResidencyLedger:
             for block in group.get(request_id, ()):
                 if block is not null_block:
                     acquired += share[block.block_id]
-        setattr(request, ACQUIRED_ATTRIBUTE, acquired)
+        request._otel_vllm_kv_acquired = acquired  # ACQUIRED_ATTRIBUTE
+        residency = getattr(request, RESIDENCY_ATTRIBUTE, None)
+        if residency is not None and residency.computed_tokens:  # a resumption
+            residency.recomputed_tokens += max(residency.computed_tokens - num_hits, 0)
+            residency.computed_tokens = 0
 
-    def _freed(self, original: Callable) -> Callable:
+    def _freed(self, give_up: Callable[[], None]) -> Callable[[Callable], Callable]:
         share, since, clock, null_block = self.share, self.since, self.clock, self._null_block
-        group_blocks = self._group_blocks
+        group_blocks, finished = self._group_blocks, self._finished
+        ledger = self
 
-        def free(request: Any) -> Any:
-            now = clock()
-            request_id = request.request_id
-            released = 0.0
-            held = 0
-            for group in group_blocks:
-                for block in group.get(request_id, ()):
-                    if block is null_block:
-                        continue
-                    index = block.block_id
-                    share[index] += (now - since[index]) / block.ref_cnt
-                    since[index] = now
-                    released += share[index]
-                    held += 1
-            if held:
-                residency = getattr(request, RESIDENCY_ATTRIBUTE, None)
-                if residency is None:
-                    residency = RequestResidency()
-                    setattr(request, RESIDENCY_ATTRIBUTE, residency)
-                residency.share_seconds += released - getattr(request, ACQUIRED_ATTRIBUTE, 0.0)
-                residency.peak_blocks = max(residency.peak_blocks, held)
-                residency.releases += 1
-            return original(request)
+        def hook(original: Callable) -> Callable:
+            def free(request: Any) -> Any:
+                try:
+                    now = clock()
+                    request_id = request.request_id
+                    released = 0.0
+                    held = 0
+                    for group in group_blocks:
+                        for block in group.get(request_id, ()):
+                            if block is null_block:
+                                continue
+                            index = block.block_id
+                            share[index] += (now - since[index]) / block.ref_cnt
+                            since[index] = now
+                            released += share[index]
+                            held += 1
+                    residency = getattr(request, RESIDENCY_ATTRIBUTE, None)
+                    if held:
+                        if residency is None:
+                            residency = RequestResidency()
+                            setattr(request, RESIDENCY_ATTRIBUTE, residency)
+                        residency.block_seconds += released - getattr(request, ACQUIRED_ATTRIBUTE, 0.0)
+                        if held > residency.peak_blocks:
+                            residency.peak_blocks = held
+                    if residency is not None:
+                        if request.status in finished:
+                            if ledger.on_release is not None:
+                                ledger.on_release(request, residency)
+                        else:  # a preemption: vLLM resets num_computed_tokens right after this call
+                            residency.computed_tokens = request.num_computed_tokens
+                except Exception:  # noqa: BLE001
+                    give_up()
+                return original(request)
 
-        return free
+            return free
+
+        return hook
+
+
+#: What the ledger needs in this vLLM: the hooked methods with their parameters (a vLLM that renamed
+#: one fails at attach), and the pool's size. ``KVCacheBlock``'s ``block_id`` and ``ref_cnt`` are
+#: ``prefix_cache``'s already.
+REQUIRED = (
+    *(method(BLOCK_POOL_MODULE, f"BlockPool.{name}", HOOKED_PARAMETERS[name]) for name in POOL_METHODS),
+    *(method(KV_CACHE_MANAGER_MODULE, f"KVCacheManager.{name}", HOOKED_PARAMETERS[name]) for name in MANAGER_METHODS),
+    attribute(BLOCK_POOL_MODULE, "BlockPool.num_gpu_blocks"),
+)

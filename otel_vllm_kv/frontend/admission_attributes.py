@@ -10,7 +10,7 @@ from __future__ import annotations
 from opentelemetry.util.types import AttributeValue
 
 from otel_vllm_kv import names
-from otel_vllm_kv.admission_records import PREEMPTED, AdmissionRecord
+from otel_vllm_kv.admission_records import FINISHED, PREEMPTED, AdmissionRecord
 from otel_vllm_kv.kv_cache import tokens_in, utilization
 
 
@@ -34,9 +34,23 @@ def pool_attributes(record: AdmissionRecord) -> dict[str, AttributeValue]:
     return attributes
 
 
+def residency_attributes(record: AdmissionRecord) -> dict[str, AttributeValue]:
+    """What a finished request held over its life; tokens only where the pool's capacity is known."""
+    attributes: dict[str, AttributeValue] = {names.REQUEST_KV_RECOMPUTED_TOKENS: record.recomputed_tokens}
+    limit, allocatable = record.limit_tokens, record.num_blocks - 1
+    if limit >= 0:
+        attributes[names.REQUEST_KV_TOKEN_SECONDS] = record.block_seconds * limit / allocatable
+        peak_tokens = tokens_in(record.own_blocks, limit, allocatable)
+        if peak_tokens is not None:
+            attributes[names.REQUEST_KV_PEAK_TOKENS] = peak_tokens
+    return attributes
+
+
 def record_attributes(record: AdmissionRecord) -> dict[str, AttributeValue]:
     """Everything the record says about its request: the pool, and for an admission or a
-    resumption the request's own blocks, its prefix hit and its wait."""
+    resumption the request's own blocks, its prefix hit and its wait; for a finish, what it held."""
+    if record.kind == FINISHED:
+        return residency_attributes(record)
     attributes = pool_attributes(record)
     if record.kind == PREEMPTED:
         return attributes

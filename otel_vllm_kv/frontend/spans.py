@@ -28,7 +28,7 @@ from typing import Any
 from opentelemetry import trace
 
 from otel_vllm_kv import names
-from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, TRACE_HEADER_KEY, AdmissionRecord, decode
+from otel_vllm_kv.admission_records import ADMITTED, FINISHED, PREEMPTED, TRACE_HEADER_KEY, AdmissionRecord, decode
 from otel_vllm_kv.diagnostics import WarnOnce
 from otel_vllm_kv.frontend.admission_attributes import record_attributes
 from otel_vllm_kv.patching import apply_patches, remove_patches
@@ -101,7 +101,7 @@ class _Annotator:
         out_of_order = None
         for event in decode(text):
             sequence = event.sequence
-            if sequence == tracked.last_sequence + 1:
+            if sequence == tracked.last_sequence + 1 or _finished_after_preemption(event, tracked.last_sequence):
                 tracked.last_sequence = sequence
                 self._apply_event(tracked, event)
             elif sequence > tracked.last_sequence:
@@ -113,6 +113,8 @@ class _Annotator:
         attributes = record_attributes(event)
         if event.kind == ADMITTED:
             tracked.admission = attributes
+        elif event.kind == FINISHED:
+            tracked.admission = {**tracked.admission, **attributes}  # vLLM's llm_request span gets them too
         elif event.kind == PREEMPTED:
             tracked.preemptions += 1
         span = tracked.span
@@ -121,11 +123,12 @@ class _Annotator:
         single = tracked.submitted is not None and tracked.submitted[0] == 1
         if not single:
             attributes = {**attributes, names.REQUEST_ID: tracked.external_id}
-        if event.kind == ADMITTED:
+        if event.kind == ADMITTED or event.kind == FINISHED:
             if single:
                 span.set_attributes(attributes)
             else:
-                span.add_event(names.EVENT_ADMITTED, attributes, timestamp=event.time_ns)
+                name = names.EVENT_ADMITTED if event.kind == ADMITTED else names.EVENT_FINISHED
+                span.add_event(name, attributes, timestamp=event.time_ns)
             return
         name = names.EVENT_PREEMPTED if event.kind == PREEMPTED else names.EVENT_RESUMED
         span.add_event(name, attributes, timestamp=event.time_ns)
@@ -145,6 +148,14 @@ class _Annotator:
 
 
 annotator = _Annotator()
+
+
+def _finished_after_preemption(event: AdmissionRecord, last_sequence: int) -> bool:
+    """A request finished while preempted (aborted before its resumption): its finish, numbered
+    after the resumption it never had, comes next."""
+    return (
+        event.kind == FINISHED and last_sequence >= 2 and not last_sequence & 1 and event.sequence == last_sequence + 2
+    )
 
 
 def tracked_requests(output_processor: Any) -> dict[str, _TrackedRequest] | None:

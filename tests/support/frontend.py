@@ -25,14 +25,28 @@ from vllm.v1.metrics.stats import IterationStats
 from vllm.v1.request import Request, RequestStatus
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor, names
-from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RESUMED, TRACE_HEADER_KEY, decode
+from otel_vllm_kv.admission_records import (
+    ADMITTED,
+    FINISHED,
+    PREEMPTED,
+    RESUMED,
+    TRACE_HEADER_KEY,
+    AdmissionRecord,
+    decode,
+)
+from otel_vllm_kv.frontend.admission_attributes import record_attributes
 from tests.support.schedulers import Stepper, build_scheduler, make_request
 from tests.support.telemetry import new_reader
 
 #: Tokens per block of ``Frontend``'s scheduler.
 BLOCK_SIZE = 16
 #: The span event of each kind of admission record.
-EVENT_NAMES = {ADMITTED: names.EVENT_ADMITTED, PREEMPTED: names.EVENT_PREEMPTED, RESUMED: names.EVENT_RESUMED}
+EVENT_NAMES = {
+    ADMITTED: names.EVENT_ADMITTED,
+    PREEMPTED: names.EVENT_PREEMPTED,
+    RESUMED: names.EVENT_RESUMED,
+    FINISHED: names.EVENT_FINISHED,
+}
 
 
 @contextmanager
@@ -161,6 +175,20 @@ def crowd(frontend: Frontend, tracer, spans_per_request: bool) -> list:
     for span in opened:
         span.end()
     return opened
+
+
+def expected_span(records: list[AdmissionRecord]) -> tuple[dict, list]:
+    """The attributes and events of the span of one request with these records (one span per request)."""
+    admission, *later = records
+    attributes = record_attributes(admission)
+    preemptions = sum(record.kind == PREEMPTED for record in later)
+    if preemptions:
+        attributes[names.REQUEST_PREEMPTIONS] = preemptions
+    for record in later:
+        if record.kind == FINISHED:  # what it held: attributes of its span, as its admission
+            attributes.update(record_attributes(record))
+    events = [record for record in later if record.kind != FINISHED]
+    return attributes, sorted((r.time_ns, EVENT_NAMES[r.kind], record_attributes(r)) for r in events)
 
 
 def span_events(span) -> list[tuple]:
