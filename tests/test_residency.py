@@ -10,7 +10,7 @@ import random
 import pytest
 from vllm.v1.request import RequestStatus
 
-from otel_vllm_kv.engine.residency import RESIDENCY_ATTRIBUTE, ResidencyLedger
+from otel_vllm_kv.engine.residency import ResidencyLedger
 from otel_vllm_kv.patching import hook_methods
 from tests.support.schedulers import Stepper, build_scheduler, make_request
 
@@ -27,9 +27,12 @@ class StepClock:
         return self.now
 
 
-def attached_ledger(scheduler, clock) -> list[int]:
-    """Keep the residency of the scheduler's requests; returns the prefix hits of each admission."""
+def attached_ledger(scheduler, clock) -> tuple[list[int], dict]:
+    """Keep the residency of the scheduler's requests; returns the prefix hits of each admission and
+    the residency of each finished request, by request id (filled as they finish)."""
     ledger = ResidencyLedger(scheduler, clock=clock)
+    released = {}
+    ledger.on_release = lambda request, residency: released.__setitem__(request.request_id, residency)
     on_pool, on_manager = ledger.hooks(give_up=failed)
     hits = []
 
@@ -44,7 +47,7 @@ def attached_ledger(scheduler, clock) -> list[int]:
 
     hook_methods(scheduler.kv_cache_manager.block_pool, on_pool)
     hook_methods(scheduler.kv_cache_manager, {**on_manager, "record_prefix_cache_stats": record_prefix_cache_stats})
-    return hits
+    return hits, released
 
 
 def failed() -> None:
@@ -97,8 +100,8 @@ def run_workload(scheduler, clock, seed: int) -> tuple[list, float, dict[str, fl
     return requests, used_integral, share_integrals
 
 
-def residency_of(request) -> float:
-    residency = getattr(request, RESIDENCY_ATTRIBUTE, None)
+def residency_of(released: dict, request) -> float:
+    residency = released.get(request.request_id)
     return 0.0 if residency is None else residency.block_seconds * BLOCK_SIZE
 
 
@@ -106,13 +109,14 @@ def residency_of(request) -> float:
 def test_the_requests_shares_add_up_to_the_pools_used_tokens(vllm_scheduler, tiny_model_dir, seed):
     scheduler = build_scheduler(tiny_model_dir, num_blocks=40, block_size=BLOCK_SIZE)
     clock = StepClock()
-    hits = attached_ledger(scheduler, clock)
+    hits, released = attached_ledger(scheduler, clock)
     requests, used_integral, share_integrals = run_workload(scheduler, clock, seed)
     preemptions = sum(request.num_preemptions for request in requests)
     assert preemptions > 0, "the workload must preempt"
     assert sum(hit > 0 for hit in hits) > 5, "and share prefixes"
-    total = sum(residency_of(request) for request in requests)
+    assert all(request.is_finished() for request in requests)
+    total = sum(residency_of(released, request) for request in requests)
     assert math.isclose(total, used_integral, rel_tol=1e-12), (total, used_integral)
     for request in requests:
         expected = share_integrals.get(request.request_id, 0.0)
-        assert math.isclose(residency_of(request), expected, rel_tol=1e-12, abs_tol=1e-9), request.request_id
+        assert math.isclose(residency_of(released, request), expected, rel_tol=1e-12, abs_tol=1e-9), request.request_id

@@ -37,17 +37,21 @@ POOL_METHODS = ("get_new_blocks", "touch")
 MANAGER_METHODS = ("free",)
 #: The parameters of the hooked methods, checked against the installed vLLM at attach.
 HOOKED_PARAMETERS = {"get_new_blocks": ("num_blocks",), "touch": ("blocks",), "free": ("request",)}
-#: The attributes this package sets on a vLLM ``Request`` (literal names in the hooks, for speed).
-ACQUIRED_ATTRIBUTE = "_otel_vllm_kv_acquired"
-RESIDENCY_ATTRIBUTE = "_otel_vllm_kv_residency"
 
 
 class RequestResidency:
-    """What one request held, kept on the request (``RESIDENCY_ATTRIBUTE``) across its preemptions."""
+    """What one request held, across its preemptions, by request id in ``ResidencyLedger.requests``.
 
-    __slots__ = ("block_seconds", "peak_blocks", "computed_tokens", "recomputed_tokens")
+    Kept in the ledger, never as attributes of vLLM's ``Request``: an attribute added to every
+    request after its ``__init__`` makes CPython give up the instances' shared-key layout, and
+    every attribute read vLLM makes on its requests slows down.
+    """
+
+    __slots__ = ("acquired", "block_seconds", "peak_blocks", "computed_tokens", "recomputed_tokens")
 
     def __init__(self) -> None:
+        #: The share clocks of its blocks when it was last admitted.
+        self.acquired = 0.0
         #: Fair-share block-seconds (times the pool's tokens per block: token-seconds).
         self.block_seconds = 0.0
         self.peak_blocks = 0
@@ -64,7 +68,17 @@ class ResidencyLedger:
     ``give_up()`` when a hook failed (the hook lets vLLM's call run untouched).
     """
 
-    __slots__ = ("share", "since", "clock", "exact", "on_release", "_finished", "_group_blocks", "_null_block")
+    __slots__ = (
+        "share",
+        "since",
+        "clock",
+        "exact",
+        "on_release",
+        "requests",
+        "_finished",
+        "_group_blocks",
+        "_null_block",
+    )
 
     def __init__(self, scheduler: Any, clock: Callable[[], float] = time.monotonic) -> None:
         from vllm.v1.request import RequestStatus
@@ -76,6 +90,8 @@ class ResidencyLedger:
         self.since = [0.0] * pool.num_gpu_blocks
         self.clock = clock
         self.on_release: Callable[[Any, RequestResidency], None] | None = None
+        #: Every request admitted and not finished yet, by vLLM's request id.
+        self.requests: dict[str, RequestResidency] = {}
         self._finished = frozenset(status for status in RequestStatus if RequestStatus.is_finished(status))
         managers = manager.coordinator.single_type_managers
         self._group_blocks = tuple(group.req_to_blocks for group in managers)
@@ -137,15 +153,17 @@ class ResidencyLedger:
             for block in group.get(request_id, ()):
                 if block is not null_block:
                     acquired += share[block.block_id]
-        request._otel_vllm_kv_acquired = acquired  # ACQUIRED_ATTRIBUTE
-        residency = getattr(request, RESIDENCY_ATTRIBUTE, None)
-        if residency is not None and residency.computed_tokens:  # a resumption
+        residency = self.requests.get(request_id)
+        if residency is None:
+            residency = self.requests[request_id] = RequestResidency()
+        elif residency.computed_tokens:  # a resumption
             residency.recomputed_tokens += max(residency.computed_tokens - num_hits, 0)
             residency.computed_tokens = 0
+        residency.acquired = acquired
 
     def _freed(self, give_up: Callable[[], None]) -> Callable[[Callable], Callable]:
         share, since, clock, null_block = self.share, self.since, self.clock, self._null_block
-        group_blocks, finished = self._group_blocks, self._finished
+        group_blocks, finished, requests = self._group_blocks, self._finished, self.requests
         ledger = self
 
         def hook(original: Callable) -> Callable:
@@ -164,16 +182,14 @@ class ResidencyLedger:
                             since[index] = now
                             released += share[index]
                             held += 1
-                    residency = getattr(request, RESIDENCY_ATTRIBUTE, None)
-                    if held:
-                        if residency is None:
-                            residency = RequestResidency()
-                            setattr(request, RESIDENCY_ATTRIBUTE, residency)
-                        residency.block_seconds += released - getattr(request, ACQUIRED_ATTRIBUTE, 0.0)
-                        if held > residency.peak_blocks:
-                            residency.peak_blocks = held
+                    residency = requests.get(request_id)
                     if residency is not None:
+                        if held:
+                            residency.block_seconds += released - residency.acquired
+                            if held > residency.peak_blocks:
+                                residency.peak_blocks = held
                         if request.status in finished:
+                            del requests[request_id]
                             if ledger.on_release is not None:
                                 ledger.on_release(request, residency)
                         else:  # a preemption: vLLM resets num_computed_tokens right after this call
