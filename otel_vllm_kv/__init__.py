@@ -65,8 +65,8 @@ class VLLMKVCacheInstrumentor(BaseInstrumentor):
         # engine; only the exporter exports the gauges. Processes it starts keep their own exporters.
         if role.is_exporter:
             exporter.install(role.relay_directory, kwargs.get("meter_provider"), settings.vllm_metrics)
-        frontend.install(role.relay_directory, settings.vllm_metrics)
-        engine.install(role.relay_directory)
+        frontend.install(role.relay_directory, settings.vllm_metrics, settings.tenant_baggage_key)
+        engine.install(role.relay_directory, settings.holder_limit)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         engine.uninstall()

@@ -19,6 +19,9 @@ import struct
 from typing import NamedTuple
 
 TRACE_HEADER_KEY = "x-otel-vllm-kv"
+#: The request's tenant, put in its ``trace_headers`` by the frontend from W3C baggage
+#: (``frontend.tenants``), read by the engine for its holders (``engine.holders``).
+TENANT_HEADER_KEY = "x-otel-vllm-kv-tenant"
 
 ADMITTED = "admitted"
 RESUMED = "resumed"

@@ -34,3 +34,23 @@ OTEL_PYTHON_VLLM_KV_VERSION_REPORTED = "OTEL_PYTHON_VLLM_KV_VERSION_REPORTED"
 Internal, set by the first process that checks the installed vLLM and logs the verdict (one
 INFO or WARNING line); the processes it starts inherit it and do not repeat the line. Do not set it.
 """
+
+OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY = "OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY"
+"""
+.. envvar:: OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY
+
+The W3C baggage key whose value, on the context a request is submitted in, is its tenant in
+``vllm.kv_cache.residency`` and ``vllm.kv_cache.held`` (attribute ``vllm.tenant``). Unset or
+empty (default): no tenant. A baggage value that is not printable text of at most 100
+characters is left out, with one warning (its requests count without a tenant).
+"""
+
+OTEL_PYTHON_VLLM_KV_HOLDER_LIMIT = "OTEL_PYTHON_VLLM_KV_HOLDER_LIMIT"
+"""
+.. envvar:: OTEL_PYTHON_VLLM_KV_HOLDER_LIMIT
+
+At most this many (LoRA adapter, tenant) pairs per engine in ``vllm.kv_cache.residency`` and
+``vllm.kv_cache.held``, 1 to 64 (default 32): requests of further pairs count under one
+point with ``otel.metric.overflow`` = true, as OpenTelemetry's SDK folds attribute sets past its
+cardinality limit.
+"""

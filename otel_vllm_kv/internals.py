@@ -96,10 +96,11 @@ class Finding:
 
 def required() -> list[Internal]:
     """Every internal the package touches, from the modules that touch them."""
-    from otel_vllm_kv.engine import admission, pool_reading, prefix_cache, probe, residency
-    from otel_vllm_kv.frontend import spans, unprobed_engines
+    from otel_vllm_kv.engine import admission, holders, pool_reading, prefix_cache, probe, residency
+    from otel_vllm_kv.frontend import spans, tenants, unprobed_engines
 
-    patched = [method(module, name) for module, name, _ in (*probe.PATCHES, *spans.PATCHES, *unprobed_engines.PATCHES)]
+    patches = (*probe.PATCHES, *spans.PATCHES, *unprobed_engines.PATCHES, *tenants.PATCHES)
+    patched = list(dict.fromkeys(method(module, name) for module, name, _ in patches))
     return [
         *patched,
         *probe.REQUIRED,
@@ -107,6 +108,7 @@ def required() -> list[Internal]:
         *pool_reading.REQUIRED,
         *admission.REQUIRED,
         *residency.REQUIRED,
+        *holders.REQUIRED,
     ]
 
 

@@ -73,6 +73,37 @@ GAUGES: dict[str, Gauge] = {
     ),
 }
 
+# Who holds the KV cache (per engine, by LoRA adapter and tenant, never by request: ``engine.holders``).
+LORA_NAME = "vllm.lora.name"
+"""The LoRA adapter's name (vLLM's ``lora_name``); absent for the base model."""
+TENANT = "vllm.tenant"
+"""The W3C baggage value named by ``OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY``; absent without one."""
+OVERFLOW = "otel.metric.overflow"
+"""True on the one point of every (adapter, tenant) past the engine's limit, as OpenTelemetry's SDK marks it."""
+KV_CACHE_RESIDENCY = "vllm.kv_cache.residency"
+KV_CACHE_HELD = "vllm.kv_cache.held"
+KV_CACHE_WRITTEN = "vllm.kv_cache.written"
+
+#: The observable counter among ``HOLDER_METRICS``; the others are gauges.
+HOLDER_COUNTERS = (KV_CACHE_RESIDENCY,)
+HOLDER_METRICS: dict[str, Gauge] = {
+    KV_CACHE_RESIDENCY: Gauge(
+        "{token}.s",
+        "KV-cache residency in token-seconds, by LoRA adapter and tenant: a block held by k requests counts 1/k "
+        "to each; added when a request releases its blocks (finish, abort, preemption).",
+    ),
+    KV_CACHE_HELD: Gauge(
+        "{token}",
+        "KV-cache tokens held now, by LoRA adapter and tenant, each block shared 1/k by its k requests: "
+        "the points add up to usage{state=used}. Counted at most once a second.",
+    ),
+    KV_CACHE_WRITTEN: Gauge(
+        "{token}",
+        "Tokens written into the used KV-cache blocks: used tokens less the empty tail of each request's last "
+        "block and slots allocated ahead (one full-attention group only). Counted with vllm.kv_cache.held.",
+    ),
+}
+
 # Families on vLLM's own Prometheus ``/metrics``, with vLLM's labels; the help is the gauge's description.
 PROMETHEUS_USAGE_TOKENS = "vllm:kv_cache_usage_tokens"
 PROMETHEUS_LIMIT_TOKENS = "vllm:kv_cache_limit_tokens"

@@ -29,14 +29,16 @@ from dataclasses import dataclass
 from typing import Any
 from zlib import crc32
 
+from otel_vllm_kv import holdings
 from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_RELAY_DIR
+from otel_vllm_kv.holdings import HoldersPass
 from otel_vllm_kv.kv_cache import GroupLayout, KVCacheOccupancy, PoolLayout, occupancy
 from otel_vllm_kv.liveness import HeldLock, is_held
 
 _logger = logging.getLogger(__name__)
 
 _MAGIC = b"OVKV"
-_FORMAT_VERSION = 4
+_FORMAT_VERSION = 5
 _MODEL_NAME_BYTES = 256
 _GROUPS_BYTES = 512
 # magic, format version, model name length, engine index, writer pid, N, limit tokens (-1: unknown),
@@ -46,6 +48,10 @@ _HEADER = struct.Struct(f"<4sHHiIQqqII{_MODEL_NAME_BYTES}s{_GROUPS_BYTES}s")
 #: Where the record starts: after the header, 8-byte aligned.
 RECORD_OFFSET = _HEADER.size
 _CHECKSUM = struct.Struct("<I")
+#: A probe file's holders section (``holdings``), after its record: sequence and length, the JSON
+#: payload, and a CRC-32 of the three, in a fixed reserve; replaced by one ``pwrite`` per pass.
+_HOLDERS_HEADER = struct.Struct("<QI")
+HOLDERS_BYTES = 65536
 PROBE_PREFIX = "engine-"
 STATS_PREFIX = "stats-"
 _READ_ATTEMPTS = 64
@@ -88,6 +94,11 @@ def probe_record(num_groups: int) -> RecordFormat:
     return RecordFormat(1 + max(num_groups, 1))
 
 
+def holders_offset(record: RecordFormat) -> int:
+    """Where a probe file's holders section starts: after its record, 8-byte aligned."""
+    return -(-(RECORD_OFFSET + record.size) // 8) * 8
+
+
 STATS_RECORD = RecordFormat(2)
 
 
@@ -119,7 +130,7 @@ class NoSpace(OSError):
             errno.ENOSPC,
             f"otel-vllm-kv: no space left in {directory} ({OTEL_PYTHON_VLLM_KV_RELAY_DIR}) for a relay file: "
             f"this engine's KV cache is not reported; vLLM is unaffected. Free space there, or set "
-            f"{OTEL_PYTHON_VLLM_KV_RELAY_DIR} to a directory with room (a few KiB per engine)",
+            f"{OTEL_PYTHON_VLLM_KV_RELAY_DIR} to a directory with room (65 KiB per engine)",
         )
 
 
@@ -135,6 +146,8 @@ class EngineSnapshot:
     evictable_blocks: tuple[int, ...] | None
     """Evictable prefix-cache blocks per KV-cache group (part of the free blocks); None where
     unknown (an engine reported from vLLM's statistics)."""
+    holders: HoldersPass | None = None
+    """Its last holders pass; None from statistics, before the first pass, or from a bad section."""
 
     def occupancy(self) -> KVCacheOccupancy:
         evictable = None if self.evictable_blocks is None else sum(self.evictable_blocks)
@@ -173,7 +186,14 @@ class _RelayFile:
     __slots__ = ("_descriptor", "_path", "_sequence", "_record", "_pack", "_lock")
 
     def __init__(
-        self, directory: str, prefix: str, engine_index: int, model_name: str, layout: PoolLayout, record: RecordFormat
+        self,
+        directory: str,
+        prefix: str,
+        engine_index: int,
+        model_name: str,
+        layout: PoolLayout,
+        record: RecordFormat,
+        size: int,
     ) -> None:
         pid = os.getpid()
         name = f"{prefix}{engine_index}-{pid}-{time.time_ns()}-{next(_file_counter)}"
@@ -201,7 +221,7 @@ class _RelayFile:
         )
         self._descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.posix_fallocate(self._descriptor, 0, RECORD_OFFSET + record.size)
+            os.posix_fallocate(self._descriptor, 0, size)
             os.pwrite(self._descriptor, header, 0)
             # Locked through a descriptor of its own: a forked child closes that one (``liveness``)
             # but keeps its copy of the writing one.
@@ -228,12 +248,25 @@ class _RelayFile:
 
 
 class SnapshotWriter(_RelayFile):
-    """Engine side: the probe's file, free blocks and evictable blocks per group."""
+    """Engine side: the probe's file, free blocks and evictable blocks per group, and its holders."""
 
-    __slots__ = ()
+    __slots__ = ("_holders_offset", "_holders_sequence")
 
     def __init__(self, directory: str, engine_index: int, model_name: str, layout: PoolLayout) -> None:
-        super().__init__(directory, PROBE_PREFIX, engine_index, model_name, layout, probe_record(len(layout.groups)))
+        record = probe_record(len(layout.groups))
+        self._holders_offset = holders_offset(record)
+        self._holders_sequence = 0
+        super().__init__(
+            directory, PROBE_PREFIX, engine_index, model_name, layout, record, self._holders_offset + HOLDERS_BYTES
+        )
+
+    def write_holders(self, payload: bytes) -> None:
+        """Publish a pass (``holdings.encode``); ValueError if it does not fit the section."""
+        if _HOLDERS_HEADER.size + len(payload) + _CHECKSUM.size > HOLDERS_BYTES:
+            raise ValueError(f"holders of {len(payload)} bytes do not fit a relay file's {HOLDERS_BYTES}")
+        self._holders_sequence += 1
+        body = _HOLDERS_HEADER.pack(self._holders_sequence, len(payload)) + payload
+        _pwrite(self._descriptor, body + _pack_checksum(crc32(body)), self._holders_offset)
 
     def write(self, free_blocks: int, evictable_blocks: list[int]) -> None:
         """Publish (after an engine step that changed the pool): one record, one system call.
@@ -249,7 +282,9 @@ class StatsSnapshotWriter(_RelayFile):
     __slots__ = ()
 
     def __init__(self, directory: str, engine_index: int, model_name: str, layout: PoolLayout) -> None:
-        super().__init__(directory, STATS_PREFIX, engine_index, model_name, layout, STATS_RECORD)
+        super().__init__(
+            directory, STATS_PREFIX, engine_index, model_name, layout, STATS_RECORD, RECORD_OFFSET + STATS_RECORD.size
+        )
 
     def write(self, free_blocks: int) -> None:
         self._sequence += 1
@@ -377,3 +412,25 @@ class OpenedRelayFile:
         if not self.from_stats:
             evictable = values[1:]
             _check(min(evictable) >= 0 and sum(evictable) <= free_blocks, f"{evictable} evictable blocks")
+
+    def read_holders(self) -> HoldersPass | None:
+        """The engine's last holders pass, or None (none yet, a statistics file, or every attempt
+        overlapped a write). Raises BadRelayFile for a section out of range or a file that shrank."""
+        if self.from_stats:
+            return None
+        offset = holders_offset(self._record)
+        for _ in range(_READ_ATTEMPTS):
+            section = os.pread(self.descriptor, HOLDERS_BYTES, offset)
+            _check(len(section) == HOLDERS_BYTES, "shorter than its holders section")
+            sequence, length = _HOLDERS_HEADER.unpack_from(section)
+            if not sequence:
+                return None
+            end = _HOLDERS_HEADER.size + length
+            _check(end + _CHECKSUM.size <= HOLDERS_BYTES, f"holders of {length} bytes")
+            if crc32(section[:end]) != _CHECKSUM.unpack_from(section, end)[0]:
+                continue
+            try:
+                return holdings.decode(section[_HOLDERS_HEADER.size : end], self.layout.num_blocks)
+            except ValueError as error:  # UnicodeDecodeError and JSON errors included
+                raise BadRelayFile(str(error)) from None
+        return None

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 
+from otel_vllm_kv.holdings import HoldersPass
 from otel_vllm_kv.relay import PROBE_PREFIX, STATS_PREFIX, BadRelayFile, EngineSnapshot, OpenedRelayFile
 
 _logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class SnapshotReader:
         self.directory = directory
         self._files: dict[str, OpenedRelayFile] = {}
         self._skipped: set[str] = set()
+        self._bad_holders: set[str] = set()
 
     def read(self) -> list[EngineSnapshot]:
         """One snapshot per live engine: the newest probe file where an engine index repeats, else
@@ -79,9 +81,23 @@ class SnapshotReader:
                     snapshot = EngineSnapshot(*key, opened.pid, opened.layout, free_blocks, None)
                     from_stats[key] = (arrived_ns, snapshot)
             else:
-                probed[key] = EngineSnapshot(*key, opened.pid, opened.layout, values[0], values[1:])
+                holders = self._holders(name, opened)
+                probed[key] = EngineSnapshot(*key, opened.pid, opened.layout, values[0], values[1:], holders)
         unprobed = [snapshot for key, (_, snapshot) in from_stats.items() if key not in probed]
         return [*probed.values(), *unprobed]
+
+    def _holders(self, name: str, opened: OpenedRelayFile) -> HoldersPass | None:
+        """The file's holders section; a bad one spoils only itself (its pool is still reported), with
+        one warning per file."""
+        try:
+            return opened.read_holders()
+        except (OSError, BadRelayFile) as error:
+            if name not in self._bad_holders:
+                self._bad_holders.add(name)
+                _logger.warning(
+                    "otel-vllm-kv: leaving out the holders of %s in the relay %s: %s", name, self.directory, error
+                )
+            return None
 
     def close(self) -> None:
         for name in list(self._files):
@@ -110,6 +126,7 @@ class SnapshotReader:
         for name in [name for name in self._files if name not in present]:
             self._discard(name, unlink=False)
         self._skipped &= present
+        self._bad_holders &= present
 
     def _discard(self, name: str, unlink: bool) -> None:
         opened = self._files.pop(name, None)

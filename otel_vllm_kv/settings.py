@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from otel_vllm_kv.environment_variables import (
+    OTEL_PYTHON_VLLM_KV_HOLDER_LIMIT,
     OTEL_PYTHON_VLLM_KV_RELAY_DIR,
+    OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY,
     OTEL_PYTHON_VLLM_KV_VLLM_METRICS,
 )
 
 _SHARED_MEMORY = "/dev/shm"
 _BOOLEANS = {"true": True, "false": False}
+#: The keys' limit per engine, and its range: the relay's holders section fits 64 keys of the longest names.
+DEFAULT_HOLDER_LIMIT = 32
+MAX_HOLDER_LIMIT = 64
+#: A W3C baggage key is an RFC 7230 token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 @dataclass(frozen=True)
 class Settings:
     relay_parent_directory: str
     vllm_metrics: bool
+    tenant_baggage_key: str | None = None
+    holder_limit: int = DEFAULT_HOLDER_LIMIT
 
 
 def read_settings(environ: Mapping[str, str] = os.environ) -> Settings:
@@ -27,7 +37,33 @@ def read_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     return Settings(
         relay_parent_directory=_relay_parent_directory(environ.get(OTEL_PYTHON_VLLM_KV_RELAY_DIR, "")),
         vllm_metrics=_boolean(environ, OTEL_PYTHON_VLLM_KV_VLLM_METRICS, default=True),
+        tenant_baggage_key=_baggage_key(environ.get(OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY, "")),
+        holder_limit=_holder_limit(environ.get(OTEL_PYTHON_VLLM_KV_HOLDER_LIMIT, "")),
     )
+
+
+def _baggage_key(configured: str) -> str | None:
+    configured = configured.strip()
+    if not configured:
+        return None
+    if not _TOKEN.fullmatch(configured):
+        raise ValueError(
+            f"{OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY}={configured!r} is not a W3C baggage key; accepted values: "
+            "letters, digits and !#$%&'*+-.^_`|~ (unset: no tenant)"
+        )
+    return configured
+
+
+def _holder_limit(configured: str) -> int:
+    configured = configured.strip()
+    if not configured:
+        return DEFAULT_HOLDER_LIMIT
+    if not configured.isdigit() or not 1 <= int(configured) <= MAX_HOLDER_LIMIT:
+        raise ValueError(
+            f"{OTEL_PYTHON_VLLM_KV_HOLDER_LIMIT}={configured!r} is invalid; accepted values: an integer from 1 "
+            f"to {MAX_HOLDER_LIMIT} (default {DEFAULT_HOLDER_LIMIT})"
+        )
+    return int(configured)
 
 
 def _boolean(environ: Mapping[str, str], name: str, default: bool) -> bool:

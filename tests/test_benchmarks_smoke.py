@@ -146,3 +146,4 @@ def test_a_part_of_the_workloads_brings_the_baselines_its_figures_subtract():
     assert with_baselines(["admission"]) == ["admission"]
     assert with_baselines(["decode 64"]) == ["decode 64", "harness 64"]
     assert with_baselines(["preemption + resumption"]) == ["preemption + resumption", "decode 16", "harness 16"]
+    assert with_baselines(["holders pass 256"]) == ["holders pass 256", "decode 256", "harness 256"]

@@ -4,24 +4,33 @@ overflows the exporter (or the user's own metrics exported beside the gauges).""
 from __future__ import annotations
 
 import fcntl
+import json
 import math
 import os
 import signal
 import time
+import zlib
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder import encode_metrics
 
-from otel_vllm_kv.exporter import gauges
+from otel_vllm_kv import holdings, names
+from otel_vllm_kv.exporter import collection, gauges, holder_metrics
+from otel_vllm_kv.holdings import OVERFLOW, HoldersPass, Holding
 from otel_vllm_kv.kv_cache import GroupLayout, PoolLayout
 from otel_vllm_kv.relay import (
+    _CHECKSUM,
+    _FORMAT_VERSION,
     _HEADER,
+    _HOLDERS_HEADER,
+    HOLDERS_BYTES,
     RECORD_OFFSET,
     STATS_RECORD,
     SnapshotWriter,
     StatsSnapshotWriter,
+    holders_offset,
     probe_record,
 )
 from otel_vllm_kv.relay_reader import SnapshotReader
@@ -137,23 +146,24 @@ def test_values_out_of_range_spoil_only_their_engine_and_never_the_users_metrics
     meter = MeterProvider(metric_readers=[reader]).get_meter("the user's")
     meter.create_counter("requests").add(3)
     gauges.create_instruments(meter)
-    gauges.set_source(SnapshotReader(str(tmp_path)))
+    holder_metrics.create_instruments(meter)
+    collection.set_source(SnapshotReader(str(tmp_path)))
     try:
         data = reader.get_metrics_data()
     finally:
-        gauges.set_source(None)
+        collection.set_source(None)
         bad.close()
     exported = encode_metrics(data)  # raises on an int64 overflow
-    names = {
+    exported_names = {
         metric.name
         for resource in exported.resource_metrics
         for scope in resource.scope_metrics
         for metric in scope.metrics
     }
-    assert {"requests", gauges.KV_CACHE_USAGE} <= names
+    assert {"requests", names.KV_CACHE_USAGE} <= exported_names
     models = {
-        point.attributes[gauges.MODEL_NAME]
-        for metric in _metrics(data, gauges.KV_CACHE_LIMIT)
+        point.attributes[names.MODEL_NAME]
+        for metric in _metrics(data, names.KV_CACHE_LIMIT)
         for point in metric.data.data_points
     }
     assert models == {"good"}
@@ -221,10 +231,24 @@ def test_a_statistics_record_too_old_is_not_reported(tmp_path):
 # Fuzzing: files a writer of this package never makes, held locked as a live writer holds its own.
 
 
-def _valid_file(num_groups: int = 1) -> bytearray:
+VALID_HOLDERS = holdings.encode(
+    HoldersPass((Holding(("adapter", "tenant"), 120.5, 10.5), Holding(OVERFLOW, 3.0, 2.5)), 23, 300.0)
+)
+
+
+def _holders_section(payload: bytes, sequence: int = 1) -> bytes:
+    body = _HOLDERS_HEADER.pack(sequence, len(payload)) + payload
+    section = body + _CHECKSUM.pack(zlib.crc32(body))
+    return section + bytes(HOLDERS_BYTES - len(section))
+
+
+def _valid_file(num_groups: int = 1, holders: bytes = VALID_HOLDERS) -> bytearray:
     groups = ";".join(["full_attention:16"] * num_groups).encode()
-    header = _HEADER.pack(b"OVKV", 4, 4, 0, 1, 64, 63 * 16, 0, len(groups), num_groups, b"fuzz", groups)
-    return bytearray(header + probe_record(num_groups).encode(2, 40, *([1] * num_groups)))
+    header = _HEADER.pack(b"OVKV", _FORMAT_VERSION, 4, 0, 1, 64, 63 * 16, 0, len(groups), num_groups, b"fuzz", groups)
+    record = probe_record(num_groups)
+    content = header + record.encode(2, 40, *([1] * num_groups))
+    content += bytes(holders_offset(record) - len(content))
+    return bytearray(content + _holders_section(holders))
 
 
 def _read_planted(directory, name: str, content: bytes):
@@ -240,6 +264,12 @@ def _read_planted(directory, name: str, content: bytes):
 
 def _assert_in_range(snapshots) -> None:
     for snapshot in snapshots:
+        if snapshot.holders is not None:
+            allocatable = snapshot.layout.num_blocks - 1
+            assert 0 <= snapshot.holders.used_blocks <= allocatable
+            assert sum(holding.held_blocks for holding in snapshot.holders.holdings) <= allocatable * (1 + 1e-9)
+            for holding in snapshot.holders.holdings:
+                assert math.isfinite(holding.block_seconds) and holding.block_seconds >= 0
         occupancy = snapshot.occupancy()
         assert 0 <= snapshot.free_blocks < snapshot.layout.num_blocks
         for value in (
@@ -260,7 +290,7 @@ def fuzz_directory(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzzed-relay")
 
 
-@given(content=st.binary(max_size=2 * len(_valid_file())), stats=st.booleans())
+@given(content=st.binary(max_size=2 * RECORD_OFFSET), stats=st.booleans())
 def test_random_bytes_never_escape_the_reader(fuzz_directory, content, stats):
     _assert_in_range(_read_planted(fuzz_directory, ("stats-" if stats else "engine-") + "0-1-1-0", content))
 
@@ -271,7 +301,9 @@ def test_truncated_or_mutated_files_never_escape_the_reader(fuzz_directory, data
     if data.draw(st.booleans()):
         content = content[: data.draw(st.integers(0, len(content)))]
     else:
-        offset = data.draw(st.integers(0, len(content) - 1))
+        # The header and the record, or the holders section (most of the file).
+        start = data.draw(st.sampled_from([0, holders_offset(probe_record(1))]))
+        offset = data.draw(st.integers(start, min(start + 4096, len(content) - 1)))
         width = data.draw(st.sampled_from([1, 2, 4, 8]))
         boundary = st.sampled_from([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**53, 2**63 - 1, 2**63, 2**64 - 1])
         value = data.draw(boundary | st.integers(0, 2**64 - 1))
@@ -281,7 +313,9 @@ def test_truncated_or_mutated_files_never_escape_the_reader(fuzz_directory, data
 
 @given(values=st.lists(st.integers(*INT64), min_size=2, max_size=2))
 def test_any_published_values_are_reported_in_range_or_skipped(fuzz_directory, values):
-    content = _valid_file()[:RECORD_OFFSET] + probe_record(1).encode(2, *values)
+    content = _valid_file()
+    record = probe_record(1).encode(2, *values)
+    content[RECORD_OFFSET : RECORD_OFFSET + len(record)] = record
     snapshots = _read_planted(fuzz_directory, "engine-0-1-1-0", bytes(content))
     _assert_in_range(snapshots)
     assert bool(snapshots) == (0 <= values[1] <= values[0] < 64)
@@ -323,3 +357,43 @@ def test_a_full_tmpfs_refuses_a_relay_file_with_the_setting_named_and_leaves_not
         warn_no_space(error.value)
     assert [name for name in os.listdir(full_tmpfs) if not name.startswith(".no-space")] == []
     assert len(_relay_warnings(caplog)) == 1
+
+
+_NAME = st.none() | st.text(max_size=120)
+_NUMBER = st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**70), 2**70)
+_ROW = st.lists(st.booleans() | _NAME | _NUMBER, min_size=4, max_size=6) | st.tuples(
+    st.booleans(), _NAME, _NAME, _NUMBER, _NUMBER
+).map(list)
+
+
+@given(
+    used=_NUMBER | st.none(),
+    written=_NUMBER | st.none(),
+    rows=st.lists(_ROW, max_size=5),
+    extra=st.booleans(),
+)
+def test_any_holders_section_is_reported_in_range_or_left_out(fuzz_directory, used, written, rows, extra):
+    """A holders section of any JSON spoils only the holders: the pool is still reported."""
+    document = {"used": used, "written": written, "holders": rows} | ({"more": 1} if extra else {})
+    payload = json.dumps(document).encode()
+    snapshots = _read_planted(fuzz_directory, "engine-0-1-1-0", bytes(_valid_file(holders=payload)))
+    _assert_in_range(snapshots)
+    (snapshot,) = snapshots
+    assert snapshot.free_blocks == 40
+
+
+def test_a_bad_holders_section_is_left_out_with_one_warning(tmp_path, caplog):
+    writer = SnapshotWriter(str(tmp_path), engine_index=0, model_name="m", layout=LAYOUT)
+    try:
+        writer.write(40, [1])
+        writer.write_holders(b'{"used": 80, "written": null, "holders": []}')  # more than the pool's 63
+        reader = SnapshotReader(str(tmp_path))
+        for _ in range(3):
+            (snapshot,) = reader.read()
+            assert snapshot.free_blocks == 40 and snapshot.holders is None
+        assert len([r for r in caplog.records if "leaving out the holders" in r.getMessage()]) == 1
+        writer.write_holders(holdings.encode(HoldersPass((Holding((None, None), 5.0, 23.0),), 23, None)))
+        (snapshot,) = reader.read()
+        assert snapshot.holders.holdings == (Holding((None, None), 5.0, 23.0),)
+    finally:
+        writer.close()

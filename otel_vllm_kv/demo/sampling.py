@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -21,11 +21,17 @@ from otel_vllm_kv.names import (
     KV_CACHE_EVICTABLE,
     KV_CACHE_GROUP_INDEX,
     KV_CACHE_GROUP_TYPE,
+    KV_CACHE_HELD,
     KV_CACHE_LIMIT,
+    KV_CACHE_RESIDENCY,
     KV_CACHE_STATE,
     KV_CACHE_USAGE,
     KV_CACHE_UTILIZATION,
+    KV_CACHE_WRITTEN,
+    LORA_NAME,
     MODEL_NAME,
+    OVERFLOW,
+    TENANT,
 )
 
 if TYPE_CHECKING:
@@ -81,31 +87,35 @@ _PER_ENGINE = {
 }
 
 
+def _points(reader: InMemoryMetricReader, names: Collection[str]) -> Iterator[tuple[str, Mapping[str, Any], Any]]:
+    """(metric name, attributes, value) of every point of the metrics ``names`` in one collection."""
+    data = reader.get_metrics_data()
+    for resource_metrics in data.resource_metrics if data else ():
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                if metric.name in names:
+                    for point in cast("list[NumberDataPoint]", metric.data.data_points):  # gauges and sums
+                        yield metric.name, point.attributes or {}, point.value
+
+
 def read_engines(reader: InMemoryMetricReader) -> dict[int, EngineReading]:
     """One collection: every engine any of the package's gauges reports, by engine index (in index
     order). Empty when nothing was observed; other metrics the reader holds are left out."""
     engines: dict[int, dict[str, Any]] = {}
     groups: dict[int, dict[int, dict[str, Any]]] = {}
-    data = reader.get_metrics_data()
-    for resource_metrics in data.resource_metrics if data else ():
-        for scope_metrics in resource_metrics.scope_metrics:
-            for metric in scope_metrics.metrics:
-                if metric.name not in GAUGES:
-                    continue
-                for point in cast("list[NumberDataPoint]", metric.data.data_points):  # gauges only
-                    attributes: Mapping[str, Any] = point.attributes or {}
-                    index = attributes[ENGINE_INDEX]
-                    engine = engines.setdefault(index, {"model_name": attributes[MODEL_NAME]})
-                    if metric.name == KV_CACHE_USAGE:
-                        engine[attributes[KV_CACHE_STATE]] = point.value  # "used" or "free"
-                    elif metric.name == KV_CACHE_BLOCK_USAGE:
-                        engine[f"{attributes[KV_CACHE_STATE]}_blocks"] = point.value
-                    elif metric.name in _PER_ENGINE:
-                        engine[_PER_ENGINE[metric.name]] = point.value
-                    elif metric.name in (KV_CACHE_BLOCK_SIZE, KV_CACHE_BLOCK_EVICTABLE):  # per group
-                        group = groups.setdefault(index, {}).setdefault(attributes[KV_CACHE_GROUP_INDEX], {})
-                        group["attention_type"] = attributes[KV_CACHE_GROUP_TYPE]
-                        group["block_size" if metric.name == KV_CACHE_BLOCK_SIZE else "evictable_blocks"] = point.value
+    for name, attributes, value in _points(reader, GAUGES):
+        index = attributes[ENGINE_INDEX]
+        engine = engines.setdefault(index, {"model_name": attributes[MODEL_NAME]})
+        if name == KV_CACHE_USAGE:
+            engine[attributes[KV_CACHE_STATE]] = value  # "used" or "free"
+        elif name == KV_CACHE_BLOCK_USAGE:
+            engine[f"{attributes[KV_CACHE_STATE]}_blocks"] = value
+        elif name in _PER_ENGINE:
+            engine[_PER_ENGINE[name]] = value
+        elif name in (KV_CACHE_BLOCK_SIZE, KV_CACHE_BLOCK_EVICTABLE):  # per group
+            group = groups.setdefault(index, {}).setdefault(attributes[KV_CACHE_GROUP_INDEX], {})
+            group["attention_type"] = attributes[KV_CACHE_GROUP_TYPE]
+            group["block_size" if name == KV_CACHE_BLOCK_SIZE else "evictable_blocks"] = value
     return {
         index: EngineReading(
             **engine,
@@ -113,6 +123,38 @@ def read_engines(reader: InMemoryMetricReader) -> dict[int, EngineReading]:
         )
         for index, engine in sorted(engines.items())
     }
+
+
+class HolderReading(NamedTuple):
+    """What one (LoRA adapter, tenant) of one engine holds, in one collection (``read_holders``)."""
+
+    engine_index: int
+    adapter: str | None
+    tenant: str | None
+    overflow: bool
+    token_seconds: float | None
+    held_tokens: float | None
+
+
+def read_holders(reader: InMemoryMetricReader) -> dict[tuple[int, str | None, str | None, bool], HolderReading]:
+    """One collection of ``vllm.kv_cache.residency`` and ``vllm.kv_cache.held``, by (engine index,
+    adapter, tenant, overflow)."""
+    holders: dict[tuple[int, str | None, str | None, bool], dict[str, Any]] = {}
+    for name, attributes, value in _points(reader, (KV_CACHE_RESIDENCY, KV_CACHE_HELD)):
+        key = (
+            attributes[ENGINE_INDEX],
+            attributes.get(LORA_NAME),
+            attributes.get(TENANT),
+            bool(attributes.get(OVERFLOW)),
+        )
+        reading = holders.setdefault(key, {"token_seconds": None, "held_tokens": None})
+        reading["token_seconds" if name == KV_CACHE_RESIDENCY else "held_tokens"] = value
+    return {key: HolderReading(*key, **values) for key, values in sorted(holders.items(), key=str)}
+
+
+def read_written(reader: InMemoryMetricReader) -> dict[int, float]:
+    """One collection of ``vllm.kv_cache.written``, by engine index."""
+    return {attributes[ENGINE_INDEX]: value for _, attributes, value in _points(reader, (KV_CACHE_WRITTEN,))}
 
 
 class Sampler:

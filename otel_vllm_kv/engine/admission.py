@@ -38,6 +38,7 @@ from __future__ import annotations
 import weakref
 from collections import deque
 from collections.abc import Callable
+from operator import itemgetter
 from time import time
 from typing import Any
 
@@ -46,6 +47,7 @@ from otel_vllm_kv.engine.pool_reading import request_blocks, waiting_queues
 from otel_vllm_kv.internals import attribute
 
 _queue_length = deque.__len__
+_first = itemgetter(0)
 _pack = RECORD.pack
 _ADMITTED, _RESUMED, _PREEMPTED, _FINISHED = (KINDS.index(kind) for kind in (ADMITTED, RESUMED, PREEMPTED, FINISHED))
 
@@ -211,7 +213,7 @@ class AdmissionRecorder:
                     0,
                 ).hex()
                 _carry(undelivered, request, record)
-                if acquire is not None:
+                if acquire is not None and (num_hits or generation):
                     acquire(request, num_hits)
             except Exception:  # noqa: BLE001 - the engine must never see our failure
                 give_up()
@@ -236,21 +238,21 @@ class AdmissionRecorder:
         ).hex()
         _carry(self.undelivered, request, record)
 
-    def finished(self, request: Any, residency: Any) -> None:
-        """A finished request gave its blocks back (``residency``): its last record carries what it
-        held, for the output vLLM builds right after (``Scheduler.update_from_output``)."""
+    def finished(self, request: Any, block_seconds: float, peak_blocks: int, recomputed_tokens: int) -> None:
+        """A finished request gave its blocks back (``residency.OnRelease``): its last record carries what
+        it held, for the output vLLM builds right after (``Scheduler.update_from_output``)."""
         record = _pack(
             _FINISHED,
             2 * request.num_preemptions + 2,
             time(),
             *self._engine,
             self._queue.num_free_blocks,
-            residency.peak_blocks,
+            peak_blocks,
             0,
             0.0,
             0,
-            residency.block_seconds,
-            residency.recomputed_tokens,
+            block_seconds,
+            recomputed_tokens,
         ).hex()
         _carry(self.undelivered, request, record)
 
@@ -301,7 +303,7 @@ def _holds_undelivered(undelivered: list, request: Any) -> bool:
     when the key is there, which is rare (a second record before the request's next output, as a
     preemption in the step of its admission, or a key that came with the request): scanning the few
     undelivered requests then costs less than marking every request at every admission."""
-    return any(entry[0] is request for entry in undelivered)
+    return request in map(_first, undelivered)  # in C: vLLM's Request compares by identity
 
 
 def _without_foreign_records(headers: Any) -> dict:

@@ -11,7 +11,10 @@ probe, so a step pays one plain call and no lookup (``patching.hook_methods``):
 * ``shutdown``, which withdraws the engine as soon as vLLM stops it (its process may
   linger, or be killed, afterwards);
 * the admission path (``admission``) and the block pool's free-queue moves, to count
-  evictable prefix-cache blocks (``prefix_cache``).
+  evictable prefix-cache blocks (``prefix_cache``);
+* the block pool's allocations and prefix hits and the manager's frees, for what each request
+  holds over time (``residency``), summed by LoRA adapter and tenant (``holders``), whose
+  holders section of the relay file a step rewrites at most once a second.
 
 Publishing after the first two keeps the snapshot equal to the pool's state at the last
 change, also once the engine is idle. A scheduler built before ``instrument()`` is
@@ -21,11 +24,15 @@ attached at its next ``make_stats``, through the class, which its own hook then 
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Callable
+from time import monotonic as _monotonic
 from typing import Any
 
-from otel_vllm_kv.engine import prefix_cache, residency
+from otel_vllm_kv import holdings
+from otel_vllm_kv.diagnostics import WarnOnce
+from otel_vllm_kv.engine import holders, prefix_cache, residency
 from otel_vllm_kv.engine.admission import HOOKED_PARAMETERS, AdmissionRecorder
 from otel_vllm_kv.engine.pool_reading import free_block_queue, read_engine_identity, read_layout
 from otel_vllm_kv.engine.residency import ResidencyLedger
@@ -60,9 +67,18 @@ class EngineProbe:
         "scheduler",
         "recorder",
         "residency",
+        "holders",
+        "_holders_failed",
     )
 
-    def __init__(self, scheduler: Any, writer: SnapshotWriter, layout: PoolLayout, engine_index: int) -> None:
+    def __init__(
+        self,
+        scheduler: Any,
+        writer: SnapshotWriter,
+        layout: PoolLayout,
+        engine_index: int,
+        holder_limit: int = holders.DEFAULT_LIMIT,
+    ) -> None:
         self._queue = free_block_queue(scheduler)
         self._evictable = prefix_cache.watch(scheduler.kv_cache_manager.block_pool, len(layout.groups))
         self._writer = writer
@@ -77,6 +93,11 @@ class EngineProbe:
         self.residency = ResidencyLedger(scheduler)
         self.recorder = AdmissionRecorder(scheduler, engine_index, layout.num_blocks, limit_tokens, self.residency)
         self.residency.on_release = self.recorder.finished
+        self.holders = holders.Holders(scheduler, holder_limit)
+        self.residency.on_hold = self.holders.add
+        self._holders_failed = WarnOnce(
+            _logger, "otel-vllm-kv: counting who holds the KV cache failed; it is no longer reported for this engine"
+        )
         #: Withdraws the relay file, at the latest when the scheduler is garbage-collected.
         self.close = weakref.finalize(scheduler, writer.close)
 
@@ -92,6 +113,18 @@ class EngineProbe:
             self._writer.write(free_blocks, counts)
         if self.recorder.undelivered:
             self.recorder.deliver()
+        if _monotonic() >= self.holders.next_pass:
+            self.publish_holders()
+
+    def publish_holders(self) -> None:
+        """A holders pass (``holders``), at most once a second; its failure stops only the holders."""
+        counted = self.holders
+        counted.next_pass = _monotonic() + holders.PASS_INTERVAL_SECONDS
+        try:
+            self._writer.write_holders(holdings.encode(counted.count()))
+        except Exception:  # noqa: BLE001 - the gauges and records go on
+            counted.next_pass = math.inf
+            self._holders_failed()
 
 
 class _ProbeRegistry:
@@ -99,6 +132,7 @@ class _ProbeRegistry:
 
     def __init__(self) -> None:
         self.relay_directory: str | None = None
+        self.holder_limit = holders.DEFAULT_LIMIT
         self._probes: weakref.WeakKeyDictionary[Any, EngineProbe | None] = weakref.WeakKeyDictionary()
         self._warned = False
 
@@ -129,7 +163,9 @@ class _ProbeRegistry:
         except NoSpace as error:
             warn_no_space(error)  # it names the directory and the setting
             return None
-        probe = self._probes[scheduler] = EngineProbe(scheduler, writer, layout, engine_index)  # give_up detaches it
+        probe = self._probes[scheduler] = EngineProbe(
+            scheduler, writer, layout, engine_index, self.holder_limit
+        )  # give_up detaches it
         on_scheduler, on_manager = probe.recorder.hooks(lambda: _give_up(probe))
         on_pool, on_manager_residency = probe.residency.hooks(lambda: _give_up(probe))
         hook_methods(scheduler, {**_scheduler_hooks(probe), **on_scheduler}, beneath=(_attach_after,))
@@ -234,9 +270,10 @@ REQUIRED = (
 )
 
 
-def install(relay_directory: str) -> None:
+def install(relay_directory: str, holder_limit: int = holders.DEFAULT_LIMIT) -> None:
     """Wrap the scheduler class; every engine built in this process publishes into the relay."""
     registry.relay_directory = relay_directory
+    registry.holder_limit = holder_limit
     apply_patches(PATCHES)
 
 

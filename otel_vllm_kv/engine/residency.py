@@ -10,17 +10,19 @@ holder that acquired block b when its clock read c_a and released it when it rea
 ``c_r - c_a`` block-seconds of it. So:
 
 * a fresh block (``BlockPool.get_new_blocks``: k 0 -> 1) starts its clock at 0, and its
-  holder's acquisition reads 0: nothing is recorded per request;
+  holder's acquisition reads 0: nothing is kept per request;
 * a prefix hit (``BlockPool.touch``: k -> k + 1) settles the clock at the old k first; the
   admission that follows (``acquire``) adds up the clocks of the request's blocks, as its
-  acquisition;
+  acquisition (kept only when not 0);
 * ``KVCacheManager.free(request)`` (finish, abort, preemption) settles the clocks of the
   request's blocks at their k before vLLM lowers it, and adds them up as its release.
 
 Nothing runs per running request per step; a decode step that allocates a block pays one
-list store per block. Times are the engine's ``time.monotonic()``. Blocks a sliding-window
-group releases before the request ends (``remove_skipped_blocks``) are not seen per request:
-only full-attention groups are exact (``exact``).
+list store per block. A request admitted without prefix hits and never preempted costs a
+dictionary miss at its release and nothing at its admission (``benchmarks.instructions``).
+Times are the engine's ``time.monotonic()``. Blocks a sliding-window group releases before
+the request ends (``remove_skipped_blocks``) are not seen per request: only full-attention
+groups are exact (``exact``).
 """
 
 from __future__ import annotations
@@ -38,34 +40,35 @@ MANAGER_METHODS = ("free",)
 #: The parameters of the hooked methods, checked against the installed vLLM at attach.
 HOOKED_PARAMETERS = {"get_new_blocks": ("num_blocks",), "touch": ("blocks",), "free": ("request",)}
 
+#: ``on_release(request, block_seconds, peak_blocks, recomputed_tokens)``: a finished request gave its
+#: blocks back; ``block_seconds`` times the pool's tokens per block are its token-seconds.
+OnRelease = Callable[[Any, float, int, int], None]
 
-class RequestResidency:
-    """What one request held, across its preemptions, by request id in ``ResidencyLedger.requests``.
+
+class PreemptedResidency:
+    """What a preempted request held before its resumption, by request id in ``ResidencyLedger.preempted``.
 
     Kept in the ledger, never as attributes of vLLM's ``Request``: an attribute added to every
     request after its ``__init__`` makes CPython give up the instances' shared-key layout, and
     every attribute read vLLM makes on its requests slows down.
     """
 
-    __slots__ = ("acquired", "block_seconds", "peak_blocks", "computed_tokens", "recomputed_tokens")
+    __slots__ = ("block_seconds", "peak_blocks", "computed_tokens", "recomputed_tokens")
 
-    def __init__(self) -> None:
-        #: The share clocks of its blocks when it was last admitted.
-        self.acquired = 0.0
-        #: Fair-share block-seconds (times the pool's tokens per block: token-seconds).
-        self.block_seconds = 0.0
-        self.peak_blocks = 0
-        #: Tokens it had computed when it was last preempted (0 once resumed).
-        self.computed_tokens = 0
+    def __init__(self, block_seconds: float, peak_blocks: int, computed_tokens: int, recomputed_tokens: int) -> None:
+        self.block_seconds = block_seconds
+        self.peak_blocks = peak_blocks
+        #: Tokens it had computed when it was preempted (0 once resumed).
+        self.computed_tokens = computed_tokens
         #: Tokens computed again after its preemptions: those it had, less its prefix hits at resumption.
-        self.recomputed_tokens = 0
+        self.recomputed_tokens = recomputed_tokens
 
 
 class ResidencyLedger:
     """The share clocks of one ``BlockPool``, and the hooks that keep them (``patching.hook_methods``).
 
-    ``on_release(request, residency)`` runs when a finished request gave its blocks back;
-    ``give_up()`` when a hook failed (the hook lets vLLM's call run untouched).
+    ``on_release`` runs when a finished request gave its blocks back; ``give_up()`` when a hook
+    failed (the hook lets vLLM's call run untouched).
     """
 
     __slots__ = (
@@ -74,7 +77,9 @@ class ResidencyLedger:
         "clock",
         "exact",
         "on_release",
-        "requests",
+        "on_hold",
+        "acquired",
+        "preempted",
         "_finished",
         "_group_blocks",
         "_null_block",
@@ -89,9 +94,13 @@ class ResidencyLedger:
         self.share = [0.0] * pool.num_gpu_blocks
         self.since = [0.0] * pool.num_gpu_blocks
         self.clock = clock
-        self.on_release: Callable[[Any, RequestResidency], None] | None = None
-        #: Every request admitted and not finished yet, by vLLM's request id.
-        self.requests: dict[str, RequestResidency] = {}
+        self.on_release: OnRelease | None = None
+        #: ``on_hold(request, block_seconds)`` at every release that held blocks (finish, abort, preemption).
+        self.on_hold: Callable[[Any, float], None] | None = None
+        #: The share clocks of a running request's blocks at its last admission, where not 0 (prefix hits).
+        self.acquired: dict[str, float] = {}
+        #: Every preempted request not finished yet, by vLLM's request id.
+        self.preempted: dict[str, PreemptedResidency] = {}
         self._finished = frozenset(status for status in RequestStatus if RequestStatus.is_finished(status))
         managers = manager.coordinator.single_type_managers
         self._group_blocks = tuple(group.req_to_blocks for group in managers)
@@ -145,25 +154,27 @@ class ResidencyLedger:
         return hook
 
     def acquire(self, request: Any, num_hits: int) -> None:
-        """At an admission, after vLLM allocated the request's blocks: their clocks are its acquisition."""
-        share, null_block = self.share, self._null_block
+        """At an admission with prefix hits or a resumption, after vLLM allocated the request's
+        blocks: their clocks are its acquisition. Without either, there is nothing to keep."""
         request_id = request.request_id
-        acquired = 0.0
-        for group in self._group_blocks:
-            for block in group.get(request_id, ()):
-                if block is not null_block:
-                    acquired += share[block.block_id]
-        residency = self.requests.get(request_id)
-        if residency is None:
-            residency = self.requests[request_id] = RequestResidency()
-        elif residency.computed_tokens:  # a resumption
-            residency.recomputed_tokens += max(residency.computed_tokens - num_hits, 0)
-            residency.computed_tokens = 0
-        residency.acquired = acquired
+        if num_hits:
+            share, null_block = self.share, self._null_block
+            acquired = 0.0
+            for group in self._group_blocks:
+                for block in group.get(request_id, ()):
+                    if block is not null_block:
+                        acquired += share[block.block_id]
+            if acquired:
+                self.acquired[request_id] = acquired
+        past = self.preempted.get(request_id)
+        if past is not None and past.computed_tokens:
+            past.recomputed_tokens += max(past.computed_tokens - num_hits, 0)
+            past.computed_tokens = 0
 
     def _freed(self, give_up: Callable[[], None]) -> Callable[[Callable], Callable]:
         share, since, clock, null_block = self.share, self.since, self.clock, self._null_block
-        group_blocks, finished, requests = self._group_blocks, self._finished, self.requests
+        group_blocks, finished = self._group_blocks, self._finished
+        acquisitions, preempted = self.acquired, self.preempted
         ledger = self
 
         def hook(original: Callable) -> Callable:
@@ -178,22 +189,35 @@ class ResidencyLedger:
                             if block is null_block:
                                 continue
                             index = block.block_id
-                            share[index] += (now - since[index]) / block.ref_cnt
+                            settled = share[index] + (now - since[index]) / block.ref_cnt
+                            share[index] = settled
                             since[index] = now
-                            released += share[index]
+                            released += settled
                             held += 1
-                    residency = requests.get(request_id)
-                    if residency is not None:
-                        if held:
-                            residency.block_seconds += released - residency.acquired
-                            if held > residency.peak_blocks:
-                                residency.peak_blocks = held
-                        if request.status in finished:
-                            del requests[request_id]
-                            if ledger.on_release is not None:
-                                ledger.on_release(request, residency)
-                        else:  # a preemption: vLLM resets num_computed_tokens right after this call
-                            residency.computed_tokens = request.num_computed_tokens
+                    if acquisitions:
+                        released -= acquisitions.pop(request_id, 0.0)
+                    if held and ledger.on_hold is not None:
+                        ledger.on_hold(request, released)
+                    past = preempted.pop(request_id, None) if preempted else None
+                    if request.status in finished:
+                        on_release = ledger.on_release
+                        if on_release is None:
+                            pass
+                        elif past is None:
+                            if held:
+                                on_release(request, released, held, 0)
+                        else:
+                            peak = held if held > past.peak_blocks else past.peak_blocks
+                            on_release(request, past.block_seconds + released, peak, past.recomputed_tokens)
+                    elif past is None:
+                        if held:  # a preemption: vLLM resets num_computed_tokens right after this call
+                            preempted[request_id] = PreemptedResidency(released, held, request.num_computed_tokens, 0)
+                    else:
+                        past.block_seconds += released
+                        if held > past.peak_blocks:
+                            past.peak_blocks = held
+                        past.computed_tokens = request.num_computed_tokens
+                        preempted[request_id] = past
                 except Exception:  # noqa: BLE001
                     give_up()
                 return original(request)

@@ -2,18 +2,20 @@
 
 A frontend submits requests and processes their outputs: it annotates the spans of the
 requests it submitted with their admission records (``spans``), reports engines that run no
-probe from vLLM's scheduler statistics (``unprobed_engines``), and adds the token gauges to
+probe from vLLM's scheduler statistics (``unprobed_engines``), tells the engine each request's
+tenant from baggage (``tenants``), and adds the token gauges to
 the ``/metrics`` each of several API servers serves (``multiprocess_metrics``). Every process
 may be a frontend, the exporter too. The three roles: docs/architecture.md.
 """
 
 from __future__ import annotations
 
-from otel_vllm_kv.frontend import multiprocess_metrics, spans, unprobed_engines
+from otel_vllm_kv.frontend import multiprocess_metrics, spans, tenants, unprobed_engines
 
 
-def install(relay_directory: str, vllm_metrics: bool) -> None:
+def install(relay_directory: str, vllm_metrics: bool, tenant_baggage_key: str | None = None) -> None:
     spans.install()
+    tenants.install(tenant_baggage_key)
     unprobed_engines.install(relay_directory)
     if vllm_metrics:
         multiprocess_metrics.install(relay_directory)
@@ -22,4 +24,5 @@ def install(relay_directory: str, vllm_metrics: bool) -> None:
 def uninstall() -> None:
     multiprocess_metrics.uninstall()
     unprobed_engines.uninstall()
+    tenants.uninstall()
     spans.uninstall()

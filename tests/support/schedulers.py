@@ -140,8 +140,10 @@ def make_request(
     max_tokens: int = 8,
     first_token: int = 0,
     prompt_token_ids: list[int] | None = None,
+    **request_fields: Any,
 ) -> Request:
-    """A request of consecutive token ids from ``first_token``, or of ``prompt_token_ids``."""
+    """A request of consecutive token ids from ``first_token``, or of ``prompt_token_ids``; ``request_fields``
+    go to vLLM's ``Request`` (``lora_request``, ``trace_headers``)."""
     init_none_hash(sha256)
     if prompt_token_ids is None:
         prompt_token_ids = list(range(first_token, first_token + num_prompt_tokens))
@@ -151,6 +153,7 @@ def make_request(
         SamplingParams(max_tokens=max_tokens, ignore_eos=True),
         None,
         block_hasher=get_request_block_hasher(scheduler.block_size, sha256),
+        **request_fields,
     )
 
 
