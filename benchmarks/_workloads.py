@@ -204,6 +204,24 @@ class Collection(Decode):
         )
 
 
+class HoldersPass(Decode):
+    """One holders pass (``engine.holders``: what each LoRA adapter and tenant holds, written into the
+    relay) on ``running`` decoding requests; an engine runs it after a step at most once a second.
+    Plain vLLM has no pass: its unit does nothing."""
+
+    def __init__(self, model_dir: str, running: int) -> None:
+        from otel_vllm_kv.engine.probe import registry
+
+        self.probe = None  # the warm-up steps run no pass
+        super().__init__(model_dir, running, 0)
+        self.name = f"holders pass {running}"
+        self.probe = registry.attach(self.scheduler)
+
+    def unit(self) -> None:
+        if self.probe is not None:
+            self.probe.publish_holders()
+
+
 class Harness(Decode):
     """The synthetic ``ModelRunnerOutput`` of one decode step of ``running`` requests, alone."""
 
@@ -227,6 +245,8 @@ def build(name: str, model_dir: str, max_units: int, reader: object) -> Workload
         "admission with prefix hits": lambda: Admission(model_dir, prefix_hits=True),
         "preemption + resumption": lambda: Preemption(model_dir, max_units),
         "collection": lambda: Collection(model_dir, reader),
+        "holders pass 16": lambda: HoldersPass(model_dir, 16),
+        "holders pass 256": lambda: HoldersPass(model_dir, 256),
         "harness 16": lambda: Harness(model_dir, 16),
         "harness 64": lambda: Harness(model_dir, 64),
         "harness 256": lambda: Harness(model_dir, 256),

@@ -89,7 +89,7 @@ def _cases() -> dict[str, tuple[str, Callable[[], object]]]:
     # An admission record's fields: kind, sequence, time, engine index, blocks, capacity, free, own, hits,
     # wait, waiting; as decimal text the nanosecond clock and the engine's three fields preformatted.
     text_fields = ("admitted", 1, 1_795_000_000_123_456_789, "0,256,4080", 200, 4, 0, 12_345_678, 3)
-    packed_fields = (0, 1, 1_795_000_000.123_456_7, 0, 256, 4080, 200, 4, 0, 0.012_345_678, 3)
+    packed_fields = (0, 1, 1_795_000_000.123_456_7, 0, 256, 4080, 200, 4, 0, 0.012_345_678, 3, 0.0, 0)
     pack = RECORD.pack
     queue = _FCFSQueue(range(3))
     queues = (queue, queue)
