@@ -228,7 +228,7 @@ def test_holders_add_up_to_the_pool_by_adapter_and_tenant(vllm_scheduler, tiny_m
     clock = StepClock()
     ledger = ResidencyLedger(scheduler, clock=clock)
     holders = Holders(scheduler, limit=HOLDER_LIMIT)
-    ledger.on_hold = holders.add
+    ledger.holders = holders
     on_pool, on_manager = ledger.hooks(give_up=failed)
     hook_methods(scheduler.kv_cache_manager.block_pool, on_pool)
     hook_methods(scheduler.kv_cache_manager, on_manager)

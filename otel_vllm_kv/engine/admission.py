@@ -18,8 +18,8 @@ Hooks on one scheduler's own methods (``probe``), each called by vLLM once per e
 
 Records travel in ``request.trace_headers`` (``admission_records``) and are delivered with the
 request's next output; once delivered, the request gets its original mapping back. While a
-request's mapping holds our key, its records are not delivered yet, so the mapping is the only
-per-request buffer. A request can arrive with that key already in its mapping (an application
+request's mapping is a ``CarriedHeaders``, its records are not delivered yet, so the mapping is
+the only per-request buffer. A request can arrive with that key already in its mapping (an application
 building ``AsyncLLM`` requests sets ``trace_headers`` itself): the first record replaces it, and the
 mapping given back at delivery leaves it out. Attributes on vLLM's ``Request`` (as OpenTelemetry's instrumentations keep
 a span on the object they trace) go with the request and cost no weak reference: the time of
@@ -38,7 +38,6 @@ from __future__ import annotations
 import weakref
 from collections import deque
 from collections.abc import Callable
-from operator import itemgetter
 from time import time
 from typing import Any
 
@@ -47,7 +46,6 @@ from otel_vllm_kv.engine.pool_reading import request_blocks, waiting_queues
 from otel_vllm_kv.internals import attribute
 
 _queue_length = deque.__len__
-_first = itemgetter(0)
 _pack = RECORD.pack
 _ADMITTED, _RESUMED, _PREEMPTED, _FINISHED = (KINDS.index(kind) for kind in (ADMITTED, RESUMED, PREEMPTED, FINISHED))
 
@@ -282,28 +280,32 @@ class AdmissionRecorder:
         self.undelivered.clear()
 
 
+class CarriedHeaders(dict):
+    """A request's ``trace_headers`` while it carries undelivered records: its type says so, which
+    costs one identity test where a scan of the undelivered requests cost a generator (a second
+    record before the request's next output: a preemption, or a finish, in the step of its admission).
+    vLLM's msgpack encoder sends it as a plain mapping, which is what the frontend decodes."""
+
+    __slots__ = ()
+
+
 def _carry(undelivered: list, request: Any, record: str) -> None:
     """Put ``record`` in the request's ``trace_headers``, after its undelivered ones."""
     headers = request.trace_headers
     # A new mapping, never a mutation: outputs already built keep the one they reference.
+    if type(headers) is CarriedHeaders:  # its earlier records are not delivered: no output since them
+        carried = CarriedHeaders(headers)
+        carried[TRACE_HEADER_KEY] += record
+        request.trace_headers = carried
+        return
     if headers and TRACE_HEADER_KEY in headers:
-        if _holds_undelivered(undelivered, request):
-            # Its earlier records are not delivered yet, so it has produced no output since them.
-            request.trace_headers = {**headers, TRACE_HEADER_KEY: headers[TRACE_HEADER_KEY] + record}
-            return
         headers = _without_foreign_records(headers)
     # vLLM's ``num_output_tokens`` is a property (a Python frame) returning len(_output_token_ids).
     outputs = request._output_token_ids
     undelivered.append((request, headers, outputs, len(outputs)))
-    request.trace_headers = {**headers, TRACE_HEADER_KEY: record} if headers else {TRACE_HEADER_KEY: record}
-
-
-def _holds_undelivered(undelivered: list, request: Any) -> bool:
-    """Whether the key in the request's headers is ours: the request is waiting for delivery. Asked only
-    when the key is there, which is rare (a second record before the request's next output, as a
-    preemption in the step of its admission, or a key that came with the request): scanning the few
-    undelivered requests then costs less than marking every request at every admission."""
-    return request in map(_first, undelivered)  # in C: vLLM's Request compares by identity
+    carried = CarriedHeaders(headers) if headers else CarriedHeaders()
+    carried[TRACE_HEADER_KEY] = record
+    request.trace_headers = carried
 
 
 def _without_foreign_records(headers: Any) -> dict:

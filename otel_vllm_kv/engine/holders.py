@@ -41,12 +41,13 @@ DEFAULT_LIMIT = DEFAULT_HOLDER_LIMIT
 
 
 class Holders:
-    """One engine's holders: ``add`` at each release (``residency``), ``count`` in a pass."""
+    """One engine's holders: ``residency`` adds each release to ``block_seconds``; ``count`` is a pass."""
 
     __slots__ = (
         "block_seconds",
         "limit",
         "next_pass",
+        "_named",
         "_requests",
         "_pool",
         "_group_blocks",
@@ -61,6 +62,8 @@ class Holders:
         #: Block-seconds by key, summed over every release; every key admitted so far.
         self.block_seconds: dict[HolderKey, float] = {}
         self.limit = limit
+        #: Keys admitted under their names (``OVERFLOW`` aside).
+        self._named = 0
         #: ``time.monotonic()`` after which the next pass is due.
         self.next_pass = 0.0
         self._requests = scheduler.requests
@@ -77,7 +80,7 @@ class Holders:
         )
 
     def key(self, request: Any) -> HolderKey:
-        """The request's key; a new one is admitted while there is room."""
+        """The request's key, in ``block_seconds`` from now on; a new one is admitted while there is room."""
         lora = request.lora_request
         headers = request.trace_headers
         key = (None if lora is None else lora.lora_name, headers.get(TENANT_HEADER_KEY) if headers else None)
@@ -86,16 +89,13 @@ class Holders:
             return key
         if not (valid_name(key[0]) and valid_name(key[1])):
             self._warn()
-            return OVERFLOW
-        if len(block_seconds) >= self.limit:
-            return OVERFLOW
-        block_seconds[key] = 0.0
+            key = OVERFLOW
+        elif self._named >= self.limit:
+            key = OVERFLOW
+        else:
+            self._named += 1
+        block_seconds.setdefault(key, 0.0)
         return key
-
-    def add(self, request: Any, block_seconds: float) -> None:
-        """A release of ``block_seconds`` by ``request`` (``residency``)."""
-        key = self.key(request)
-        self.block_seconds[key] = self.block_seconds.get(key, 0.0) + block_seconds
 
     def count(self) -> HoldersPass:
         """The pass: what each key holds now (every key seen so far; 0 for those holding nothing)."""

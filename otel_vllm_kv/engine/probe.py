@@ -94,7 +94,7 @@ class EngineProbe:
         self.recorder = AdmissionRecorder(scheduler, engine_index, layout.num_blocks, limit_tokens, self.residency)
         self.residency.on_release = self.recorder.finished
         self.holders = holders.Holders(scheduler, holder_limit)
-        self.residency.on_hold = self.holders.add
+        self.residency.holders = self.holders
         self._holders_failed = WarnOnce(
             _logger, "otel-vllm-kv: counting who holds the KV cache failed; it is no longer reported for this engine"
         )

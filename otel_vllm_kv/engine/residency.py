@@ -15,7 +15,10 @@ holder that acquired block b when its clock read c_a and released it when it rea
   admission that follows (``acquire``) adds up the clocks of the request's blocks, as its
   acquisition (kept only when not 0);
 * ``KVCacheManager.free(request)`` (finish, abort, preemption) settles the clocks of the
-  request's blocks at their k before vLLM lowers it, and adds them up as its release.
+  request's blocks at their k before vLLM lowers it, and adds them up as its release. A block
+  whose last holder this is keeps its clock unsettled: a prefix hit that revives it later
+  reads that clock as its acquisition and settles from there, so only differences of one
+  block's clock are ever used.
 
 Nothing runs per running request per step; a decode step that allocates a block pays one
 list store per block. A request admitted without prefix hits and never preempted costs a
@@ -31,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from otel_vllm_kv.admission_records import TENANT_HEADER_KEY as tenant_key
 from otel_vllm_kv.internals import attribute, method
 
 BLOCK_POOL_MODULE = "vllm.v1.core.block_pool"
@@ -77,7 +81,7 @@ class ResidencyLedger:
         "clock",
         "exact",
         "on_release",
-        "on_hold",
+        "holders",
         "acquired",
         "preempted",
         "_finished",
@@ -95,8 +99,8 @@ class ResidencyLedger:
         self.since = [0.0] * pool.num_gpu_blocks
         self.clock = clock
         self.on_release: OnRelease | None = None
-        #: ``on_hold(request, block_seconds)`` at every release that held blocks (finish, abort, preemption).
-        self.on_hold: Callable[[Any, float], None] | None = None
+        #: Block-seconds by holder key (``holders.Holders``), added at every release that held blocks.
+        self.holders: Any = None
         #: The share clocks of a running request's blocks at its last admission, where not 0 (prefix hits).
         self.acquired: dict[str, float] = {}
         #: Every preempted request not finished yet, by vLLM's request id.
@@ -189,15 +193,29 @@ class ResidencyLedger:
                             if block is null_block:
                                 continue
                             index = block.block_id
-                            settled = share[index] + (now - since[index]) / block.ref_cnt
-                            share[index] = settled
-                            since[index] = now
-                            released += settled
+                            holders_now = block.ref_cnt
+                            if holders_now == 1:  # back to the pool: its clock is read again only relative to itself
+                                released += share[index] + (now - since[index])
+                            else:
+                                settled = share[index] + (now - since[index]) / holders_now
+                                share[index] = settled
+                                since[index] = now
+                                released += settled
                             held += 1
                     if acquisitions:
                         released -= acquisitions.pop(request_id, 0.0)
-                    if held and ledger.on_hold is not None:
-                        ledger.on_hold(request, released)
+                    holders = ledger.holders
+                    if held and holders is not None:
+                        # ``Holders.key``'s lookup, inline: a call per release costs more than all of this.
+                        lora = request.lora_request
+                        headers = request.trace_headers
+                        key = (None if lora is None else lora.lora_name, headers.get(tenant_key) if headers else None)
+                        totals = holders.block_seconds
+                        total = totals.get(key)
+                        if total is None:
+                            key = holders.key(request)
+                            total = totals[key]
+                        totals[key] = total + released
                     past = preempted.pop(request_id, None) if preempted else None
                     if request.status in finished:
                         on_release = ledger.on_release

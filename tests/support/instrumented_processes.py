@@ -90,10 +90,22 @@ class ServerProcess:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def complete(self, prompt: str, max_tokens: int, timeout: float = 300) -> tuple[int, dict]:
-        body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True})
+    def complete(
+        self,
+        prompt: str,
+        max_tokens: int,
+        timeout: float = 300,
+        model: str = "tiny",
+        headers: dict[str, str] | None = None,
+        fields: dict | None = None,
+    ) -> tuple[int, dict]:
+        """A completion of ``model`` (a served model or LoRA adapter name), with extra HTTP ``headers``
+        (W3C ``baggage``, ``traceparent``) and extra request ``fields`` (``temperature``, ...)."""
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, **(fields or {})}
         request = urllib.request.Request(
-            self.url("/v1/completions"), body.encode(), {"Content-Type": "application/json"}
+            self.url("/v1/completions"),
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json", **(headers or {})},
         )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
