@@ -22,9 +22,18 @@ ROWS = (
     ("admission", "admitted request (4 per step, 1 output token)", None, 4),
     ("admission with prefix hits", "admitted request, 48 of 64 prompt tokens cached", None, 4),
     ("preemption + resumption", "preemption with its resumption", "decode 16", 1),
+    ("frontend decode 16", "frontend: one step's outputs of 16 decoding requests", None, 1),
+    ("frontend request", "frontend: a request submitted, admitted, finished (4 per step)", None, 4),
 )
 #: The cost budget: at most this much added, in percent of vLLM's own instructions.
-BUDGETS = {"decode 16": 1.0, "decode 16 (stats on)": 1.0, "admission": 3.0, "admission with prefix hits": 3.0}
+BUDGETS = {
+    "decode 16": 1.0,
+    "decode 16 (stats on)": 1.0,
+    "admission": 3.0,
+    "admission with prefix hits": 3.0,
+    "frontend decode 16": 1.0,
+    "frontend request": 3.0,
+}
 #: Held to less than the decode step at 16 running.
 BELOW_DECODE_16 = ("decode 64", "decode 256")
 

@@ -236,6 +236,8 @@ class Harness(Decode):
 
 
 def build(name: str, model_dir: str, max_units: int, reader: object) -> Workload:
+    from benchmarks._frontend_workloads import FrontendDecode, FrontendRequest
+
     factories: dict[str, Callable[[], Workload]] = {
         "decode 16": lambda: Decode(model_dir, 16, max_units),
         "decode 64": lambda: Decode(model_dir, 64, max_units),
@@ -247,6 +249,8 @@ def build(name: str, model_dir: str, max_units: int, reader: object) -> Workload
         "collection": lambda: Collection(model_dir, reader),
         "holders pass 16": lambda: HoldersPass(model_dir, 16),
         "holders pass 256": lambda: HoldersPass(model_dir, 256),
+        "frontend decode 16": lambda: FrontendDecode(model_dir, max_units),
+        "frontend request": lambda: FrontendRequest(model_dir, max_units),
         "harness 16": lambda: Harness(model_dir, 16),
         "harness 64": lambda: Harness(model_dir, 64),
         "harness 256": lambda: Harness(model_dir, 256),

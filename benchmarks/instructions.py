@@ -69,6 +69,8 @@ UNITS = {
     "admission with prefix hits": (100, 300),
     "preemption + resumption": (100, 300),
     "collection": (100, 300),
+    "frontend decode 16": (200, 600),
+    "frontend request": (100, 300),
     "holders pass 16": (100, 300),
     "holders pass 256": (10, 30),
     "harness 16": (200, 600),
