@@ -10,7 +10,6 @@ Adapter ``c`` is registered but never requested, tenant ``gamma`` never sent: ne
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections import defaultdict
@@ -24,7 +23,7 @@ from opentelemetry.test._otlp_test_server import OtlpProtoTestServer
 from otel_vllm_kv import names
 from otel_vllm_kv.engine.holders import PASS_INTERVAL_SECONDS
 from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY
-from tests.support.engine_load import BLOCK_SIZE, LIMIT, distinct_prompts
+from tests.support.engine_load import ALLOCATABLE_BLOCKS, BLOCK_SIZE, distinct_prompts
 from tests.support.instrumented_processes import instrumented_server, otel_environment, otlp_attributes
 from tests.support.tiny_lora import build_adapter
 
@@ -39,11 +38,14 @@ BAGGAGE_KEY = "tenant.id"
 TENANTS = ("alpha", "beta", None)
 #: A tenant no request carries.
 NEVER_SENT_TENANT = "gamma"
-#: 54 requests of one block each (from admission to finish): the used tokens stay steady while they run,
-#: and the steps of 54 sequences are slow enough that a pass and an export fall on that plateau.
+#: Blocks twice vLLM's CPU default: a request then runs 2 x 128 steps in one block.
+SERVED_BLOCK_SIZE = 2 * BLOCK_SIZE
+SERVED_LIMIT = ALLOCATABLE_BLOCKS * SERVED_BLOCK_SIZE
+#: 54 requests of one block each, from admission to finish: the used tokens stay steady while they run,
+#: for longer than a pass interval (a few seconds), so that a pass and the exports around it fall on it.
 REPEATS = 6
 PROMPT_TOKENS = 8
-MAX_TOKENS = 120
+MAX_TOKENS = SERVED_BLOCK_SIZE - PROMPT_TOKENS - 8
 #: One prompt per (tenant, repeat), sent to every model: the same prompt generates apart per adapter.
 PROMPTS = {
     (tenant, repeat): prompt
@@ -54,8 +56,8 @@ PROMPTS = {
 }
 #: Greedy sampling, and the generated token ids (the tiny model's bytes need not decode to text).
 GREEDY = {"temperature": 0.0, "return_token_ids": True}
-#: The OTLP metric export interval of the server, milliseconds.
-EXPORT_INTERVAL_MS = 250
+#: The OTLP metric export interval of the server, milliseconds: short, to catch the load's plateau at both ends.
+EXPORT_INTERVAL_MS = 200
 #: How long after the load the last export may take to show the idle pool.
 SETTLE_SECONDS = 20.0
 HOLDER_METRIC_NAMES = {names.KV_CACHE_RESIDENCY, names.KV_CACHE_HELD}
@@ -193,6 +195,8 @@ def serve_and_load(model_dir: str, adapter_dirs: dict[str, str], receiver: OtlpP
         # batched with adapter requests the last slot's adapter unless it is empty (tiny_lora).
         "--max-loras",
         "3",
+        "--block-size",
+        str(SERVED_BLOCK_SIZE),
     ]
     requests = [
         SentRequest(model, tenant, PROMPTS[tenant, repeat], secrets.token_hex(16))
@@ -298,8 +302,8 @@ def test_each_pairs_residency_is_what_its_requests_held(run):
     residency = run.last.residency
     for holder, token_seconds in by_pair.items():
         assert residency.get(holder) == pytest.approx(token_seconds, rel=1e-6), holder
-    assert run.last.limit == {0: LIMIT}
-    assert 0 < sum(residency.values()) <= LIMIT * run.load_seconds
+    assert run.last.limit == {0: SERVED_LIMIT}
+    assert 0 < sum(residency.values()) <= SERVED_LIMIT * run.load_seconds
 
 
 def test_held_points_add_up_to_the_used_tokens(run):
@@ -310,8 +314,8 @@ def test_held_points_add_up_to_the_used_tokens(run):
         for engine, used in export.used.items():
             held = export.held_sum(engine)
             # A pass counts whole blocks shared 1/k, each adding up to 1: its sum is whole blocks.
-            assert held / BLOCK_SIZE == pytest.approx(round(held / BLOCK_SIZE), abs=1e-6)
-            assert 0 <= held <= LIMIT
+            assert held / SERVED_BLOCK_SIZE == pytest.approx(round(held / SERVED_BLOCK_SIZE), abs=1e-6)
+            assert 0 <= held <= SERVED_LIMIT
             if engine in export.written:
                 assert export.written[engine] <= held + 1e-6, "written tokens are within the pass's used"
     steady = steady_exports(run)
@@ -329,8 +333,8 @@ def steady_exports(run: Run) -> list[Export]:
     held throughout: the pass then counted what the export's usage shows.
     """
     loaded = [export for export in run.during_load() if export.used.get(0)]
-    # A pass interval, and two steps (at most the load's duration over its steps) for the pass's own lag.
-    window_ns = (PASS_INTERVAL_SECONDS + max(0.1, 2 * run.load_seconds / MAX_TOKENS)) * 1e9
+    # A pass interval, and the step that ends it: twice the mean step (the load's duration over its steps).
+    window_ns = (PASS_INTERVAL_SECONDS + 2 * run.load_seconds / MAX_TOKENS) * 1e9
     steady = []
     for index, export in enumerate(loaded):
         window_start = [j for j in range(index) if export.time_ns - loaded[j].time_ns >= window_ns]
@@ -349,11 +353,10 @@ def used_and_held(run: Run) -> list[tuple[float, int, float]]:
 
 def test_every_server_span_carries_what_its_request_held(run):
     assert set(run.server_spans) >= {request.trace_id for request in run.requests}, run.stderr[-3000:]
-    blocks = math.ceil((PROMPT_TOKENS + MAX_TOKENS - 1) / BLOCK_SIZE)
     for request in run.requests:
         attributes = otlp_attributes(run.server_spans[request.trace_id].attributes)
         assert attributes[names.REQUEST_KV_TOKEN_SECONDS] > 0
-        assert attributes[names.REQUEST_KV_PEAK_TOKENS] == blocks * BLOCK_SIZE
+        assert attributes[names.REQUEST_KV_PEAK_TOKENS] == SERVED_BLOCK_SIZE, "one block throughout"
         assert attributes[names.REQUEST_KV_RECOMPUTED_TOKENS] == 0, "the pool never runs short"
 
 

@@ -14,7 +14,7 @@ import pytest
 from vllm.v1.request import RequestStatus
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
-from otel_vllm_kv.demo.sampling import GroupReading, read_engines
+from otel_vllm_kv.demo.sampling import GroupReading, read_engines, read_holders, read_written
 from otel_vllm_kv.engine import prefix_cache, probe
 from otel_vllm_kv.frontend import spans
 from otel_vllm_kv.names import HOLDER_METRICS, KV_CACHE_LIMIT, KV_CACHE_USAGE, KV_CACHE_UTILIZATION
@@ -393,3 +393,17 @@ def test_a_relay_that_cannot_be_created_leaves_the_engine_running(reader, tiny_m
     assert not scheduler.has_requests()
     assert len([r for r in caplog.records if r.name.startswith("otel_vllm_kv")]) == 1
     assert read_engines(reader) == {}
+
+
+def test_holders_reach_the_exporter_once_the_engine_is_idle(reader, tiny_model_dir):
+    """A load shorter than the pass interval: the pass that runs when the last holder leaves reports
+    every release and nothing held, although no step follows it."""
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
+    for index in range(3):
+        scheduler.add_request(make_request(scheduler, num_prompt_tokens=20, max_tokens=5, first_token=100 * index))
+    Stepper(scheduler).run_until_idle()
+    holders = read_holders(reader)
+    assert [key[1:] for key in holders] == [(None, None, False)]
+    (holder,) = holders.values()
+    assert holder.held_tokens == 0.0 and holder.token_seconds > 0.0
+    assert read_written(reader) == {0: 0.0}

@@ -69,6 +69,8 @@ class EngineProbe:
         "residency",
         "holders",
         "_holders_failed",
+        "_holders_stale",
+        "_allocatable",
     )
 
     def __init__(
@@ -84,6 +86,9 @@ class EngineProbe:
         self._writer = writer
         self._counts = self._evictable.per_group  # updated in place by the pool hooks
         self._last = -1
+        #: Whether the pool changed since the last holders pass; the free blocks when it holds nothing.
+        self._holders_stale = False
+        self._allocatable = layout.allocatable_blocks
         self._last_counts: list[int] = []
         self.layout = layout
         self.engine_index = engine_index
@@ -110,20 +115,24 @@ class EngineProbe:
         if free_blocks != self._last or counts != self._last_counts:
             self._last = free_blocks
             self._last_counts = counts.copy()
+            self._holders_stale = True
             self._writer.write(free_blocks, counts)
         if self.recorder.undelivered:
             self.recorder.deliver()
-        if _monotonic() >= self.holders.next_pass:
+        if _monotonic() >= self.holders.next_pass or (free_blocks == self._allocatable and self._holders_stale):
+            # Due, or the last holder left since the last pass: an idle engine runs no step that would.
             self.publish_holders()
 
     def publish_holders(self) -> None:
         """A holders pass (``holders``), at most once a second; its failure stops only the holders."""
         counted = self.holders
         counted.next_pass = _monotonic() + holders.PASS_INTERVAL_SECONDS
+        self._holders_stale = False
         try:
             self._writer.write_holders(holdings.encode(counted.count()))
         except Exception:  # noqa: BLE001 - the gauges and records go on
             counted.next_pass = math.inf
+            self._allocatable = -1  # nor when the pool empties
             self._holders_failed()
 
 
