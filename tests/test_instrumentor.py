@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from vllm.v1.request import RequestStatus
@@ -396,12 +397,16 @@ def test_a_relay_that_cannot_be_created_leaves_the_engine_running(reader, tiny_m
 
 
 def test_holders_reach_the_exporter_once_the_engine_is_idle(reader, tiny_model_dir):
-    """A load shorter than the pass interval: the pass that runs when the last holder leaves reports
-    every release and nothing held, although no step follows it."""
+    """A load shorter than the pass interval: the idle engine's pass, a second or two later, reports
+    every release and nothing held, although no step follows the load."""
     scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
     for index in range(3):
         scheduler.add_request(make_request(scheduler, num_prompt_tokens=20, max_tokens=5, first_token=100 * index))
     Stepper(scheduler).run_until_idle()
+    deadline = time.monotonic() + 10
+    while not read_holders(reader) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.1)  # a pass written while the exporter read
     holders = read_holders(reader)
     assert [key[1:] for key in holders] == [(None, None, False)]
     (holder,) = holders.values()

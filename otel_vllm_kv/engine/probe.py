@@ -14,7 +14,8 @@ probe, so a step pays one plain call and no lookup (``patching.hook_methods``):
   evictable prefix-cache blocks (``prefix_cache``);
 * the block pool's allocations and prefix hits and the manager's frees, for what each request
   holds over time (``residency``), summed by LoRA adapter and tenant (``holders``), whose
-  holders section of the relay file a step rewrites at most once a second.
+  holders section of the relay file a step rewrites at most once a second (an idle engine's:
+  ``idle_passes``).
 
 Publishing after the first two keeps the snapshot equal to the pool's state at the last
 change, also once the engine is idle. A scheduler built before ``instrument()`` is
@@ -34,6 +35,7 @@ from otel_vllm_kv import holdings
 from otel_vllm_kv.diagnostics import WarnOnce
 from otel_vllm_kv.engine import holders, prefix_cache, residency
 from otel_vllm_kv.engine.admission import HOOKED_PARAMETERS, AdmissionRecorder
+from otel_vllm_kv.engine.idle_passes import IdlePasses
 from otel_vllm_kv.engine.pool_reading import free_block_queue, read_engine_identity, read_layout
 from otel_vllm_kv.engine.residency import ResidencyLedger
 from otel_vllm_kv.internals import method
@@ -70,7 +72,7 @@ class EngineProbe:
         "holders",
         "_holders_failed",
         "_holders_stale",
-        "_allocatable",
+        "_last_publish",
     )
 
     def __init__(
@@ -86,9 +88,9 @@ class EngineProbe:
         self._writer = writer
         self._counts = self._evictable.per_group  # updated in place by the pool hooks
         self._last = -1
-        #: Whether the pool changed since the last holders pass; the free blocks when it holds nothing.
+        #: Whether the pool changed since the last holders pass, and when the engine last published.
         self._holders_stale = False
-        self._allocatable = layout.allocatable_blocks
+        self._last_publish = 0.0
         self._last_counts: list[int] = []
         self.layout = layout
         self.engine_index = engine_index
@@ -119,8 +121,8 @@ class EngineProbe:
             self._writer.write(free_blocks, counts)
         if self.recorder.undelivered:
             self.recorder.deliver()
-        if _monotonic() >= self.holders.next_pass or (free_blocks == self._allocatable and self._holders_stale):
-            # Due, or the last holder left since the last pass: an idle engine runs no step that would.
+        now = self._last_publish = _monotonic()
+        if now >= self.holders.next_pass:
             self.publish_holders()
 
     def publish_holders(self) -> None:
@@ -132,8 +134,19 @@ class EngineProbe:
             self._writer.write_holders(holdings.encode(counted.count()))
         except Exception:  # noqa: BLE001 - the gauges and records go on
             counted.next_pass = math.inf
-            self._allocatable = -1  # nor when the pool empties
             self._holders_failed()
+
+    def idle_pass(self, now: float) -> None:
+        """From ``idle_passes``' thread: the pass of an engine that changed since its last pass and
+        has published nothing for an interval. Any failure (the engine stepping again meanwhile) is dropped."""
+        interval = holders.PASS_INTERVAL_SECONDS
+        if not self._holders_stale or now - self._last_publish < interval or self.holders.next_pass == math.inf:
+            return
+        try:
+            self._holders_stale = False
+            self._writer.write_holders(holdings.encode(self.holders.count()))
+        except Exception:  # noqa: BLE001 - a table changed under the pass: the engine is stepping again
+            self._holders_stale = True
 
 
 class _ProbeRegistry:
@@ -181,6 +194,7 @@ class _ProbeRegistry:
         hook_methods(scheduler.kv_cache_manager, {**on_manager, **on_manager_residency})
         hook_methods(scheduler.kv_cache_manager.block_pool, on_pool)
         probe.publish()
+        idle_passes.ensure_running()
         return probe
 
     def withdraw(self, scheduler: Any) -> None:
@@ -212,6 +226,7 @@ class _ProbeRegistry:
 
 
 registry = _ProbeRegistry()
+idle_passes = IdlePasses(lambda: [probe for probe in registry._probes.values() if probe is not None])
 
 
 def _detach(scheduler: Any, probe: EngineProbe) -> None:
@@ -288,6 +303,7 @@ def install(relay_directory: str, holder_limit: int = holders.DEFAULT_LIMIT) -> 
 
 def uninstall() -> None:
     remove_patches(PATCHES)
+    idle_passes.stop()
     registry.relay_directory = None  # a scheduler met after this is not attached
     registry.clear()
     prefix_cache.clear()
