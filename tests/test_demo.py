@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ from opentelemetry.test._otlp_test_server import OtlpProtoTestServer, RecordedMe
 from otel_vllm_kv import names
 from otel_vllm_kv.demo import engine as demo_engine
 from otel_vllm_kv.demo.__main__ import main
+from otel_vllm_kv.demo.load import TENANTS
 from otel_vllm_kv.demo.options import build_parser
 from otel_vllm_kv.demo.otel_env import read_export_settings
 from otel_vllm_kv.names import KV_CACHE_LIMIT, KV_CACHE_USAGE
@@ -131,6 +133,7 @@ SUMMARY = re.compile(
     r"(?P<admissions>\d+) admissions, (?P<preemptions>\d+) preemptions, (?P<resumptions>\d+) resumptions; "
     r"used at the end (?P<end>[\d,]+)"
 )
+TENANT_LINE = re.compile(r"^  (?P<tenant>\S+) held (?P<seconds>[\d,]+) token-seconds$")
 ENGINE_LINE = re.compile(
     r"engine 0 \[[#.]+\]\s+(?P<percent>[\d.]+)%\s+used\s+(?P<used>[\d,]+)\s+"
     r"free\s+(?P<free>[\d,]+)\s+\(evictable\s+(?P<evictable>[\d,]+)\)\s+limit\s+(?P<limit>[\d,]+)"
@@ -199,6 +202,11 @@ def test_demo_fills_and_drains_the_cache_and_feeds_a_collector(demo_run):
     assert preemptions > 0 and number(summary["resumptions"]) == preemptions
     assert number(summary["end"]) == 0
 
+    # What each tenant held: every one of them, in the order of their shares of the burst.
+    held = {match["tenant"]: number(match["seconds"]) for match in map(TENANT_LINE.search, lines) if match}
+    assert list(held) == sorted(TENANTS) and all(seconds > 0 for seconds in held.values())
+    assert held["team-a"] > held["team-c"], "team-a sent three times team-c's requests"
+
     # The chart.
     (chart_line,) = [line for line in lines if line.startswith("chart: ")]
     chart = workdir / "kv-cache-demo.png"
@@ -233,6 +241,18 @@ def test_demo_fills_and_drains_the_cache_and_feeds_a_collector(demo_run):
     assert len(admitted) == REQUESTS
     assert len({otlp_attributes(e.attributes)[names.REQUEST_ID] for e in admitted}) == REQUESTS
     assert len(events[names.EVENT_PREEMPTED]) == len(events[names.EVENT_RESUMED]) == preemptions
+    # Conservation, end to end: the tenants' exported residency is what the requests say they held.
+    finished = [e for e in load.events if e.name == names.EVENT_FINISHED]
+    assert len(finished) == REQUESTS
+    spans_total = sum(otlp_attributes(e.attributes)[names.REQUEST_KV_TOKEN_SECONDS] for e in finished)
+    residency = {
+        otlp_attributes(point.attributes)[names.TENANT]: point.as_double
+        for m in metrics
+        if m.metric.name == names.KV_CACHE_RESIDENCY
+        for point in m.metric.sum.data_points
+    }
+    assert set(residency) == set(TENANTS)
+    assert math.isclose(sum(residency.values()), spans_total, rel_tol=1e-9)
     for event in [e for kind in events.values() for e in kind]:
         attributes = otlp_attributes(event.attributes)
         assert attributes[names.ADMISSION_USED_TOKENS] + attributes[names.ADMISSION_FREE_TOKENS] == LIMIT

@@ -1,4 +1,5 @@
-"""The PNG chart: used and free tokens over time per engine, the limit, admissions and preemptions marked."""
+"""The PNG chart: used and free tokens over time per engine, the limit, admissions and preemptions marked, and
+the used tokens' holders stacked by tenant."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ MARKERS = {
     RESUMED: {"marker": "o", "facecolors": "none", "edgecolors": "tab:purple", "s": 40},
     PREEMPTED: {"marker": "x", "color": "tab:red", "s": 50},
 }
+
+
+#: The fills of the tenants' held tokens, in their sorted order.
+TENANT_COLORS = ["tab:orange", "tab:cyan", "tab:olive", "tab:pink", "tab:gray", "tab:brown"]
+
+
+def _held(sample: Sample, index: int, tenant: str) -> float:
+    reading = sample.holders.get(index, {}).get(tenant or None)
+    return (reading.held_tokens or 0.0) if reading else 0.0
 
 
 def write_chart(path: Path, samples: list[Sample], events: list[CacheEvent], origin: float, title: str) -> Path:
@@ -40,7 +50,13 @@ def _draw_engine(ax, index: int, samples: list[Sample], events: list[CacheEvent]
     # A sample holds only engines that report tokens (``Sampler``): the ``or 0`` never applies.
     used = [gauges.used or 0 for _, gauges in series]
     limit = max((gauges.limit or 0 for _, gauges in series), default=0)
-    ax.fill_between(times, used, step="post", color="tab:blue", alpha=0.25, linewidth=0)
+    tenants = sorted({tenant or "" for sample in samples for tenant in sample.holders.get(index, {})})
+    if tenants:  # who holds the used tokens, stacked (each counted at most once a second: a step late)
+        held = [[_held(sample, index, tenant) for sample in samples if index in sample.engines] for tenant in tenants]
+        labels = [f"held by {tenant or 'no tenant'} (counted each second)" for tenant in tenants]
+        ax.stackplot(times, held, step="post", labels=labels, colors=TENANT_COLORS[: len(tenants)], alpha=0.45)
+    else:
+        ax.fill_between(times, used, step="post", color="tab:blue", alpha=0.25, linewidth=0)
     ax.step(times, used, where="post", color="tab:blue", label="used tokens")
     ax.step(times, [gauges.free for _, gauges in series], where="post", color="tab:green", label="free tokens")
     ax.axhline(limit, color="black", linestyle="--", linewidth=1, label=f"limit ({limit:,} tokens)")

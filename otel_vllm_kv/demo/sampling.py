@@ -71,10 +71,24 @@ class EngineReading:
         return None not in (self.used, self.free, self.limit, self.utilization)
 
 
+class HolderReading(NamedTuple):
+    """What one (LoRA adapter, tenant) of one engine holds, in one collection (``read_holders``)."""
+
+    engine_index: int
+    adapter: str | None
+    tenant: str | None
+    overflow: bool
+    token_seconds: float | None
+    held_tokens: float | None
+
+
 @dataclass(frozen=True)
 class Sample:
     at: float  # wall clock, seconds since the epoch
     engines: dict[int, EngineReading]  # by vllm.engine.index; only those that report tokens
+    holders: dict[int, dict[str | None, HolderReading]] = field(default_factory=dict)
+    """By engine index, then tenant (None: requests without one); adapters are summed in the demo's
+    base model (it serves none)."""
 
 
 #: The field of ``EngineReading`` each per-engine gauge without a state attribute fills.
@@ -125,17 +139,6 @@ def read_engines(reader: InMemoryMetricReader) -> dict[int, EngineReading]:
     }
 
 
-class HolderReading(NamedTuple):
-    """What one (LoRA adapter, tenant) of one engine holds, in one collection (``read_holders``)."""
-
-    engine_index: int
-    adapter: str | None
-    tenant: str | None
-    overflow: bool
-    token_seconds: float | None
-    held_tokens: float | None
-
-
 def read_holders(reader: InMemoryMetricReader) -> dict[tuple[int, str | None, str | None, bool], HolderReading]:
     """One collection of ``vllm.kv_cache.residency`` and ``vllm.kv_cache.held``, by (engine index,
     adapter, tenant, overflow)."""
@@ -170,7 +173,10 @@ class Sampler:
 
     def _take(self) -> None:
         engines = {index: engine for index, engine in read_engines(self._reader).items() if engine.reports_tokens}
-        sample = Sample(time.time(), engines)
+        holders: dict[int, dict[str | None, HolderReading]] = {}
+        for reading in read_holders(self._reader).values():
+            holders.setdefault(reading.engine_index, {})[reading.tenant] = reading
+        sample = Sample(time.time(), engines, holders)
         self.samples.append(sample)
         self._on_sample(sample)
 

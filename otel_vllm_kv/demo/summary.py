@@ -20,6 +20,7 @@ class Summary:
     preemptions: int
     resumptions: int
     used_at_end: int  # all engines, in the last sample
+    token_seconds: dict[str, float]  # by tenant ("no tenant" for none), all engines, in the last sample
 
     def __str__(self) -> str:
         peak = self.peak_used / self.limit if self.limit else 0.0
@@ -28,7 +29,7 @@ class Summary:
             f"peak used {self.peak_used:,} of {self.limit:,} tokens ({peak:.1%}); "
             f"{self.admissions} admissions, {self.preemptions} preemptions, {self.resumptions} resumptions; "
             f"used at the end {self.used_at_end:,}"
-        )
+        ) + "".join(f"\n  {tenant} held {seconds:,.0f} token-seconds" for tenant, seconds in self.token_seconds.items())
 
 
 def summarize(result: LoadResult, samples: list[Sample], events: list[CacheEvent]) -> Summary:
@@ -46,4 +47,14 @@ def summarize(result: LoadResult, samples: list[Sample], events: list[CacheEvent
         preemptions=kinds.count(PREEMPTED),
         resumptions=kinds.count(RESUMED),
         used_at_end=sum(gauges.used or 0 for gauges in samples[-1].engines.values()) if samples else 0,
+        token_seconds=_token_seconds(samples[-1]) if samples else {},
     )
+
+
+def _token_seconds(sample: Sample) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for readings in sample.holders.values():
+        for tenant, reading in readings.items():
+            name = tenant or "no tenant"
+            totals[name] = totals.get(name, 0.0) + (reading.token_seconds or 0.0)
+    return dict(sorted(totals.items()))
