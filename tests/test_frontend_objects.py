@@ -46,13 +46,15 @@ from dataclasses import dataclass
 
 import pytest
 import zmq
-from opentelemetry import trace
+from opentelemetry import baggage, context, trace
 from vllm.utils.network_utils import get_open_zmq_ipc_path
 from vllm.v1.engine.core_client import AsyncMPClient, MPClient, SyncMPClient
 from vllm.v1.serial_utils import MsgpackEncoder
 
 from otel_vllm_kv import names
 from otel_vllm_kv.admission_records import ADMITTED, FINISHED, PREEMPTED
+from otel_vllm_kv.engine import probe
+from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY
 from otel_vllm_kv.frontend import spans
 from otel_vllm_kv.frontend.admission_attributes import record_attributes
 from otel_vllm_kv.frontend.unprobed_engines import reporter
@@ -407,3 +409,37 @@ def test_a_probed_engine_is_recognised_and_not_reported_from_statistics(
         assert reporter.clients[client][0].probed is True
         assert set(relayed) == {None}
     assert not [r for r in caplog.records if r.name.startswith("otel_vllm_kv")]
+
+
+@pytest.mark.usefixtures("vllm_scheduler")
+def test_the_tenant_in_baggage_reaches_the_engines_holders(
+    tokenizer, tiny_model_dir, tracer_provider, monkeypatch, caplog
+):
+    """With the baggage key set, each request's tenant travels in its ``trace_headers`` to the engine, which
+    counts what it held under it; a value that is not short printable text is left out with one warning;
+    the outputs are vLLM's own."""
+    provider, _ = tracer_provider
+    monkeypatch.setenv(OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY, "tenant.id")
+    tenants = {"req-a": "alpha", "req-b": "beta", "req-none": None, "req-bad": "x" * 101, "req-ctl": "a\nb"}
+
+    def run():
+        frontend = Frontend(tokenizer, tiny_model_dir, num_blocks=41)
+        for external_id, tenant in tenants.items():
+            token = context.attach(baggage.set_baggage("tenant.id", tenant)) if tenant else None
+            try:
+                frontend.submit(external_id, "y" * 20, max_tokens=3)
+            finally:
+                if token is not None:
+                    context.detach(token)
+        frontend.run_until_idle()
+        return frontend
+
+    plain = run()
+    with instrumented(provider):
+        frontend = run()
+        ledger = probe.registry.attach(frontend.scheduler).holders.block_seconds
+    assert set(ledger) == {(None, "alpha"), (None, "beta"), (None, None)}
+    assert all(seconds > 0 for seconds in ledger.values())
+    assert frontend.outputs == plain.outputs
+    warnings = [record for record in caplog.records if "tenant in baggage" in record.getMessage()]
+    assert len(warnings) == 1, "one warning for both bad values"

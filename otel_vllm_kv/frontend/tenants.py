@@ -61,6 +61,7 @@ def install(baggage_key: str | None) -> None:
     """Stamp tenants from the baggage entry ``baggage_key``; None: nothing is patched."""
     global _baggage_key
     _baggage_key = baggage_key
+    _warn_invalid.warned = _warn_failed.warned = False  # once per instrumentation
     if baggage_key is not None:
         apply_patches(PATCHES)
 
