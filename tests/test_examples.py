@@ -26,16 +26,25 @@ import yaml
 from otel_vllm_kv.names import (
     ENGINE_INDEX,
     GAUGES,
+    HOLDER_COUNTERS,
+    HOLDER_METRICS,
     KV_CACHE_ADMISSION_HEADROOM,
     KV_CACHE_EVICTABLE,
+    KV_CACHE_HELD,
     KV_CACHE_LIMIT,
+    KV_CACHE_RESIDENCY,
     KV_CACHE_STATE,
     KV_CACHE_STATE_FREE,
     KV_CACHE_STATE_USED,
     KV_CACHE_USAGE,
     KV_CACHE_UTILIZATION,
+    KV_CACHE_WRITTEN,
+    LORA_NAME,
     MODEL_NAME,
+    OVERFLOW,
+    TENANT,
 )
+from tests.support.engine_load import BLOCK_SIZE
 from tests.support.engine_load import LIMIT as ENGINE_LIMIT
 from tests.support.example_queries import (
     ALERT_RULES,
@@ -65,14 +74,63 @@ def prometheus_name(otel_name: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_:]", "_", otel_name)
 
 
+def python_exporter_names() -> dict[str, str]:
+    """The name of each holder metric's samples from OpenTelemetry's Python Prometheus exporter,
+    instruments made as the package makes them (``exporter/holder_metrics.py``).
+
+    It adds the unit (``{token}.s`` -> ``_s``) and a counter's ``_total``, which the Collector's
+    exporter with ``add_metric_suffixes: false`` does not: those are ``prometheus_name(name)``.
+    """
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.metrics import Observation
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry)])
+    try:
+        meter = provider.get_meter("otel_vllm_kv")
+        for name, instrument in HOLDER_METRICS.items():
+            create = meter.create_observable_counter if name in HOLDER_COUNTERS else meter.create_observable_gauge
+            create(name, [lambda options: [Observation(1)]], unit=instrument.unit)
+        samples = {sample.name for family in registry.collect() for sample in family.samples}
+    finally:
+        provider.shutdown()
+    names = {}
+    for name in HOLDER_METRICS:
+        (names[name],) = [sample for sample in samples if sample.startswith(prometheus_name(name))]
+    return names
+
+
 USAGE, LIMIT, UTILIZATION, HEADROOM, EVICTABLE = (
     prometheus_name(name)
     for name in (KV_CACHE_USAGE, KV_CACHE_LIMIT, KV_CACHE_UTILIZATION, KV_CACHE_ADMISSION_HEADROOM, KV_CACHE_EVICTABLE)
 )
-PACKAGE_METRICS = {prometheus_name(name) for name in GAUGES}
-DASHBOARD_METRICS = {USAGE, LIMIT, UTILIZATION, HEADROOM, EVICTABLE}
+HELD, RESIDENCY, WRITTEN = (prometheus_name(name) for name in (KV_CACHE_HELD, KV_CACHE_RESIDENCY, KV_CACHE_WRITTEN))
+#: The residency counter as OpenTelemetry's Python Prometheus exporter names it (checked below):
+#: the dashboard reads both names, so that it works behind the Collector and on that exporter's port.
+RESIDENCY_PYTHON_EXPORTER = f"{RESIDENCY}_s_total"
+PACKAGE_METRICS = {prometheus_name(name) for name in (*GAUGES, *HOLDER_METRICS)}
+DASHBOARD_METRICS = {
+    USAGE,
+    LIMIT,
+    UTILIZATION,
+    HEADROOM,
+    EVICTABLE,
+    HELD,
+    RESIDENCY,
+    RESIDENCY_PYTHON_EXPORTER,
+    WRITTEN,
+}
+#: The metrics with one point per engine and holder; every other one has one per engine.
+HOLDER_SERIES = {HELD, RESIDENCY, RESIDENCY_PYTHON_EXPORTER}
 STATE, ENGINE, MODEL = (prometheus_name(name) for name in (KV_CACHE_STATE, ENGINE_INDEX, MODEL_NAME))
-PACKAGE_LABELS = {STATE, ENGINE, MODEL}
+LORA, TENANT_LABEL, OVERFLOW_LABEL = (prometheus_name(name) for name in (LORA_NAME, TENANT, OVERFLOW))
+#: The engine's identity: what every per-engine aggregation keeps, exactly.
+ENGINE_IDENTITY = {MODEL, ENGINE}
+#: A holder's identity on one engine (each absent where it does not apply).
+HOLDER_LABELS = {LORA, TENANT_LABEL, OVERFLOW_LABEL}
+PACKAGE_LABELS = {STATE, ENGINE, MODEL, *HOLDER_LABELS}
 STATES = {KV_CACHE_STATE_USED, KV_CACHE_STATE_FREE}
 
 _STRING = r'"(?:[^"\\]|\\.)*"'
@@ -103,9 +161,34 @@ def label_matchers(expression: str) -> list[tuple[str, str, str]]:
     return matchers
 
 
+def grouping_lists(expression: str) -> list[set[str]]:
+    """The labels of each ``by``/``without``/``on``/``ignoring``/``group_*`` list, one set per list."""
+    return [
+        {label.strip() for label in labels.split(",") if label.strip()} for _, labels in _GROUPING.findall(expression)
+    ]
+
+
 def grouping_labels(expression: str) -> set[str]:
-    lists = [labels for _, labels in _GROUPING.findall(expression)]
-    return {label.strip() for labels in lists for label in labels.split(",") if label.strip()}
+    return set().union(*grouping_lists(expression))
+
+
+def is_holder_expression(expression: str) -> bool:
+    """Whether the expression reads a metric with one point per engine and holder."""
+    return bool(metric_names(expression) & HOLDER_SERIES)
+
+
+def assert_grouped_by_engine_or_holder(expression: str, where) -> None:
+    """Per engine: every list is exactly the engine's identity. Per holder (the expression reads a
+    holder metric): the lists together are exactly the engine's identity and the holder's labels,
+    each list one of the two (a holder aggregation never drops one holder label)."""
+    holder = ENGINE_IDENTITY | HOLDER_LABELS
+    lists = grouping_lists(expression)
+    assert lists, (where, "no aggregation: duplicate series (two jobs) stay apart")
+    if is_holder_expression(expression):
+        assert grouping_labels(expression) == holder, (where, expression)
+        assert all(labels in (ENGINE_IDENTITY, holder) for labels in lists), (where, lists)
+    else:
+        assert all(labels == ENGINE_IDENTITY for labels in lists), (where, lists)
 
 
 def run(command: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -235,7 +318,13 @@ def _duration_minutes(text: str) -> float:
 
 def test_rule_unit_tests_cover_every_alert_firing_once_its_for_elapsed_and_not_before():
     rules = {rule["alert"]: rule for rule in load_alert_rules()}
-    assert set(rules) == {"KVCacheFreeTokensLow", "KVCacheSaturated", "KVCacheMetricsAbsent"}
+    assert set(rules) == {
+        "KVCacheFreeTokensLow",
+        "KVCacheSaturated",
+        "KVCacheMetricsAbsent",
+        "KVCacheHolderDominant",
+        "KVCacheFragmented",
+    }
     document = load_yaml(RULES_TEST)
     assert [os.path.normpath(RULES_TEST.parent / f) for f in document["rule_files"]] == [str(ALERT_RULES)]
     fired, quiet = {}, {}
@@ -257,15 +346,31 @@ def test_alert_rules_use_the_package_metrics_and_say_the_values():
     thresholds = alert_thresholds()
     assert thresholds["KVCacheFreeTokensLow"][0] == "<" and thresholds["KVCacheFreeTokensLow"][1] >= 1
     assert thresholds["KVCacheSaturated"][0] == ">" and 0 < thresholds["KVCacheSaturated"][1] < 1
+    # A share of the engine's limit held by one holder, and of its used tokens written.
+    assert thresholds["KVCacheHolderDominant"][0] == ">" and 0 < thresholds["KVCacheHolderDominant"][1] < 1
+    assert thresholds["KVCacheFragmented"][0] == "<" and 0 < thresholds["KVCacheFragmented"][1] < 1
+    holder_alerts = set()
     for rule in load_alert_rules():
         expression = rule["expr"]
         assert metric_names(expression) and metric_names(expression) <= PACKAGE_METRICS, rule["alert"]
         assert rule["labels"]["severity"] in ("warning", "critical")
         if rule["alert"] in thresholds:
-            # One alert per engine, whatever job/instance duplicates the series.
-            assert grouping_labels(expression) == {ENGINE, MODEL}, rule["alert"]
+            # One alert per engine (per engine and holder for a holder metric), whatever
+            # job/instance duplicates the series.
+            assert_grouped_by_engine_or_holder(expression, rule["alert"])
             assert "$value" in rule["annotations"]["summary"] and "| query" in rule["annotations"]["description"]
             assert "tokens" in rule["annotations"]["description"]
+            if is_holder_expression(expression):
+                holder_alerts.add(rule["alert"])
+                # Holder labels absent (base model, no tenant) must still read.
+                for label in (LORA, TENANT_LABEL):
+                    assert f"or $labels.{label} " in rule["annotations"]["summary"], (rule["alert"], label)
+                assert f"$labels.{OVERFLOW_LABEL}" in rule["annotations"]["summary"], rule["alert"]
+    assert holder_alerts == {"KVCacheHolderDominant"}
+    assert {HELD, LIMIT} <= metric_names(next(r["expr"] for r in load_alert_rules() if r["alert"] in holder_alerts))
+    fragmented = next(rule for rule in load_alert_rules() if rule["alert"] == "KVCacheFragmented")
+    assert metric_names(fragmented["expr"]) == {WRITTEN, USAGE}
+    assert f'{USAGE}{{{STATE}="used"}} > 0' in fragmented["expr"], "no ratio while nothing is used"
     absent = next(rule for rule in load_alert_rules() if rule["alert"] == "KVCacheMetricsAbsent")
     assert absent["expr"].strip() == f"absent({LIMIT})"
 
@@ -292,9 +397,16 @@ def test_dashboard_is_a_grafana_dashboard_model():
     variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
     assert variables["model"]["query"]["query"] == f"label_values({LIMIT}, {MODEL})"
     assert variables["engine"]["query"]["query"] == f'label_values({LIMIT}{{{MODEL}=~"$model"}}, {ENGINE})'
-    for name in ("model", "engine"):
+    assert variables["tenant"]["query"]["query"] == (
+        f'label_values({HELD}{{{MODEL}=~"$model", {ENGINE}=~"$engine"}}, {TENANT_LABEL})'
+    )
+    for name in ("model", "engine", "tenant"):
         assert variables[name]["datasource"]["uid"] in datasource_uids
+        # .* also matches an absent label: "All" keeps the holders without a tenant.
         assert variables[name]["includeAll"] and variables[name]["allValue"] == ".*"
+    for panel in panels:
+        if "repeat" in panel:
+            assert variables[panel["repeat"]]["multi"] and variables[panel["repeat"]]["includeAll"], panel["title"]
 
 
 def test_dashboard_uses_only_the_package_metrics_and_labels():
@@ -310,16 +422,23 @@ def test_dashboard_uses_only_the_package_metrics_and_labels():
 
 
 def test_dashboard_selects_by_model_and_engine_and_folds_duplicate_series():
+    holder_targets = 0
     for panel in dashboard_panels():
         for target in panel["targets"]:
-            expression = target["expr"]
-            for selector in re.findall(r"\b(?:vllm_kv_cache_\w+)\{[^}]*\}", expression):
-                assert f'{MODEL}=~"$model"' in selector, (panel["title"], selector)
-                assert f'{ENGINE}=~"$engine"' in selector, (panel["title"], selector)
-            # Every aggregation keeps exactly the engine's identity: no job/instance duplicates.
-            assert grouping_labels(expression) == {MODEL, ENGINE}, (panel["title"], expression)
-            for label in (ENGINE, MODEL):
-                assert f"{{{{{label}}}}}" in target["legendFormat"], (panel["title"], target["refId"])
+            expression, where = target["expr"], (panel["title"], target["refId"])
+            for name, selector in re.findall(r"\b(vllm_kv_cache_\w+)(\{[^}]*\})", expression):
+                assert f'{MODEL}=~"$model"' in selector, (where, selector)
+                assert f'{ENGINE}=~"$engine"' in selector, (where, selector)
+                # The tenant filter on every holder series, and on nothing else (no other has the label).
+                assert (f'{TENANT_LABEL}=~"$tenant"' in selector) == (name in HOLDER_SERIES), (where, selector)
+            # Every aggregation keeps exactly the engine's identity, and a holder metric's also the
+            # holder's: no job/instance duplicates, one series per engine (and holder).
+            assert_grouped_by_engine_or_holder(expression, where)
+            identity = ENGINE_IDENTITY | (HOLDER_LABELS if is_holder_expression(expression) else set())
+            holder_targets += is_holder_expression(expression)
+            for label in identity:
+                assert f"{{{{{label}}}}}" in target["legendFormat"], (where, label)
+    assert holder_targets >= 2
 
 
 def _panel_expressions() -> dict[str, list[str]]:
@@ -341,6 +460,51 @@ def test_dashboard_has_used_free_limit_utilization_and_headroom_panels():
     assert EVICTABLE in evictable[0]
 
 
+def test_dashboard_has_who_holds_the_kv_cache_panels():
+    dashboard = load_dashboard()
+    rows = [panel for panel in dashboard["panels"] if panel["type"] == "row"]
+    (row,) = [panel for panel in rows if panel["title"].startswith("Who holds the KV cache")]
+    after_row = [panel for panel in dashboard["panels"] if panel["gridPos"]["y"] > row["gridPos"]["y"]]
+    panels = {panel["title"]: panel for panel in after_row + row.get("panels", [])}
+    held = next(panel for title, panel in panels.items() if title.startswith("Held tokens"))
+    # Stacked, one panel per engine: an engine's holders stack up to its used tokens.
+    assert held["repeat"] == "engine" and held["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+    holders, used = held["targets"]
+    assert metric_names(holders["expr"]) == {HELD}
+    assert metric_names(used["expr"]) == {USAGE} and f'{STATE}="used"' in used["expr"]
+    (unstacked,) = held["fieldConfig"]["overrides"]
+    assert unstacked["matcher"]["options"] == used["refId"]
+    assert {"id": "custom.stacking", "value": {"mode": "none", "group": "B"}} in unstacked["properties"]
+    # Token-seconds per second: the average tokens held over the interval, under either exporter's name.
+    residency = next(panel for title, panel in panels.items() if title.startswith("Residency rate"))
+    (rate,) = residency["targets"]
+    assert metric_names(rate["expr"]) == {RESIDENCY, RESIDENCY_PYTHON_EXPORTER}
+    for name in (RESIDENCY, RESIDENCY_PYTHON_EXPORTER):
+        assert re.search(rf"rate\({name}\{{[^}}]*\}}\[\$__rate_interval\]\)", rate["expr"]), name
+    # Fragmentation: written beside used, and written / used.
+    fragmentation = next(panel for title, panel in panels.items() if "fragmentation" in title)
+    assert {frozenset(metric_names(target["expr"])) for target in fragmentation["targets"]} == {
+        frozenset({WRITTEN}),
+        frozenset({USAGE}),
+    }
+    share = next(panel for title, panel in panels.items() if title.startswith("Written share"))
+    assert re.fullmatch(
+        rf"max by \([^)]*\) \({WRITTEN}\{{[^}}]*\}}\) / max by \([^)]*\) \({USAGE}\{{[^}}]*\}}\)",
+        share["targets"][0]["expr"],
+    )
+    assert share["fieldConfig"]["defaults"]["unit"] == "percentunit"
+
+
+def test_residency_names_are_what_the_collector_and_the_python_exporter_produce():
+    # The Collector (add_metric_suffixes: false, test_collector_pipelines_use_only_defined_components)
+    # strips forbidden characters only, a counter keeping its name: prometheus_name(). The Python
+    # exporter adds the unit and _total.
+    names = python_exporter_names()
+    assert names[KV_CACHE_RESIDENCY] == RESIDENCY_PYTHON_EXPORTER
+    assert names[KV_CACHE_HELD] == HELD and names[KV_CACHE_WRITTEN] == WRITTEN, "gauges: same name on both paths"
+    assert load_yaml(COLLECTOR_CONFIG)["exporters"]["prometheus"]["add_metric_suffixes"] is False
+
+
 def test_promql_expressions_lists_every_dashboard_and_rule_expression():
     expressions = promql_expressions()
     listed = [expression for _, expression in expressions]
@@ -351,14 +515,16 @@ def test_promql_expressions_lists_every_dashboard_and_rule_expression():
         assert "$" not in expression and "[[" not in expression, expression
     for rule in load_alert_rules():
         assert rule["expr"].strip() in listed, rule["alert"]
-    assert len([where for where, _ in expressions if where.startswith("dashboard variable")]) == 2
-    assert len([where for where, _ in alert_expressions() if "annotation" in where]) == 3
+    assert len([where for where, _ in expressions if where.startswith("dashboard variable")]) == 3
+    assert len([where for where, _ in alert_expressions() if "annotation" in where]) == 7
     assert len(set(where for where, _ in expressions)) == len(expressions), "each place named once"
 
 
 # The PromQL on synthetic series in promtool: engine 0 full, engine 1 idle, each scraped under two
-# jobs (like the exporter's port and vLLM's /metrics). Every dashboard expression must return one
-# series per engine, the alert expressions only the full engine.
+# jobs (like the exporter's port and vLLM's /metrics), every 15 s. Every dashboard expression must
+# return one series per engine, or per (engine, holder) when it reads a holder metric; the alert
+# expressions only the full engine (and of its holders, those past the threshold). An engine's
+# held tokens and residency rate add up to its used tokens: the duplicates are not counted twice.
 _SYNTHETIC = {
     ("0", KV_CACHE_STATE_USED): ENGINE_LIMIT,
     ("0", KV_CACHE_STATE_FREE): 0,
@@ -366,32 +532,68 @@ _SYNTHETIC = {
     ("0", UTILIZATION): 1,
     ("0", HEADROOM): 0,
     ("0", EVICTABLE): 0,
+    ("0", WRITTEN): ENGINE_LIMIT * 2 // 5,  # 40 % of the used tokens: fragmented
     ("1", KV_CACHE_STATE_USED): 0,
     ("1", KV_CACHE_STATE_FREE): ENGINE_LIMIT,
     ("1", LIMIT): ENGINE_LIMIT,
     ("1", UTILIZATION): 0,
     ("1", HEADROOM): ENGINE_LIMIT,
     ("1", EVICTABLE): 4096,
+    ("1", WRITTEN): 0,
 }
+#: Each engine's holders, (adapter, tenant, overflow) -> tokens held now and on average since the
+#: start (its residency grows by that many token-seconds per second). An engine's add up to its used tokens.
+_HOLDERS: dict[str, dict[tuple[str | None, str | None, str | None], int]] = {
+    "0": {
+        (None, "alpha", None): 54 * BLOCK_SIZE,  # 86 % of the limit
+        ("a", "beta", None): 5 * BLOCK_SIZE,
+        (None, None, None): 3 * BLOCK_SIZE,  # the base model, no tenant
+        (None, None, "true"): 1 * BLOCK_SIZE,  # every holder past the holder limit
+    },
+    "1": {(None, "alpha", None): 0, (None, None, None): 0},  # held before, nothing now
+}
+_INTERVAL_SECONDS, _STEPS = 15, 80
+_JOBS = (("otel", "host:9464"), ("vllm", "host:8000"))
+#: The residency under the Collector's name on one job, the Python exporter's on the other: the
+#: dashboard reads both names, once.
+_RESIDENCY_NAMES = {"otel": RESIDENCY, "vllm": RESIDENCY_PYTHON_EXPORTER}
+_COMPARE = {">": float.__gt__, "<": float.__lt__, ">=": float.__ge__, "<=": float.__le__}
+
+
+def _holder_labels(holder: tuple[str | None, str | None, str | None]) -> dict[str, str]:
+    return {label: value for label, value in zip((LORA, TENANT_LABEL, OVERFLOW_LABEL), holder) if value is not None}
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return "{" + ", ".join(f'{key}="{value}"' for key, value in labels.items()) + "}"
 
 
 def _synthetic_series() -> list[dict]:
     series = []
-    for (engine, kind), value in _SYNTHETIC.items():
-        for job, instance in (("otel", "host:9464"), ("vllm", "host:8000")):
-            labels = {"job": job, "instance": instance, "otel_scope_name": "otel_vllm_kv"}
-            labels.update({ENGINE: engine, MODEL: "tiny"})
+    for job, instance in _JOBS:
+        scrape = {"job": job, "instance": instance, "otel_scope_name": "otel_vllm_kv"}
+        for (engine, kind), value in _SYNTHETIC.items():
+            labels = {**scrape, ENGINE: engine, MODEL: "tiny"}
             if kind in STATES:
                 name, labels[STATE] = USAGE, kind
             else:
                 name = kind
-            selector = ", ".join(f'{key}="{val}"' for key, val in labels.items())
-            series.append({"series": f"{name}{{{selector}}}", "values": f"{value}x20"})
+            series.append({"series": f"{name}{_labels(labels)}", "values": f"{value}x{_STEPS}"})
+        for engine, holders in _HOLDERS.items():
+            for holder, tokens in holders.items():
+                labels = _labels({**scrape, ENGINE: engine, MODEL: "tiny", **_holder_labels(holder)})
+                series.append({"series": f"{HELD}{labels}", "values": f"{tokens}x{_STEPS}"})
+                token_seconds = tokens * _INTERVAL_SECONDS
+                series.append({"series": f"{_RESIDENCY_NAMES[job]}{labels}", "values": f"0+{token_seconds}x{_STEPS}"})
     return series
 
 
 def test_every_expression_returns_one_series_per_engine_on_synthetic_data(tmp_path):
     promtool = require_binary("promtool")
+    for engine, holders in _HOLDERS.items():
+        assert sum(holders.values()) == _SYNTHETIC[(engine, KV_CACHE_STATE_USED)], engine
+    tenants = sorted({holder[1] or "" for holders in _HOLDERS.values() for holder in holders})
+    thresholds = alert_thresholds()
     checks = []
     for where, expression in promql_expressions():
         if expression.startswith("absent("):
@@ -399,14 +601,34 @@ def test_every_expression_returns_one_series_per_engine_on_synthetic_data(tmp_pa
         if where.startswith("dashboard variable"):
             (label,) = re.match(r"count by \((\w+)\)", expression).groups()
             wrapped = f"count by ({label}) ({expression})"
-            expected = [
-                {"labels": f'{{{label}="{value}"}}', "value": 1}
-                for value in (["tiny"] if label == MODEL else ["0", "1"])
-            ]
+            values = {MODEL: ["tiny"], ENGINE: ["0", "1"], TENANT_LABEL: tenants}[label]
+            # A holder without a tenant counts under no label at all.
+            expected = [{"labels": _labels({label: value} if value else {}), "value": 1} for value in values]
         else:
-            wrapped = f"count by ({MODEL}, {ENGINE}) ({expression})"
-            engines = ["0"] if where.startswith("alert ") and "annotation" not in where else ["0", "1"]
-            expected = [{"labels": f'{{{MODEL}="tiny", {ENGINE}="{engine}"}}', "value": 1} for engine in engines]
+            alert = where.split()[1] if where.startswith("alert ") and "annotation" not in where else None
+            engines = ["0"] if alert else ["0", "1"]
+            if is_holder_expression(expression):
+                identity = [MODEL, ENGINE, *sorted(HOLDER_LABELS)]
+                series = [
+                    {MODEL: "tiny", ENGINE: engine, **_holder_labels(holder)}
+                    for engine in engines
+                    for holder, tokens in _HOLDERS[engine].items()
+                    if alert is None or _COMPARE[thresholds[alert][0]](tokens / ENGINE_LIMIT, thresholds[alert][1])
+                ]
+            else:
+                identity = [MODEL, ENGINE]
+                series = [{MODEL: "tiny", ENGINE: engine} for engine in engines]
+            assert series, (where, "nothing expected: the synthetic data does not exercise it")
+            wrapped = f"count by ({', '.join(identity)}) ({expression})"
+            expected = [{"labels": _labels(labels), "value": 1} for labels in series]
+            if is_holder_expression(expression) and where.startswith("dashboard panel"):
+                # Held now and held on average: an engine's holders add up to its used tokens.
+                used = [
+                    {"labels": _labels({MODEL: "tiny", ENGINE: e}), "value": _SYNTHETIC[(e, KV_CACHE_STATE_USED)]}
+                    for e in ("0", "1")
+                ]
+                summed = f"sum by ({MODEL}, {ENGINE}) ({expression})"
+                checks.append({"expr": summed, "eval_time": "10m", "exp_samples": used})
         checks.append({"expr": wrapped, "eval_time": "10m", "exp_samples": expected})
     assert len(checks) >= len(promql_expressions()) - 1
     (tmp_path / "empty-rules.yml").write_text("groups: []\n")
@@ -415,7 +637,13 @@ def test_every_expression_returns_one_series_per_engine_on_synthetic_data(tmp_pa
             {
                 "rule_files": ["empty-rules.yml"],
                 "evaluation_interval": "1m",
-                "tests": [{"interval": "1m", "input_series": _synthetic_series(), "promql_expr_test": checks}],
+                "tests": [
+                    {
+                        "interval": f"{_INTERVAL_SECONDS}s",
+                        "input_series": _synthetic_series(),
+                        "promql_expr_test": checks,
+                    }
+                ],
             }
         )
     )
