@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 from vllm.lora.request import LoRARequest
@@ -19,6 +20,11 @@ from otel_vllm_kv.patching import hook_methods
 from tests.support.schedulers import Stepper, build_scheduler, make_request
 
 BLOCK_SIZE = 16
+#: A workload's steps, the last step a request arrives at, and the step of the prefix-cache reset.
+STEPS, ARRIVALS_UNTIL, RESET_AT = 400, 300, 150
+#: The LoRA adapters and tenants of a tagged workload's requests (None: none).
+ADAPTERS = (None, "adapter-a", "adapter-b")
+TENANTS = (None, "tenant-1", "tenant-2")
 
 
 class StepClock:
@@ -86,40 +92,66 @@ def blocks_now(scheduler) -> dict[str, int]:
     return counts
 
 
-def run_workload(scheduler, clock, seed: int) -> tuple[list, float, dict[str, float]]:
+def random_workload(
+    scheduler, clock, seed: int, after_step: Callable[[], None], requests: dict, tagged: bool = False
+) -> None:
     """Random requests (some sharing a prompt prefix), a random abort now and then, one prefix-cache
-    reset; returns every request, the integral of used tokens and each request's integral of its
-    fair share, step by step."""
+    reset; ``after_step()`` after every step, the steps one second apart, then the scheduler run until
+    idle. With ``tagged``, each request has a random LoRA adapter and tenant (``ADAPTERS``,
+    ``TENANTS``). Each request goes into ``requests`` as it arrives, by request id, with its
+    (adapter, tenant)."""
     rng = random.Random(seed)
     stepper = Stepper(scheduler)
-    pool = scheduler.kv_cache_manager.block_pool
-    allocatable = pool.num_gpu_blocks - 1
+    adapters = {name: LoRARequest(name, index + 1, f"/adapters/{name}") for index, name in enumerate(ADAPTERS) if name}
     prefixes = [list(range(1000 * p, 1000 * p + BLOCK_SIZE * rng.randint(1, 4))) for p in range(3)]
-    requests, used_integral, share_integrals, most_blocks = [], 0.0, {}, {}
-    for step in range(400):
+    for step in range(STEPS):
         clock.now = float(step)
-        if step < 300 and rng.random() < 0.4:
+        if step < ARRIVALS_UNTIL and rng.random() < 0.4:
             prefix = rng.choice(prefixes) if rng.random() < 0.7 else []
             prompt = prefix + [rng.randrange(50_000, 60_000) for _ in range(rng.randint(1, 3 * BLOCK_SIZE))]
-            request = make_request(scheduler, len(prompt), max_tokens=rng.randint(1, 60), prompt_token_ids=prompt)
+            adapter, tenant = (rng.choice(ADAPTERS), rng.choice(TENANTS)) if tagged else (None, None)
+            request = make_request(
+                scheduler,
+                len(prompt),
+                max_tokens=rng.randint(1, 60),
+                prompt_token_ids=prompt,
+                lora_request=adapters.get(adapter),
+                trace_headers=None if tenant is None else {TENANT_HEADER_KEY: tenant},
+            )
             scheduler.add_request(request)
-            requests.append(request)
+            requests[request.request_id] = (request, (adapter, tenant))
         if rng.random() < 0.03:
-            running = [r.request_id for r in requests if not r.is_finished()]
+            running = [r.request_id for r, _ in requests.values() if not r.is_finished()]
             if running:
                 scheduler.finish_requests([rng.choice(running)], RequestStatus.FINISHED_ABORTED)
-        if step == 150:
+        if step == RESET_AT:
             scheduler.reset_prefix_cache()
         if scheduler.has_requests() or stepper.in_flight:
             stepper.step()
-        used_integral += (allocatable - pool.get_num_free_blocks()) * BLOCK_SIZE * 1.0
+        after_step()
+    clock.now = float(STEPS)
+    stepper.run_until_idle()
+
+
+def run_workload(scheduler, clock, seed: int) -> tuple[list, float, dict[str, float], dict[str, int]]:
+    """``random_workload``; returns every request, the integral of used tokens, and each request's
+    integral of its fair share and the most blocks it held after a step."""
+    pool = scheduler.kv_cache_manager.block_pool
+    allocatable = pool.num_gpu_blocks - 1
+    integrals = {"used": 0.0}
+    share_integrals: dict[str, float] = {}
+    most_blocks: dict[str, int] = {}
+
+    def after_step() -> None:
+        integrals["used"] += (allocatable - pool.get_num_free_blocks()) * BLOCK_SIZE * 1.0
         for request_id, share in fair_shares_now(scheduler).items():
             share_integrals[request_id] = share_integrals.get(request_id, 0.0) + share * 1.0
         for request_id, blocks in blocks_now(scheduler).items():
             most_blocks[request_id] = max(most_blocks.get(request_id, 0), blocks)
-    clock.now = 400.0
-    stepper.run_until_idle()
-    return requests, used_integral, share_integrals, most_blocks
+
+    requests: dict = {}
+    random_workload(scheduler, clock, seed, after_step, requests)
+    return [request for request, _ in requests.values()], integrals["used"], share_integrals, most_blocks
 
 
 def residency_of(released: dict, request) -> float:
@@ -148,56 +180,27 @@ def test_the_requests_shares_add_up_to_the_pools_used_tokens(vllm_scheduler, tin
         assert held_most <= peaks.get(request.request_id, 0) <= needed, request.request_id
 
 
-ADAPTERS = (None, "adapter-a", "adapter-b")
-TENANTS = (None, "tenant-1", "tenant-2")
 #: Fewer than the 9 (adapter, tenant) pairs the workload draws from: the rest must fold into OVERFLOW.
 HOLDER_LIMIT = 5
 
 
 def holder_workload(scheduler, clock, seed: int, holders: Holders) -> tuple[dict, float, list]:
-    """Random requests of random adapters and tenants (prefixes shared across them), an abort now and
-    then, a prefix-cache reset; a pass after every step, checked against brute force. Returns each
-    key's integral of held blocks, the integral of used blocks and every request."""
-    rng = random.Random(seed)
-    stepper = Stepper(scheduler)
-    adapters = {name: LoRARequest(name, index + 1, f"/adapters/{name}") for index, name in enumerate(ADAPTERS) if name}
-    prefixes = [list(range(1000 * p, 1000 * p + BLOCK_SIZE * rng.randint(1, 4))) for p in range(3)]
-    requests, held_integrals, used_integral = [], {}, 0.0
-    key_of = {}
-    for step in range(300):
-        clock.now = float(step)
-        if step < 220 and rng.random() < 0.45:
-            prefix = rng.choice(prefixes) if rng.random() < 0.7 else []
-            prompt = prefix + [rng.randrange(50_000, 60_000) for _ in range(rng.randint(1, 3 * BLOCK_SIZE))]
-            adapter, tenant = rng.choice(ADAPTERS), rng.choice(TENANTS)
-            request = make_request(
-                scheduler,
-                len(prompt),
-                max_tokens=rng.randint(1, 50),
-                prompt_token_ids=prompt,
-                lora_request=adapters.get(adapter),
-                trace_headers=None if tenant is None else {TENANT_HEADER_KEY: tenant},
-            )
-            scheduler.add_request(request)
-            requests.append(request)
-            key_of[request.request_id] = (adapter, tenant)
-        if rng.random() < 0.03:
-            running = [r.request_id for r in requests if not r.is_finished()]
-            if running:
-                scheduler.finish_requests([rng.choice(running)], RequestStatus.FINISHED_ABORTED)
-        if step == 120:
-            scheduler.reset_prefix_cache()
-        if scheduler.has_requests() or stepper.in_flight:
-            stepper.step()
+    """``random_workload`` of tagged requests, a pass after every step checked against brute force.
+    Returns each key's integral of held blocks, the integral of used blocks and every request."""
+    pool = scheduler.kv_cache_manager.block_pool
+    held_integrals: dict = {}
+    integrals = {"used": 0.0}
+    requests: dict = {}
+
+    def after_step() -> None:
         counted = holders.count()
-        pool = scheduler.kv_cache_manager.block_pool
         assert counted.used_blocks == pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
         held = {holding.key: holding.held_blocks for holding in counted.holdings}
         assert math.isclose(sum(held.values()), counted.used_blocks, rel_tol=1e-12, abs_tol=1e-9)
         expected: dict = {}
         for request_id, tokens in fair_shares_now(scheduler).items():
             key = holders.key(scheduler.requests[request_id])
-            assert key == key_of[request_id] or key == OVERFLOW
+            assert key == requests[request_id][1] or key == OVERFLOW
             expected[key] = expected.get(key, 0.0) + tokens / BLOCK_SIZE
         assert set(expected) <= set(held)
         for key, blocks in held.items():
@@ -205,10 +208,10 @@ def holder_workload(scheduler, clock, seed: int, holders: Holders) -> tuple[dict
             held_integrals[key] = held_integrals.get(key, 0.0) + blocks
         assert math.isclose(counted.written_tokens, written_now(scheduler), rel_tol=1e-12, abs_tol=1e-9)
         assert counted.written_tokens <= counted.used_blocks * BLOCK_SIZE + 1e-9
-        used_integral += counted.used_blocks
-    clock.now = 300.0
-    stepper.run_until_idle()
-    return held_integrals, used_integral, requests
+        integrals["used"] += counted.used_blocks
+
+    random_workload(scheduler, clock, seed, after_step, requests, tagged=True)
+    return held_integrals, integrals["used"], [request for request, _ in requests.values()]
 
 
 def written_now(scheduler) -> float:
