@@ -236,23 +236,32 @@ class AdmissionRecorder:
         ).hex()
         _carry(self.undelivered, request, record)
 
-    def finished(self, request: Any, block_seconds: float, peak_blocks: int, recomputed_tokens: int) -> None:
-        """A finished request gave its blocks back (``residency.OnRelease``): its last record carries what
-        it held, for the output vLLM builds right after (``Scheduler.update_from_output``)."""
-        record = _pack(
-            _FINISHED,
-            2 * request.num_preemptions + 2,
-            time(),
-            *self._engine,
-            self._queue.num_free_blocks,
-            peak_blocks,
-            0,
-            0.0,
-            0,
-            block_seconds,
-            recomputed_tokens,
-        ).hex()
-        _carry(self.undelivered, request, record)
+    def finisher(self) -> Callable[[Any, float, int, int], None]:
+        """``residency.OnRelease``: a finished request gave its blocks back; its last record carries what
+        it held, for the output vLLM builds right after (``Scheduler.update_from_output``). A closure over
+        the engine's fields, as the admission hook is."""
+        engine_index, num_blocks, limit_tokens = self._engine
+        queue, undelivered = self._queue, self.undelivered
+
+        def finished(request: Any, block_seconds: float, peak_blocks: int, recomputed_tokens: int) -> None:
+            record = _pack(
+                _FINISHED,
+                2 * request.num_preemptions + 2,
+                time(),
+                engine_index,
+                num_blocks,
+                limit_tokens,
+                queue.num_free_blocks,
+                peak_blocks,
+                0,
+                0.0,
+                0,
+                block_seconds,
+                recomputed_tokens,
+            ).hex()
+            _carry(undelivered, request, record)
+
+        return finished
 
     def _waiting_requests(self) -> int:
         """vLLM's ``get_request_counts()[1]``."""

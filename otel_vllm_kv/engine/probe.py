@@ -99,7 +99,7 @@ class EngineProbe:
         limit_tokens = -1 if layout.limit_tokens is None else layout.limit_tokens
         self.residency = ResidencyLedger(scheduler)
         self.recorder = AdmissionRecorder(scheduler, engine_index, layout.num_blocks, limit_tokens, self.residency)
-        self.residency.on_release = self.recorder.finished
+        self.residency.on_release = self.recorder.finisher()
         self.holders = holders.Holders(scheduler, holder_limit)
         self.residency.holders = self.holders
         self._holders_failed = WarnOnce(
