@@ -46,9 +46,10 @@ class SnapshotReader:
         self._skipped: set[str] = set()
         self._bad_holders: set[str] = set()
 
-    def read(self) -> list[EngineSnapshot]:
+    def read(self, holders: bool = False) -> list[EngineSnapshot]:
         """One snapshot per live engine: the newest probe file where an engine index repeats, else
-        the newest record of statistics (if younger than ``STATS_MAX_AGE_SECONDS``)."""
+        the newest record of statistics (if younger than ``STATS_MAX_AGE_SECONDS``). With ``holders``,
+        each probe's holders section too (64 KiB read and parsed per engine: only its metrics need it)."""
         try:
             names = sorted(
                 (name for name in os.listdir(self.directory) if name.startswith((PROBE_PREFIX, STATS_PREFIX))),
@@ -81,8 +82,8 @@ class SnapshotReader:
                     snapshot = EngineSnapshot(*key, opened.pid, opened.layout, free_blocks, None)
                     from_stats[key] = (arrived_ns, snapshot)
             else:
-                holders = self._holders(name, opened)
-                probed[key] = EngineSnapshot(*key, opened.pid, opened.layout, values[0], values[1:], holders)
+                held = self._holders(name, opened) if holders else None
+                probed[key] = EngineSnapshot(*key, opened.pid, opened.layout, values[0], values[1:], held)
         unprobed = [snapshot for key, (_, snapshot) in from_stats.items() if key not in probed]
         return [*probed.values(), *unprobed]
 

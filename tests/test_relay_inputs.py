@@ -257,7 +257,7 @@ def _read_planted(directory, name: str, content: bytes):
     with open(path, "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # a live writer
         try:
-            return SnapshotReader(str(directory)).read()
+            return SnapshotReader(str(directory)).read(holders=True)
         finally:
             path.unlink()
 
@@ -389,11 +389,11 @@ def test_a_bad_holders_section_is_left_out_with_one_warning(tmp_path, caplog):
         writer.write_holders(b'{"used": 80, "written": null, "holders": []}')  # more than the pool's 63
         reader = SnapshotReader(str(tmp_path))
         for _ in range(3):
-            (snapshot,) = reader.read()
+            (snapshot,) = reader.read(holders=True)
             assert snapshot.free_blocks == 40 and snapshot.holders is None
         assert len([r for r in caplog.records if "leaving out the holders" in r.getMessage()]) == 1
         writer.write_holders(holdings.encode(HoldersPass((Holding((None, None), 5.0, 23.0),), 23, None)))
-        (snapshot,) = reader.read()
+        (snapshot,) = reader.read(holders=True)
         assert snapshot.holders.holdings == (Holding((None, None), 5.0, 23.0),)
     finally:
         writer.close()

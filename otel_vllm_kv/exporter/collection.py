@@ -76,7 +76,7 @@ class _CollectionSnapshot:
         with self._lock:
             now = time.monotonic()
             if instrument in self._served or now - self._read_at > _MAX_SNAPSHOT_AGE:
-                self._engines = [_to_observed(snapshot) for snapshot in self._reader.read()]
+                self._engines = [_to_observed(snapshot) for snapshot in self._reader.read(holders=True)]
                 self._served = set()
                 self._read_at = now
             self._served.add(instrument)
