@@ -278,6 +278,10 @@ def test_installed_but_not_instrumented_changes_nothing():
         ("OTEL_PYTHON_VLLM_KV_RELAY_DIR", "/nonexistent/relay", "is not an existing directory"),
         ("OTEL_PYTHON_VLLM_KV_RELAY_DIR", "/etc/hostname", "is not an existing directory"),
         ("OTEL_PYTHON_VLLM_KV_VLLM_METRICS", "yes", "accepted values: true, false"),
+        ("OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY", "tenant id", "is not a W3C baggage key"),
+        ("OTEL_PYTHON_VLLM_KV_HOLDER_LIMIT", "0", "an integer from 1 to 64"),
+        ("OTEL_PYTHON_VLLM_KV_HOLDER_LIMIT", "65", "an integer from 1 to 64"),
+        ("OTEL_PYTHON_VLLM_KV_HOLDER_LIMIT", "many", "an integer from 1 to 64"),
     ],
 )
 def test_a_bad_setting_fails_at_start_naming_it_and_changes_nothing(variable, value, message, monkeypatch):
