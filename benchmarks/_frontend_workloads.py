@@ -20,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from benchmarks._workloads import ADMISSIONS_PER_STEP, BLOCK_SIZE, Tally
-from otel_vllm_kv.names import REQUEST_KV_TOKEN_SECONDS
+from otel_vllm_kv.names import REQUEST_KV_TOKENS
 
 DECODE_RUNNING = 16
 PROMPT_TOKENS = 64
@@ -102,7 +102,7 @@ class FrontendWorkload:
                     span = self.spans.pop(output.request_id)
                     span.end()
                     self.finished += 1
-                    self.points += REQUEST_KV_TOKEN_SECONDS in span.attributes
+                    self.points += REQUEST_KV_TOKENS in span.attributes  # its admission, annotated
 
     def unit(self) -> None:
         requests, batches = self.units[self.next]

@@ -64,17 +64,17 @@ def _number(value: float) -> str:
     return f"{value:,.0f}"
 
 
-def _over_layouts(results: list[dict], name: str, units: dict) -> tuple[int, str, list[float]]:
+def _over_layouts(results: list[dict], name: str, units: dict, ours_variant: str) -> tuple[int, str, list[float]]:
     """Over memory layouts: how many, added / plain (synthetic output included) as mean ± standard error,
     and the spread of plain's and ours' figures."""
     by_variant = {}
-    for variant in ("plain", "ours"):
+    for variant in ("plain", ours_variant):
         values: dict[int, float] = {}
         for r in results:
             if r["variant"] == variant and f"{name}|large" in r.get("counts", {}):
                 values.setdefault(r.get("ballast", 0), _marginals([r], variant, name, units)[0])
         by_variant[variant] = list(values.values())
-    plain, ours = by_variant["plain"], by_variant["ours"]
+    plain, ours = by_variant["plain"], by_variant[ours_variant]
     if len(plain) < 2 or len(ours) < 2:
         return len(plain), "n/a", []
     error = (statistics.variance(plain) / len(plain) + statistics.variance(ours) / len(ours)) ** 0.5
@@ -83,27 +83,27 @@ def _over_layouts(results: list[dict], name: str, units: dict) -> tuple[int, str
     return len(plain), text, [_spread(plain), _spread(ours)]
 
 
-def cost_table(results: list[dict], units: dict) -> str:
-    """The main table: per unit, vLLM's own instructions, the added ones, and the budget."""
+def cost_table(results: list[dict], units: dict, ours_variant: str = "ours") -> str:
+    """The main table of one instrumented variant: per unit, vLLM's own instructions, the added ones, and the budget."""
     repeats = [r for r in results if r.get("ballast", 0) == 0]  # identical processes: their spread is determinism
     rows, repeat_spreads, layout_spreads, ratios, layouts = [], [], [], {}, 0
     for name, unit, baseline, per in ROWS:
-        plain, ours = _marginals(repeats, "plain", name, units), _marginals(repeats, "ours", name, units)
+        plain, ours = _marginals(repeats, "plain", name, units), _marginals(repeats, ours_variant, name, units)
         if not plain or not ours:
             continue
         base_plain = _mean(_marginals(repeats, "plain", baseline, units)) if baseline else 0.0
         base_ours_added = 0.0  # the harness is the same code in both variants
         if baseline and not baseline.startswith("harness"):
-            base_ours_added = _mean(_marginals(repeats, "ours", baseline, units)) - base_plain
+            base_ours_added = _mean(_marginals(repeats, ours_variant, baseline, units)) - base_plain
         vllm = (statistics.fmean(plain) - base_plain) / per
         added = (statistics.fmean(ours) - statistics.fmean(plain) - base_ours_added) / per
         ratios[name] = added / vllm * 100
-        layouts, over_layouts, spreads = _over_layouts(results, name, units)
+        layouts, over_layouts, spreads = _over_layouts(results, name, units, ours_variant)
         layout_spreads += spreads
         repeat_spreads += [_spread(plain), _spread(ours)]
         rows.append([unit, _number(vllm), _number(added), f"{ratios[name]:+.3f}%", over_layouts, _budget(name, ratios)])
     collection_plain = _marginals(repeats, "plain", "collection", units)
-    collection_ours = _marginals(repeats, "ours", "collection", units)
+    collection_ours = _marginals(repeats, ours_variant, "collection", units)
     if collection_plain and collection_ours:
         added = statistics.fmean(collection_ours) - statistics.fmean(collection_plain)
         rows.append(
@@ -118,10 +118,10 @@ def cost_table(results: list[dict], units: dict) -> str:
         )
         repeat_spreads += [_spread(collection_plain), _spread(collection_ours)]
     for running in (16, 256):
-        passes = _marginals(repeats, "ours", f"holders pass {running}", units)
+        passes = _marginals(repeats, ours_variant, f"holders pass {running}", units)
         nothing = _marginals(repeats, "plain", f"holders pass {running}", units)
         step = _marginals(repeats, "plain", f"decode {running}", units)
-        if passes and nothing:
+        if passes and nothing and ours_variant == "residency":
             added = statistics.fmean(passes) - statistics.fmean(nothing)
             vllm = _mean(step) - _mean(_marginals(repeats, "plain", f"harness {running}", units))
             rows.append(
@@ -223,7 +223,9 @@ def engine_table(results: list[dict], units: dict) -> str:
 
 
 def report(results: list[dict], units: dict) -> str:
-    parts = ["## Instructions per unit of work (marginal)", "", cost_table(results, units)]
+    parts = ["## Instructions per unit of work (marginal), default settings", "", cost_table(results, units)]
+    if any(r["variant"] == "residency" for r in results):
+        parts += ["", "## The same with residency on", "", cost_table(results, units, "residency")]
     engine = engine_table(results, units)
     if engine:
         parts += ["", "## End to end: a whole in-process LLM run", "", engine]

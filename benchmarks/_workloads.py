@@ -218,7 +218,7 @@ class HoldersPass(Decode):
         self.probe = registry.attach(self.scheduler)
 
     def unit(self) -> None:
-        if self.probe is not None:
+        if self.probe is not None and self.probe.holders is not None:  # residency on
             self.probe.publish_holders()
 
 

@@ -10,7 +10,9 @@ Each variant runs in its own process under ``valgrind --tool=callgrind`` with
 
 * ``plain``: vLLM, not instrumented;
 * ``ours``: ``VLLMKVCacheInstrumentor().instrument(meter_provider=...)`` before any
-  scheduler is built (as in an engine core, where the probe attaches at ``Scheduler.__init__``);
+  scheduler is built (as in an engine core, where the probe attaches at ``Scheduler.__init__``),
+  with the default settings (residency off);
+* ``residency``: the same with ``OTEL_PYTHON_VLLM_KV_RESIDENCY=true``;
 * ``toggle``: one live scheduler, instrumented and uninstrumented in turn (what a user
   toggling instrumentation runs): plain, ours, plain, ours, plain blocks on it.
 
@@ -58,7 +60,9 @@ from benchmarks._common import (
 
 MODULE = "benchmarks.instructions"
 
-VARIANTS = ("plain", "ours")
+VARIANTS = ("plain", "ours", "residency")
+#: The instrumented variants, and the settings each adds to the environment.
+INSTRUMENTED = {"ours": {}, "residency": {"OTEL_PYTHON_VLLM_KV_RESIDENCY": "true"}}
 #: Units in the small and the large interval of each workload (the full run).
 UNITS = {
     "decode 16": (200, 600),
@@ -144,7 +148,7 @@ def child(spec: dict) -> dict:
         workload.close()
         tallies["toggle"] = vars(workload.tally)
     else:
-        if variant == "ours":
+        if variant in INSTRUMENTED:
             instrumentation.on()
             # The pass runs once a second of wall clock, a few steps under valgrind: the ``holders pass``
             # workloads count it alone, and no other figure includes it.
@@ -170,7 +174,7 @@ def run_variant(variant: str, spec: dict, directory: str, under_valgrind: bool, 
     if under_valgrind:
         command = _callgrind.valgrind_command(out_file) + command
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env.update(PYTHONHASHSEED="0", OMP_NUM_THREADS="1", VLLM_LOGGING_LEVEL="WARNING")
+    env.update(PYTHONHASHSEED="0", OMP_NUM_THREADS="1", VLLM_LOGGING_LEVEL="WARNING", **INSTRUMENTED.get(variant, {}))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     return {"process": process, "out_file": out_file, "variant": variant, "valgrind": under_valgrind}
 
@@ -278,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     directory = tempfile.mkdtemp(prefix="otel-vllm-kv-callgrind-")
     spec = {"model_dir": tiny_model_dir(), "workloads": with_baselines(args.workloads), "units": units}
     variants = tuple(args.variants) + (("toggle",) if args.toggle else ())
-    jobs = [(variant, "engine", spec | {"engine": True}) for variant in VARIANTS] if args.engine else []
+    engine_variants = ("plain", "ours")  # the end-to-end run: default settings
+    jobs = [(variant, "engine", spec | {"engine": True}) for variant in engine_variants] if args.engine else []
     jobs += [(variant, repeat, spec) for repeat in range(1 if args.smoke else args.repeat) for variant in variants]
     jobs += [
         (variant, f"layout{layout}", spec | {"ballast": layout * LAYOUT_BALLAST})
@@ -326,13 +331,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--variants",
         type=lambda text: [v for v in text.split(",") if v],
         default=list(VARIANTS),
-        help="comma-separated, of plain,ours (default both; empty: none, e.g. for --engine alone)",
+        help="comma-separated, of plain,ours,residency (default all; empty: none, e.g. for --engine alone)",
     )
     parser.add_argument(
         "--layouts",
         type=int,
         default=2,
-        help="also run plain and ours with 1, 2, ... N x 30,000 objects allocated first (other "
+        help="also run each variant with 1, 2, ... N x 30,000 objects allocated first (other "
         "memory layouts): the spread is what layout alone changes (default 2; none in smoke)",
     )
     parser.add_argument("--no-toggle", dest="toggle", action="store_false", help="skip the toggling process")

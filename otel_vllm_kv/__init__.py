@@ -66,7 +66,7 @@ class VLLMKVCacheInstrumentor(BaseInstrumentor):
         if role.is_exporter:
             exporter.install(role.relay_directory, kwargs.get("meter_provider"), settings.vllm_metrics)
         frontend.install(role.relay_directory, settings.vllm_metrics, settings.tenant_baggage_key)
-        engine.install(role.relay_directory, settings.holder_limit)
+        engine.install(role.relay_directory, settings.residency, settings.holder_limit)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         engine.uninstall()

@@ -35,13 +35,24 @@ Internal, set by the first process that checks the installed vLLM and logs the v
 INFO or WARNING line); the processes it starts inherit it and do not repeat the line. Do not set it.
 """
 
+OTEL_PYTHON_VLLM_KV_RESIDENCY = "OTEL_PYTHON_VLLM_KV_RESIDENCY"
+"""
+.. envvar:: OTEL_PYTHON_VLLM_KV_RESIDENCY
+
+``true`` or ``false`` (default): also keep what each request holds of the KV cache over time,
+its spans' ``vllm.request.kv_cache.token_seconds``, ``peak_tokens`` and ``recomputed_tokens``, and
+the metrics of who holds the cache (``vllm.kv_cache.residency``, ``vllm.kv_cache.held``,
+``vllm.kv_cache.written``). Off by default: it roughly doubles what the package adds to an
+admitted request in the engine (docs/benchmarks.md).
+"""
+
 OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY = "OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY"
 """
 .. envvar:: OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY
 
 The W3C baggage key whose value, on the context a request is submitted in, is its tenant in
-``vllm.kv_cache.residency`` and ``vllm.kv_cache.held`` (attribute ``vllm.tenant``). Unset or
-empty (default): no tenant. A baggage value that is not printable text of at most 100
+``vllm.kv_cache.residency`` and ``vllm.kv_cache.held`` (attribute ``vllm.tenant``); it needs
+``OTEL_PYTHON_VLLM_KV_RESIDENCY=true``. Unset or empty (default): no tenant. A baggage value that is not printable text of at most 100
 characters is left out, with one warning (its requests count without a tenant).
 """
 

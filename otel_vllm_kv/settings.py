@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from otel_vllm_kv.environment_variables import (
     OTEL_PYTHON_VLLM_KV_HOLDER_LIMIT,
     OTEL_PYTHON_VLLM_KV_RELAY_DIR,
+    OTEL_PYTHON_VLLM_KV_RESIDENCY,
     OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY,
     OTEL_PYTHON_VLLM_KV_VLLM_METRICS,
 )
@@ -28,18 +29,27 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 class Settings:
     relay_parent_directory: str
     vllm_metrics: bool
+    residency: bool = False
     tenant_baggage_key: str | None = None
     holder_limit: int = DEFAULT_HOLDER_LIMIT
 
 
 def read_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     """All settings from ``environ``; raises ValueError naming the first invalid one."""
-    return Settings(
+    settings = Settings(
         relay_parent_directory=_relay_parent_directory(environ.get(OTEL_PYTHON_VLLM_KV_RELAY_DIR, "")),
         vllm_metrics=_boolean(environ, OTEL_PYTHON_VLLM_KV_VLLM_METRICS, default=True),
+        residency=_boolean(environ, OTEL_PYTHON_VLLM_KV_RESIDENCY, default=False),
         tenant_baggage_key=_baggage_key(environ.get(OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY, "")),
         holder_limit=_holder_limit(environ.get(OTEL_PYTHON_VLLM_KV_HOLDER_LIMIT, "")),
     )
+    if settings.tenant_baggage_key is not None and not settings.residency:
+        # A tenant is an attribute of the holder metrics only: without them it would be ignored silently.
+        raise ValueError(
+            f"{OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY}={settings.tenant_baggage_key!r} needs "
+            f"{OTEL_PYTHON_VLLM_KV_RESIDENCY}=true: the tenant is reported only in the metrics of who holds the KV cache"
+        )
+    return settings
 
 
 def _baggage_key(configured: str) -> str | None:

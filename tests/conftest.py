@@ -9,6 +9,9 @@ from otel_vllm_kv.demo.tiny_model import build_tiny_model
 
 # Keep every engine's CPU KV cache at 1 GiB; engines inherit this.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# The suite runs with residency on (off is the package's default; ``test_instrumentor`` covers it):
+# it adds to every path the default runs. Processes the tests start inherit it.
+os.environ.setdefault("OTEL_PYTHON_VLLM_KV_RESIDENCY", "true")
 
 # Fuzz tests run a fixed budget of examples, the same ones on every run (CI time stays fixed;
 # a failure reproduces). ``HYPOTHESIS_PROFILE=deep`` explores further, with fresh examples.

@@ -278,6 +278,7 @@ def test_installed_but_not_instrumented_changes_nothing():
         ("OTEL_PYTHON_VLLM_KV_RELAY_DIR", "/nonexistent/relay", "is not an existing directory"),
         ("OTEL_PYTHON_VLLM_KV_RELAY_DIR", "/etc/hostname", "is not an existing directory"),
         ("OTEL_PYTHON_VLLM_KV_VLLM_METRICS", "yes", "accepted values: true, false"),
+        ("OTEL_PYTHON_VLLM_KV_RESIDENCY", "on", "accepted values: true, false"),
         ("OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY", "tenant id", "is not a W3C baggage key"),
         ("OTEL_PYTHON_VLLM_KV_HOLDER_LIMIT", "0", "an integer from 1 to 64"),
         ("OTEL_PYTHON_VLLM_KV_HOLDER_LIMIT", "65", "an integer from 1 to 64"),
@@ -291,6 +292,51 @@ def test_a_bad_setting_fails_at_start_naming_it_and_changes_nothing(variable, va
     assert str(raised.value).startswith(f"{variable}={value!r}") and message in str(raised.value)
     assert not VLLMKVCacheInstrumentor().is_instrumented_by_opentelemetry
     assert_unpatched()
+
+
+def test_a_tenant_key_without_residency_fails_at_start_naming_both(monkeypatch):
+    """The tenant is an attribute of the holder metrics only: set without them, it would do nothing."""
+    monkeypatch.setenv("OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY", "tenant.id")
+    monkeypatch.setenv("OTEL_PYTHON_VLLM_KV_RESIDENCY", "false")
+    with pytest.raises(
+        ValueError, match="^OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY='tenant.id' needs OTEL_PYTHON_VLLM_KV_RESIDENCY=true"
+    ):
+        VLLMKVCacheInstrumentor().instrument(meter_provider=new_reader()[1])
+    assert_unpatched()
+
+
+def test_residency_is_off_by_default_and_costs_no_hook(tiny_model_dir, monkeypatch):
+    """Unset, the engine keeps no ledger: the pool's allocations and prefix hits and the manager's
+    ``free`` stay vLLM's own, outputs carry the admission records and no finished one, and no
+    holder metric has a point, also after an idle engine's pass would have run."""
+    from otel_vllm_kv.admission_records import FINISHED, TRACE_HEADER_KEY, decode
+    from otel_vllm_kv.engine import holders
+
+    monkeypatch.delenv("OTEL_PYTHON_VLLM_KV_RESIDENCY")
+    reader, provider = new_reader()
+    VLLMKVCacheInstrumentor().instrument(meter_provider=provider)
+    try:
+        scheduler = build_scheduler(tiny_model_dir, num_blocks=11, block_size=16)
+        manager = scheduler.kv_cache_manager
+        assert "record_prefix_cache_stats" in vars(manager), "admissions are recorded"
+        assert "free" not in vars(manager) and not {"get_new_blocks", "touch"} & set(vars(manager.block_pool))
+        for index in range(3):
+            scheduler.add_request(make_request(scheduler, num_prompt_tokens=20, max_tokens=5, first_token=100 * index))
+        stepper = Stepper(scheduler)
+        stepper.run_until_idle()
+        kinds = [
+            record.kind
+            for engine_outputs in stepper.outputs
+            for output in engine_outputs.outputs
+            if output.trace_headers and TRACE_HEADER_KEY in output.trace_headers
+            for record in decode(output.trace_headers[TRACE_HEADER_KEY])
+        ]
+        assert len(kinds) == 3 and FINISHED not in kinds
+        time.sleep(2 * holders.PASS_INTERVAL_SECONDS + 0.5)
+        assert read_engines(reader)[0].used == 0
+        assert read_holders(reader) == {} and read_written(reader) == {}
+    finally:
+        VLLMKVCacheInstrumentor().uninstrument()
 
 
 def test_the_dependency_check_accepts_plain_vllm(tmp_path):

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from otel_vllm_kv.demo.options import PROG, DemoOptions, parse_options
-from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY
+from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_RESIDENCY, OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY
 
 #: The baggage key of the burst's tenants, unless ``OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY`` names another.
 DEMO_TENANT_KEY = "tenant.id"
@@ -55,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     telemetry = start_telemetry(options.export)
     try:
         engine.apply_vllm_defaults()
-        # The burst's tenants go in baggage under this key (yours if you set one).
-        tenant_key = os.environ.setdefault(OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY, DEMO_TENANT_KEY)
+        # The demo shows who holds the cache (unless you turn residency off): residency on, and the
+        # burst's tenants in baggage under this key (yours if you set one).
+        residency = os.environ.setdefault(OTEL_PYTHON_VLLM_KV_RESIDENCY, "true").strip().lower() == "true"
+        tenant_key = DEMO_TENANT_KEY
+        if residency:
+            tenant_key = os.environ.setdefault(OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY, DEMO_TENANT_KEY)
         try:
             VLLMKVCacheInstrumentor().instrument(meter_provider=telemetry.meter_provider)
         except ValueError as error:  # a bad OTEL_PYTHON_VLLM_KV_* setting, named in the message
@@ -75,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                     view.show_progress,
                     tenant_key,
                 )
-                wait_for_idle_holders(telemetry.metric_reader)
+                if residency:
+                    wait_for_idle_holders(telemetry.metric_reader)
             telemetry.flush()  # while the engine is still reported
         span = telemetry.finished_span(LOAD_SPAN)
         events = cache_events(span)

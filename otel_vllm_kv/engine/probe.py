@@ -12,10 +12,10 @@ probe, so a step pays one plain call and no lookup (``patching.hook_methods``):
   linger, or be killed, afterwards);
 * the admission path (``admission``) and the block pool's free-queue moves, to count
   evictable prefix-cache blocks (``prefix_cache``);
-* the block pool's allocations and prefix hits and the manager's frees, for what each request
-  holds over time (``residency``), summed by LoRA adapter and tenant (``holders``), whose
-  holders section of the relay file a step rewrites at most once a second (an idle engine's:
-  ``idle_passes``).
+* with ``OTEL_PYTHON_VLLM_KV_RESIDENCY=true``, the block pool's allocations and prefix hits and
+  the manager's frees, for what each request holds over time (``residency``), summed by LoRA
+  adapter and tenant (``holders``), whose holders section of the relay file a step rewrites at
+  most once a second (an idle engine's: ``idle_passes``). Off, none of these is hooked.
 
 Publishing after the first two keeps the snapshot equal to the pool's state at the last
 change, also once the engine is idle. A scheduler built before ``instrument()`` is
@@ -81,8 +81,9 @@ class EngineProbe:
         writer: SnapshotWriter,
         layout: PoolLayout,
         engine_index: int,
-        holder_limit: int = holders.DEFAULT_LIMIT,
+        holder_limit: int | None = holders.DEFAULT_LIMIT,
     ) -> None:
+        """``holder_limit`` None: residency off (no ledger, no holders)."""
         self._queue = free_block_queue(scheduler)
         self._evictable = prefix_cache.watch(scheduler.kv_cache_manager.block_pool, len(layout.groups))
         self._writer = writer
@@ -97,11 +98,12 @@ class EngineProbe:
         self.scheduler = weakref.ref(scheduler)
         # Admission records carry -1 where the capacity is unknown.
         limit_tokens = -1 if layout.limit_tokens is None else layout.limit_tokens
-        self.residency = ResidencyLedger(scheduler)
+        self.residency = None if holder_limit is None else ResidencyLedger(scheduler)
         self.recorder = AdmissionRecorder(scheduler, engine_index, layout.num_blocks, limit_tokens, self.residency)
-        self.residency.on_release = self.recorder.finisher()
-        self.holders = holders.Holders(scheduler, holder_limit)
-        self.residency.holders = self.holders
+        self.holders = None if holder_limit is None else holders.Holders(scheduler, holder_limit)
+        if self.residency is not None:
+            self.residency.on_release = self.recorder.finisher()
+            self.residency.holders = self.holders
         self._holders_failed = WarnOnce(
             _logger, "otel-vllm-kv: counting who holds the KV cache failed; it is no longer reported for this engine"
         )
@@ -121,13 +123,17 @@ class EngineProbe:
             self._writer.write(free_blocks, counts)
         if self.recorder.undelivered:
             self.recorder.deliver()
-        now = self._last_publish = _monotonic()
-        if now >= self.holders.next_pass:
-            self.publish_holders()
+        counted = self.holders
+        if counted is not None:
+            now = self._last_publish = _monotonic()
+            if now >= counted.next_pass:
+                self.publish_holders()
 
     def publish_holders(self) -> None:
         """A holders pass (``holders``), at most once a second; its failure stops only the holders."""
         counted = self.holders
+        if counted is None:  # residency off
+            return
         counted.next_pass = _monotonic() + holders.PASS_INTERVAL_SECONDS
         self._holders_stale = False
         try:
@@ -139,12 +145,14 @@ class EngineProbe:
     def idle_pass(self, now: float) -> None:
         """From ``idle_passes``' thread: the pass of an engine that changed since its last pass and
         has published nothing for an interval. Any failure (the engine stepping again meanwhile) is dropped."""
-        interval = holders.PASS_INTERVAL_SECONDS
-        if not self._holders_stale or now - self._last_publish < interval or self.holders.next_pass == math.inf:
+        counted = self.holders
+        if counted is None or not self._holders_stale or now - self._last_publish < holders.PASS_INTERVAL_SECONDS:
+            return
+        if counted.next_pass == math.inf:
             return
         try:
             self._holders_stale = False
-            self._writer.write_holders(holdings.encode(self.holders.count()))
+            self._writer.write_holders(holdings.encode(counted.count()))
         except Exception:  # noqa: BLE001 - a table changed under the pass: the engine is stepping again
             self._holders_stale = True
 
@@ -154,7 +162,8 @@ class _ProbeRegistry:
 
     def __init__(self) -> None:
         self.relay_directory: str | None = None
-        self.holder_limit = holders.DEFAULT_LIMIT
+        #: None: residency off (``EngineProbe``).
+        self.holder_limit: int | None = None
         self._probes: weakref.WeakKeyDictionary[Any, EngineProbe | None] = weakref.WeakKeyDictionary()
         self._warned = False
 
@@ -189,12 +198,15 @@ class _ProbeRegistry:
             scheduler, writer, layout, engine_index, self.holder_limit
         )  # give_up detaches it
         on_scheduler, on_manager = probe.recorder.hooks(lambda: _give_up(probe))
-        on_pool, on_manager_residency = probe.residency.hooks(lambda: _give_up(probe))
         hook_methods(scheduler, {**_scheduler_hooks(probe), **on_scheduler}, beneath=(_attach_after,))
-        hook_methods(scheduler.kv_cache_manager, {**on_manager, **on_manager_residency})
-        hook_methods(scheduler.kv_cache_manager.block_pool, on_pool)
+        if probe.residency is None:
+            hook_methods(scheduler.kv_cache_manager, on_manager)
+        else:
+            on_pool, on_manager_residency = probe.residency.hooks(lambda: _give_up(probe))
+            hook_methods(scheduler.kv_cache_manager, {**on_manager, **on_manager_residency})
+            hook_methods(scheduler.kv_cache_manager.block_pool, on_pool)
+            idle_passes.ensure_running()
         probe.publish()
-        idle_passes.ensure_running()
         return probe
 
     def withdraw(self, scheduler: Any) -> None:
@@ -294,10 +306,11 @@ REQUIRED = (
 )
 
 
-def install(relay_directory: str, holder_limit: int = holders.DEFAULT_LIMIT) -> None:
-    """Wrap the scheduler class; every engine built in this process publishes into the relay."""
+def install(relay_directory: str, residency: bool = False, holder_limit: int = holders.DEFAULT_LIMIT) -> None:
+    """Wrap the scheduler class; every engine built in this process publishes into the relay (with
+    ``residency``, also what each request holds, and who holds the cache: at most ``holder_limit`` keys)."""
     registry.relay_directory = relay_directory
-    registry.holder_limit = holder_limit
+    registry.holder_limit = holder_limit if residency else None
     apply_patches(PATCHES)
 
 
