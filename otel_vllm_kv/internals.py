@@ -104,6 +104,7 @@ def required() -> list[Internal]:
     return [
         *patched,
         *probe.REQUIRED,
+        *spans.REQUIRED,
         *prefix_cache.REQUIRED,
         *pool_reading.REQUIRED,
         *admission.REQUIRED,

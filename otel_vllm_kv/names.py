@@ -154,6 +154,9 @@ ADMISSION_WAITING_REQUESTS = "vllm.admission.waiting_requests"
 """Requests still waiting in the engine's queue once this one was admitted."""
 
 REQUEST_PREEMPTIONS = "vllm.request.preemptions"
+"""Preemptions so far: 0 from its admission on, so a trace view shows a request never preempted as such."""
+REQUEST_PREEMPTED_DURATION = "vllm.request.preempted_duration"
+"""Seconds the request spent preempted so far: from each preemption to its resumption, summed."""
 REQUEST_ID = "vllm.request.id"
 """The request id the caller gave (vLLM's external id); only on per-request events."""
 

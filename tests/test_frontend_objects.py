@@ -52,7 +52,7 @@ from vllm.v1.engine.core_client import AsyncMPClient, MPClient, SyncMPClient
 from vllm.v1.serial_utils import MsgpackEncoder
 
 from otel_vllm_kv import names
-from otel_vllm_kv.admission_records import ADMITTED, FINISHED, PREEMPTED
+from otel_vllm_kv.admission_records import ADMITTED, FINISHED, PREEMPTED, RESUMED
 from otel_vllm_kv.engine import probe
 from otel_vllm_kv.environment_variables import OTEL_PYTHON_VLLM_KV_TENANT_BAGGAGE_KEY
 from otel_vllm_kv.frontend import spans
@@ -95,7 +95,7 @@ def test_one_request_gives_the_span_current_at_submission_its_admission(tokenize
         assert spans.annotator.requests == {}, "the finished request is forgotten"
     record, finish = frontend.records()["req-0-int"]
     attributes = dict(span.attributes)
-    assert attributes == {**record_attributes(record), **record_attributes(finish)}
+    assert attributes == {**record_attributes(record), names.REQUEST_PREEMPTIONS: 0, **record_attributes(finish)}
     assert (attributes[names.REQUEST_KV_BLOCKS], attributes[names.ADMISSION_FREE_BLOCKS]) == (3, 10 - 3)
     assert attributes[names.ADMISSION_USED_TOKENS] == attributes[names.REQUEST_KV_TOKENS] == 3 * BLOCK_SIZE
     assert attributes[names.ADMISSION_LIMIT_TOKENS] == 10 * BLOCK_SIZE
@@ -193,6 +193,8 @@ def test_vllms_request_span_gets_the_admission_and_the_submitting_span_as_parent
         preempted_total += preemptions
         assert {name: span.attributes[name] for name in record_attributes(admission)} == record_attributes(admission)
         assert span.attributes[names.REQUEST_PREEMPTIONS] == preemptions
+        waits = [record.queue_seconds for record in later if record.kind == RESUMED]
+        assert span.attributes.get(names.REQUEST_PREEMPTED_DURATION) == (sum(waits) if preemptions else None)
         assert span.attributes["gen_ai.usage.completion_tokens"] == 40, "vLLM's own attributes are kept"
         if external_id == "req-2":
             assert span.parent is None

@@ -181,9 +181,10 @@ def expected_span(records: list[AdmissionRecord]) -> tuple[dict, list]:
     """The attributes and events of the span of one request with these records (one span per request)."""
     admission, *later = records
     attributes = record_attributes(admission)
-    preemptions = sum(record.kind == PREEMPTED for record in later)
-    if preemptions:
-        attributes[names.REQUEST_PREEMPTIONS] = preemptions
+    attributes[names.REQUEST_PREEMPTIONS] = sum(record.kind == PREEMPTED for record in later)
+    resumptions = [record for record in later if record.kind == RESUMED]
+    if resumptions:
+        attributes[names.REQUEST_PREEMPTED_DURATION] = sum(record.queue_seconds for record in resumptions)
     for record in later:
         if record.kind == FINISHED:  # what it held: attributes of its span, as its admission
             attributes.update(record_attributes(record))
