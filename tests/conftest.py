@@ -9,8 +9,9 @@ from otel_vllm_kv.demo.tiny_model import build_tiny_model
 
 # Keep every engine's CPU KV cache at 1 GiB; engines inherit this.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# The suite runs with residency on (off is the package's default; ``test_instrumentor`` covers it):
-# it adds to every path the default runs. Processes the tests start inherit it.
+# In-process tests run with residency on (off is the package's default; ``test_instrumentor`` covers
+# it): it adds to every path the default runs. Processes started with ``otel_environment`` get no
+# OTEL_* variable but those they set: the default, unless they turn residency on.
 os.environ.setdefault("OTEL_PYTHON_VLLM_KV_RESIDENCY", "true")
 
 # Fuzz tests run a fixed budget of examples, the same ones on every run (CI time stays fixed;

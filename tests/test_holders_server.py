@@ -183,6 +183,7 @@ def serve_and_load(model_dir: str, adapter_dirs: dict[str, str], receiver: OtlpP
         OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
         OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}",
         OTEL_METRIC_EXPORT_INTERVAL=str(EXPORT_INTERVAL_MS),
+        OTEL_PYTHON_VLLM_KV_RESIDENCY="true",
         **env_extra,
     )
     vllm_args = [
