@@ -63,6 +63,7 @@ def scraped_run(tiny_model_dir, tmp_path_factory):
         OTEL_SERVICE_NAME="vllm-prometheus",
         OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
         OTEL_EXPORTER_PROMETHEUS_PORT=str(exporter_port),
+        OTEL_PYTHON_VLLM_KV_RESIDENCY="true",  # as examples/zero_code.sh: the dashboard's holder row reads it
     )
     exporters = ["--metrics_exporter", "prometheus", "--traces_exporter", "none"]
     with instrumented_server(tiny_model_dir, env, exporters) as server:
