@@ -57,15 +57,6 @@ def _chromium(url: str, *options: str, window_size: tuple[int, int] = WINDOW_SIZ
     return result.stdout
 
 
-def screenshot(url: str, path: str, window_size: tuple[int, int] = WINDOW_SIZE) -> str:
-    """Render ``url`` and save a PNG of the window at ``path``; returns ``path``."""
-    if os.path.exists(path):
-        os.remove(path)
-    _chromium(url, f"--screenshot={os.path.abspath(path)}", window_size=window_size)
-    assert os.path.getsize(path) > 0, f"no screenshot of {url}"
-    return path
-
-
 class _TextExtractor(html.parser.HTMLParser):
     """Text nodes, one per element: ``<wbr>`` (a line-break hint inside a long key) does not split one."""
 
@@ -104,22 +95,12 @@ class _TextExtractor(html.parser.HTMLParser):
         self._flush()
 
 
-def rendered_dom(url: str, window_size: tuple[int, int] = WINDOW_SIZE) -> str:
-    """The page's DOM (HTML) once its scripts ran."""
-    return _chromium(url, "--dump-dom", window_size=window_size)
-
-
 def visible_text(dom: str) -> str:
     """The text nodes of a rendered DOM, one per line (scripts and styles left out)."""
     extractor = _TextExtractor()
     extractor.feed(dom)
     extractor.close()
     return "\n".join(extractor.parts)
-
-
-def rendered_text(url: str, window_size: tuple[int, int] = WINDOW_SIZE) -> str:
-    """The text ``url`` shows once its scripts ran, one text node per line."""
-    return visible_text(rendered_dom(url, window_size))
 
 
 def capture(url: str, path: str, window_size: tuple[int, int] = WINDOW_SIZE) -> str:

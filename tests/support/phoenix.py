@@ -94,10 +94,6 @@ class Phoenix:
         """OTLP/HTTP traces (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, vLLM's ``--otlp-traces-endpoint``)."""
         return self.url("/v1/traces")
 
-    @property
-    def grpc_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.grpc_port}"
-
     def get(self, path: str, **params) -> dict:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
         with urllib.request.urlopen(self.url(path + query), timeout=30) as response:
