@@ -207,6 +207,9 @@ def test_every_server_span_in_phoenix_carries_the_admission_attributes(run):
 def test_preempted_requests_carry_their_preemption_and_resumption_events(run):
     preempted = [s for s in run.server_spans if names.EVENT_PREEMPTED in s.event_names()]
     assert preempted, "the load made vLLM preempt"
+    # A resumption finds some of its blocks still cached, never all: its partial last block is recomputed
+    # (unless its tokens filled whole blocks at the preemption, so not asserted per request).
+    assert any(span.attributes[names.REQUEST_KV_RECOMPUTED_TOKENS] > 0 for span in preempted)
     for span in run.server_spans:
         events = span.event_names()
         count = events.count(names.EVENT_PREEMPTED)
@@ -218,7 +221,8 @@ def test_preempted_requests_carry_their_preemption_and_resumption_events(run):
             if event["name"] == names.EVENT_RESUMED
         ]
         assert span.attributes.get(names.REQUEST_PREEMPTED_DURATION) == (pytest.approx(sum(waits)) if count else None)
-        assert (span.attributes[names.REQUEST_KV_RECOMPUTED_TOKENS] > 0) == (count > 0)
+        if not count:
+            assert span.attributes[names.REQUEST_KV_RECOMPUTED_TOKENS] == 0
         for event in span.events:
             if event["name"] == names.EVENT_RESUMED:
                 assert event["attributes"][names.ADMISSION_QUEUE_DURATION] >= 0
