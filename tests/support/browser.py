@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tempfile
 
-import pytest
+from tests.support.instrumented_processes import unavailable
 
 #: Milliseconds of page time (timers fast-forwarded) before the capture: a single-page app's
 #: scripts load, query their API and render.
@@ -25,10 +25,7 @@ def require_chromium() -> str:
     """Chromium's path; missing fails under CI (``scripts/setup.sh`` installs it) and skips elsewhere."""
     path = shutil.which("chromium")
     if path is None:
-        message = "chromium not found: install Debian's chromium package (scripts/setup.sh does, as root)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("chromium not found: install Debian's chromium package (scripts/setup.sh does, as root)")
     return path
 
 

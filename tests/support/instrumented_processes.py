@@ -14,6 +14,9 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NoReturn
+
+import pytest
 
 from otel_vllm_kv.demo.tiny_model import server_arguments
 
@@ -23,6 +26,13 @@ VLLM = os.path.join(os.path.dirname(sys.executable), "vllm")
 #: The repository's root: ``tests.support`` is imported from there.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples")
+
+
+def unavailable(message: str) -> NoReturn:
+    """A tool ``scripts/setup.sh`` installs is missing: the test fails under CI and is skipped elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def free_port() -> int:
@@ -122,11 +132,12 @@ class ServerProcess:
         return results
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen, stop_signal: int = signal.SIGINT, timeout: float = 90) -> None:
+    """``stop_signal``, then a kill if it has not exited within ``timeout`` seconds."""
     if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
     try:
-        process.wait(90)
+        process.wait(timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
@@ -147,7 +158,7 @@ def vllm_process(
             server.wait_healthy()
         yield server
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @contextlib.contextmanager

@@ -26,9 +26,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import pytest
-
-from tests.support.instrumented_processes import ROOT, free_port
+from tests.support.instrumented_processes import ROOT, free_port, stop_process, unavailable
 
 #: ``phoenix`` in the venv ``scripts/setup.sh`` makes for it.
 PHOENIX = os.path.join(ROOT, ".venv-phoenix", "bin", "phoenix")
@@ -42,10 +40,7 @@ PAGE_SIZE = 1000
 def require_phoenix() -> str:
     """``phoenix``'s path; missing fails under CI (``scripts/setup.sh`` installs it) and skips elsewhere."""
     if not os.access(PHOENIX, os.X_OK):
-        message = f"{PHOENIX} not found: scripts/setup.sh installs arize-phoenix in .venv-phoenix"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{PHOENIX} not found: scripts/setup.sh installs arize-phoenix in .venv-phoenix")
     return PHOENIX
 
 
@@ -171,14 +166,7 @@ def wait_healthy(phoenix: Phoenix, timeout: float = 120) -> None:
 
 
 def stop_phoenix(phoenix: Phoenix) -> None:
-    process = phoenix.process
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop_process(phoenix.process, signal.SIGTERM, timeout=20)
 
 
 @contextlib.contextmanager

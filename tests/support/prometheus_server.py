@@ -13,9 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import pytest
-
-from tests.support.instrumented_processes import free_port
+from tests.support.instrumented_processes import free_port, unavailable
 
 SCRAPE_INTERVAL_SECONDS = 1
 
@@ -24,10 +22,7 @@ def require_binary(name: str) -> str:
     """The binary's path; missing fails under CI (``scripts/setup.sh`` installs it) and skips elsewhere."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not found: install Debian's prometheus package (scripts/setup.sh does, as root)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{name} not found: install Debian's prometheus package (scripts/setup.sh does, as root)")
     return path
 
 
