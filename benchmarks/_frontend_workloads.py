@@ -11,7 +11,10 @@ the attributes it sets.
 
 * ``frontend decode 16``: 16 requests decoding, one step's 16 outputs per unit (no records);
 * ``frontend request``: 4 requests per unit, each submitted, admitted and finished in one step (one
-  output token), their outputs carrying the admission and the finished records.
+  output token), their outputs carrying the admission and the finished records;
+* ``frontend request 128``: 16 requests per unit, submitted together and decoded to 128 output tokens
+  each (the output length of ``vllm bench serve``'s random dataset): a request's whole life in the
+  frontend, its per-output work included.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from benchmarks._workloads import ADMISSIONS_PER_STEP, BLOCK_SIZE, Tally
+from otel_vllm_kv.admission_records import TRACED_HEADER_KEY, with_header
 from otel_vllm_kv.names import REQUEST_KV_TOKENS
 
 DECODE_RUNNING = 16
 PROMPT_TOKENS = 64
+#: ``vllm bench serve --dataset-name random``'s default output length.
+LONG_OUTPUT_TOKENS = 128
 
 
 class FrontendWorkload:
@@ -60,6 +66,8 @@ class FrontendWorkload:
         self.serial += 1
         prompt = [self.serial, *range(1, PROMPT_TOKENS)]
         request = engine_core_request(f"req-{self.serial}-int", f"req-{self.serial}", prompt, max_tokens)
+        # Submitted to the engine first here: asked for records as the processor's ``add_request`` asks later.
+        request.trace_headers = with_header(request.trace_headers, TRACED_HEADER_KEY, "1")
         init_none_hash(sha256)
         hasher = get_request_block_hasher(BLOCK_SIZE, sha256)
         self.scheduler.add_request(Request.from_engine_core_request(request, hasher))
@@ -139,3 +147,16 @@ class FrontendRequest(FrontendWorkload):
     def record_unit(self) -> tuple[list, list]:
         requests = [self.new_request(max_tokens=1) for _ in range(ADMISSIONS_PER_STEP)]
         return requests, self.engine_step()
+
+
+class FrontendLongRequest(FrontendWorkload):
+    def __init__(self, model_dir: str, max_units: int) -> None:
+        self.name = f"frontend request {LONG_OUTPUT_TOKENS}"
+        super().__init__(model_dir, max_units)
+
+    def record_unit(self) -> tuple[list, list]:
+        requests = [self.new_request(max_tokens=LONG_OUTPUT_TOKENS) for _ in range(DECODE_RUNNING)]
+        batches: list = []
+        while self.scheduler.has_unfinished_requests():
+            batches += self.engine_step()
+        return requests, batches

@@ -31,13 +31,14 @@ _serials = itertools.count(1)
 
 
 def distinct_request(
-    scheduler: object, num_prompt_tokens: int, max_tokens: int, prefix: tuple[int, ...] = ()
+    scheduler: object, num_prompt_tokens: int, max_tokens: int, prefix: tuple[int, ...] = (), traced: bool = True
 ) -> object:
-    """A request of ``prefix`` then a serial number: no two requests share a block past ``prefix``."""
+    """A request of ``prefix`` then a serial number: no two requests share a block past ``prefix``; ``traced``:
+    submitted by a frontend that annotates its span, so the engine records it."""
     from tests.support.schedulers import make_request
 
     prompt = [*prefix, next(_serials), *range(1, num_prompt_tokens - len(prefix))]
-    return make_request(scheduler, len(prompt), max_tokens, prompt_token_ids=prompt)
+    return make_request(scheduler, len(prompt), max_tokens, prompt_token_ids=prompt, traced=traced)
 
 
 @dataclass
@@ -57,6 +58,8 @@ class Workload:
 
     name = ""
     warmup_units = 20
+    #: Whether its requests come from a frontend that traces them (the engine records those only).
+    traced = True
 
     def __init__(self, model_dir: str, log_stats: bool = False) -> None:
         from tests.support.schedulers import build_scheduler
@@ -87,7 +90,9 @@ class Workload:
         raise NotImplementedError
 
     def add(self, num_prompt_tokens: int, max_tokens: int, prefix: tuple[int, ...] = ()) -> None:
-        self.scheduler.add_request(distinct_request(self.scheduler, num_prompt_tokens, max_tokens, prefix))
+        self.scheduler.add_request(
+            distinct_request(self.scheduler, num_prompt_tokens, max_tokens, prefix, traced=self.traced)
+        )
 
     def step(self) -> None:
         from otel_vllm_kv.admission_records import TRACE_HEADER_KEY
@@ -146,9 +151,10 @@ class Admission(Workload):
 
     warmup_units = 40
 
-    def __init__(self, model_dir: str, prefix_hits: bool) -> None:
+    def __init__(self, model_dir: str, prefix_hits: bool, traced: bool = True) -> None:
         self.prefix = SHARED_PREFIX if prefix_hits else ()
-        self.name = "admission with prefix hits" if prefix_hits else "admission"
+        self.traced = traced
+        self.name = ("admission with prefix hits" if prefix_hits else "admission") + ("" if traced else ", untraced")
         super().__init__(model_dir)
 
     def num_blocks(self) -> int:
@@ -236,7 +242,7 @@ class Harness(Decode):
 
 
 def build(name: str, model_dir: str, max_units: int, reader: object) -> Workload:
-    from benchmarks._frontend_workloads import FrontendDecode, FrontendRequest
+    from benchmarks._frontend_workloads import FrontendDecode, FrontendLongRequest, FrontendRequest
 
     factories: dict[str, Callable[[], Workload]] = {
         "decode 16": lambda: Decode(model_dir, 16, max_units),
@@ -245,12 +251,15 @@ def build(name: str, model_dir: str, max_units: int, reader: object) -> Workload
         "decode 16 (stats on)": lambda: Decode(model_dir, 16, max_units, log_stats=True),
         "admission": lambda: Admission(model_dir, prefix_hits=False),
         "admission with prefix hits": lambda: Admission(model_dir, prefix_hits=True),
+        "admission, untraced": lambda: Admission(model_dir, prefix_hits=False, traced=False),
+        "admission with prefix hits, untraced": lambda: Admission(model_dir, prefix_hits=True, traced=False),
         "preemption + resumption": lambda: Preemption(model_dir, max_units),
         "collection": lambda: Collection(model_dir, reader),
         "holders pass 16": lambda: HoldersPass(model_dir, 16),
         "holders pass 256": lambda: HoldersPass(model_dir, 256),
         "frontend decode 16": lambda: FrontendDecode(model_dir, max_units),
         "frontend request": lambda: FrontendRequest(model_dir, max_units),
+        "frontend request 128": lambda: FrontendLongRequest(model_dir, max_units),
         "harness 16": lambda: Harness(model_dir, 16),
         "harness 64": lambda: Harness(model_dir, 64),
         "harness 256": lambda: Harness(model_dir, 256),

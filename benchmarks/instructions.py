@@ -71,10 +71,13 @@ UNITS = {
     "decode 16 (stats on)": (200, 600),
     "admission": (100, 300),
     "admission with prefix hits": (100, 300),
+    "admission, untraced": (100, 300),
+    "admission with prefix hits, untraced": (100, 300),
     "preemption + resumption": (100, 300),
     "collection": (100, 300),
     "frontend decode 16": (200, 600),
     "frontend request": (100, 300),
+    "frontend request 128": (2, 6),
     "holders pass 16": (100, 300),
     "holders pass 256": (10, 30),
     "harness 16": (200, 600),
@@ -209,6 +212,8 @@ def check_tallies(results: list[dict]) -> None:
             )
             if result["variant"] == "plain":
                 check(tally["records"] == 0 and tally["points"] == 0, f"{name}: plain carried records or points")
+            elif name.endswith("untraced"):
+                check(tally["records"] == 0, f"{name}: {tally['records']} outputs carried records, untraced")
             else:
                 check(
                     tally["records"] == tally["admitted"] + tally["preempted"],
@@ -217,11 +222,10 @@ def check_tallies(results: list[dict]) -> None:
                 )
                 if name == "collection":
                     check(tally["points"] >= 4, f"collection: ours reported {tally['points']} points")
-        if "admission with prefix hits" in result["tallies"]:
-            tally = result["tallies"]["admission with prefix hits"]
-            check(
-                tally["cached_tokens"] == tally["admitted"] * 48, "prefix-hit workload: not every prompt hit 48 tokens"
-            )
+        for name in ("admission with prefix hits", "admission with prefix hits, untraced"):
+            if name in result["tallies"]:
+                tally = result["tallies"][name]
+                check(tally["cached_tokens"] == tally["admitted"] * 48, f"{name}: not every prompt hit 48 tokens")
 
 
 def check_engine_runs(results: list[dict]) -> None:

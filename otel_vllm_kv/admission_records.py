@@ -16,12 +16,24 @@ time always fit the types an exporter encodes (int64, finite doubles).
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from operator import le as _at_most
+from typing import Any, NamedTuple
 
 TRACE_HEADER_KEY = "x-otel-vllm-kv"
 #: The request's tenant, put in its ``trace_headers`` by the frontend from W3C baggage
 #: (``frontend.tenants``), read by the engine for its holders (``engine.holders``).
 TENANT_HEADER_KEY = "x-otel-vllm-kv-tenant"
+#: Put in a request's ``trace_headers`` by a frontend that annotates its spans (``frontend.spans``): the engine
+#: records the admissions, preemptions and finish of such a request only, and takes the key out at its first
+#: admission (``engine.admission``). A request no frontend traces costs the engine no record.
+TRACED_HEADER_KEY = "x-otel-vllm-kv-traced"
+
+
+def with_header(headers: Any, key: str, value: str) -> dict[str, str]:
+    """``headers`` (a request's ``trace_headers``, or None) with ``key`` set: always a new mapping, since a
+    child request of ``n > 1`` shares its parent's, and outputs already built keep the one they reference."""
+    return {**headers, key: value} if headers else {key: value}
+
 
 ADMITTED = "admitted"
 RESUMED = "resumed"
@@ -106,11 +118,46 @@ def decode(text: str) -> list[AdmissionRecord]:
         raise ValueError(f"not KV-cache records: {text!r:.80}")
     events = []
     for fields in RECORD.iter_unpack(data):
-        fault = _out_of_range(*fields)
-        if fault is not None:
-            raise ValueError(f"not a KV-cache record: {fault}")
+        if not _plainly_in_range(fields):
+            fault = _out_of_range(*fields)
+            if fault is not None:
+                raise ValueError(f"not a KV-cache record: {fault}")
         events.append(AdmissionRecord(KINDS[fields[0]], *fields[1:]))
     return events
+
+
+# Each field's bounds whatever the record's kind, checked in C (``_plainly_in_range``); NaN fails them.
+_LOWEST = (0, 1, EARLIEST_TIME, 0, 2, -1, 0, 0, 0, 0.0, 0, 0.0, 0)
+_HIGHEST = (
+    len(KINDS) - 1,
+    2**32 - 1,
+    LATEST_TIME,
+    2**31 - 1,
+    2**31 - 1,
+    MAX_LIMIT_TOKENS,
+    2**31 - 1,
+    2**31 - 1,
+    2**31 - 1,
+    MAX_QUEUE_SECONDS,
+    2**31 - 1,
+    (2**31 - 2) * MAX_QUEUE_SECONDS,
+    MAX_LIMIT_TOKENS,
+)
+
+
+def _plainly_in_range(fields: tuple) -> bool:
+    """Whether ``_out_of_range`` finds nothing, for the records an engine writes, in a fraction of its time
+    (this runs for every record a frontend receives); False leaves the verdict to it."""
+    kind, sequence, num_blocks = fields[0], fields[1], fields[4]
+    if not (all(map(_at_most, _LOWEST, fields)) and all(map(_at_most, fields, _HIGHEST))):
+        return False
+    if fields[6] >= num_blocks or fields[7] >= num_blocks:  # free_blocks, own_blocks
+        return False
+    if kind == _FINISHED_CODE:
+        return not sequence & 1 and sequence >= 2 and fields[11] <= (num_blocks - 1) * MAX_QUEUE_SECONDS
+    if fields[11] or fields[12]:  # a residency on a record other than a finish
+        return False
+    return kind == (_ADMITTED_CODE if sequence == 1 else _RESUMED_CODE if sequence & 1 else _PREEMPTED_CODE)
 
 
 def _out_of_range(

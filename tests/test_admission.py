@@ -9,7 +9,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
-from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RESUMED, TRACE_HEADER_KEY, decode
+from otel_vllm_kv.admission_records import ADMITTED, PREEMPTED, RESUMED, TRACE_HEADER_KEY, TRACED_HEADER_KEY, decode
 from otel_vllm_kv.engine import admission, probe
 from otel_vllm_kv.frontend.admission_attributes import record_attributes
 from tests.support.schedulers import (
@@ -114,8 +114,33 @@ def test_records_leave_the_request_once_delivered(tiny_model_dir):
     outputs = scheduler.update_from_output(output, runner_output(output))
     (emitted,) = outputs[0].outputs
     assert emitted.trace_headers is headers_in_flight and TRACE_HEADER_KEY in emitted.trace_headers
-    assert request.trace_headers is None, "the caller's mapping (here: none) is back"
+    assert request.trace_headers == {}, "the caller's mapping is back, without the frontend's key (here: empty)"
     stepper.run_until_idle()
+
+
+def test_a_request_no_frontend_traces_gets_no_record(tiny_model_dir):
+    """The engine writes records only for requests a frontend asked them for (``TRACED_HEADER_KEY``): any
+    other request's outputs carry its own headers, untouched, and the frontend's key never comes back."""
+    scheduler = build_scheduler(tiny_model_dir, num_blocks=6, block_size=16)
+    own = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    untraced = make_request(scheduler, 30, max_tokens=40, traced=False, trace_headers=own)
+    bare = make_request(scheduler, 30, max_tokens=40, first_token=1000, traced=False)
+    traced = make_request(scheduler, 30, max_tokens=40, first_token=2000, trace_headers=own)
+    stepper = Stepper(scheduler)
+    for request in (untraced, bare, traced):
+        scheduler.add_request(request)
+    stepper.run_until_idle()
+    assert untraced.num_preemptions + bare.num_preemptions > 0, "an untraced request's preemption is covered"
+    by_request: dict = {}
+    for engine_outputs in stepper.outputs:
+        for output in engine_outputs.outputs:
+            by_request.setdefault(output.request_id, []).append(output.trace_headers)
+    assert all(headers is own for headers in by_request[untraced.request_id])
+    assert all(headers is None for headers in by_request[bare.request_id])
+    carried = [headers for headers in by_request[traced.request_id] if TRACE_HEADER_KEY in headers]
+    assert [record.kind for headers in carried for record in decode(headers[TRACE_HEADER_KEY])][:1] == ["admitted"]
+    assert all(TRACED_HEADER_KEY not in headers for headers in by_request[traced.request_id])
+    assert all(headers == own for headers in by_request[traced.request_id] if TRACE_HEADER_KEY not in headers)
 
 
 def test_prefix_cache_hits_are_reported(tiny_model_dir):

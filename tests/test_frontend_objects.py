@@ -237,7 +237,8 @@ def test_aborted_requests_are_forgotten_and_abort_outputs_unchanged(tokenizer, t
 
 
 def test_nothing_is_tracked_without_a_recording_span_or_vllm_tracing(tokenizer, tiny_model_dir, tracer_provider):
-    """No span current and vLLM's tracing off: no request is tracked, the outputs are vLLM's own."""
+    """No span current and vLLM's tracing off: no request is tracked, so none asks its engine for records
+    (``TRACED_HEADER_KEY``): the engine writes none, and the outputs are vLLM's own."""
     provider, _ = tracer_provider
     plain = Frontend(tokenizer, tiny_model_dir)
     plain.submit("req-0", "x" * 40, max_tokens=5)
@@ -247,7 +248,8 @@ def test_nothing_is_tracked_without_a_recording_span_or_vllm_tracing(tokenizer, 
         frontend.submit("req-0", "x" * 40, max_tokens=5)
         assert spans.annotator.requests == {}
         frontend.run_until_idle()
-    assert frontend.records(), "the engine still wrote its record"
+    assert frontend.records() == {}, "the engine wrote records no frontend asked for"
+    assert all(output.trace_headers is None for output in frontend.engine_outputs)
     assert frontend.outputs == plain.outputs
 
 

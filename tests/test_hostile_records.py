@@ -38,6 +38,7 @@ from otel_vllm_kv.admission_records import (
     RECORD,
     RESUMED,
     TRACE_HEADER_KEY,
+    TRACED_HEADER_KEY,
     AdmissionRecord,
     decode,
 )
@@ -485,7 +486,8 @@ def test_the_engine_replaces_a_records_key_a_request_arrived_with(tiny_model_dir
         scheduler = build_scheduler(tiny_model_dir, num_blocks=6, block_size=16)
         requests = [make_request(scheduler, 30, max_tokens=40, first_token=1000 * i) for i in range(3)]
         for request in requests:
-            request.trace_headers = {"traceparent": TRACEPARENT, TRACE_HEADER_KEY: foreign}
+            # From a frontend that traces it (``TRACED_HEADER_KEY``), as ``AsyncLLM`` sends an application's own.
+            request.trace_headers = {"traceparent": TRACEPARENT, TRACE_HEADER_KEY: foreign, TRACED_HEADER_KEY: "1"}
             scheduler.add_request(request)
         stepper = Stepper(scheduler)
         stepper.run_until_idle()
@@ -513,7 +515,11 @@ def test_headers_given_back_when_the_probe_goes_leave_a_foreign_key_out(tiny_mod
     with instrumented(tracer_provider[0]):
         scheduler = build_scheduler(tiny_model_dir)
         request = make_request(scheduler, 20, max_tokens=5)
-        request.trace_headers = {"traceparent": TRACEPARENT, TRACE_HEADER_KEY: FOREIGN["a plausible record"]}
+        request.trace_headers = {
+            "traceparent": TRACEPARENT,
+            TRACE_HEADER_KEY: FOREIGN["a plausible record"],
+            TRACED_HEADER_KEY: "1",
+        }
         scheduler.add_request(request)
         scheduler.schedule()
         (record,) = decode(request.trace_headers[TRACE_HEADER_KEY])

@@ -15,10 +15,11 @@ import pytest
 from vllm.v1.engine import EngineCoreReadyResponse
 
 from otel_vllm_kv import VLLMKVCacheInstrumentor
+from otel_vllm_kv.admission_records import TRACE_HEADER_KEY
 from otel_vllm_kv.frontend.unprobed_engines import layout_from_ready_response, reporter
 from otel_vllm_kv.relay_reader import SnapshotReader
-from tests.support.frontend import busy_workload, ready_payload
-from tests.support.schedulers import build_scheduler
+from tests.support.frontend import Frontend, busy_workload, ready_payload
+from tests.support.schedulers import Stepper, build_scheduler
 from tests.support.telemetry import new_reader
 
 
@@ -86,3 +87,36 @@ def test_one_group_limit_matches_a_probe_and_hybrid_takes_vllms_capacity(tiny_mo
     response = msgspec.msgpack.decode(ready_payload(hybrid, 0), type=EngineCoreReadyResponse)
     response.kv_cache_size_tokens = read_layout(hybrid).limit_tokens  # as the engine core computed it
     assert layout_from_ready_response(response, hybrid.vllm_config.model_config).limit_tokens == 326
+
+
+def test_untraced_requests_ask_for_records_only_until_each_engine_was_seen(frontend, tokenizer, tiny_model_dir):
+    """Nothing records spans, so no request is tracked and none needs records, but a probe shows itself by
+    one: while an engine is undecided, every request asks for records (``TRACED_HEADER_KEY``), so a probed
+    engine is seen as probed; after that an untraced request asks for none, and its engine writes none."""
+    VLLMKVCacheInstrumentor().instrument(meter_provider=new_reader()[1])
+    try:
+        submitter = Frontend(tokenizer, tiny_model_dir)
+        scheduler = submitter.scheduler
+        reporter.relay_directory = frontend.directory
+        reporter.add_engine(scheduler, ready_payload(scheduler, engine_index=0))
+        assert reporter.undecided == 1
+        for name in ("first", "second"):
+            submitter.submit(name, "x" * 40, max_tokens=3)
+            stepper = Stepper(scheduler)
+            stepper.run_until_idle()
+            for outputs in stepper.outputs:
+                reporter.observe(scheduler, outputs)
+            carried = [
+                output
+                for outputs in stepper.outputs
+                for output in outputs.outputs
+                if TRACE_HEADER_KEY in (output.trace_headers or {})
+            ]
+            if name == "first":
+                assert carried, "asked while undecided: the engine wrote its records"
+                assert reporter.clients[scheduler][0].probed is True and reporter.undecided == 0
+            else:
+                assert carried == [], "untraced, once decided: no record"
+        assert frontend.read() == [], "never reported from statistics"
+    finally:
+        VLLMKVCacheInstrumentor().uninstrument()

@@ -16,8 +16,15 @@ Hooks on one scheduler's own methods (``probe``), each called by vLLM once per e
   the allocation (before the pop).
 * ``Scheduler._preempt_request``: after the request's blocks went back to the pool.
 
+Only a request a frontend traces gets records: one whose ``trace_headers`` arrived with
+``TRACED_HEADER_KEY`` (``frontend.spans`` puts it there). Its first record takes the key out, and
+from then on the type of its mapping says so (``TracedHeaders``, or ``CarriedHeaders`` while records
+wait), so its outputs carry no key of ours once their records are delivered. Any other request costs
+an admission one type test and a key lookup.
+
 Records travel in ``request.trace_headers`` (``admission_records``) and are delivered with the
-request's next output; once delivered, the request gets its original mapping back. While a
+request's next output; once delivered, the request gets its original mapping back (without the
+frontend's key). While a
 request's mapping is a ``CarriedHeaders``, its records are not delivered yet, so the mapping is
 the only per-request buffer. A request can arrive with that key already in its mapping (an application
 building ``AsyncLLM`` requests sets ``trace_headers`` itself): the first record replaces it, and the
@@ -41,7 +48,16 @@ from collections.abc import Callable
 from time import time
 from typing import Any
 
-from otel_vllm_kv.admission_records import ADMITTED, FINISHED, KINDS, PREEMPTED, RECORD, RESUMED, TRACE_HEADER_KEY
+from otel_vllm_kv.admission_records import (
+    ADMITTED,
+    FINISHED,
+    KINDS,
+    PREEMPTED,
+    RECORD,
+    RESUMED,
+    TRACE_HEADER_KEY,
+    TRACED_HEADER_KEY,
+)
 from otel_vllm_kv.engine.pool_reading import request_blocks, waiting_queues
 from otel_vllm_kv.internals import attribute
 
@@ -165,6 +181,7 @@ class AdmissionRecorder:
         undelivered = self.undelivered
         once = not self._without_connector  # with a connector, two hooks can see one admission
         acquire = None if self._residency is None else self._residency.acquire
+        traced_types = TRACED_TYPES
 
         def record_prefix_cache_stats(request: Any, num_hits: int) -> Any:
             result = None if original is None else original(request, num_hits)
@@ -174,6 +191,11 @@ class AdmissionRecorder:
                     if getattr(request, "_otel_vllm_kv_admitted", -1) == generation:
                         return result  # recorded when its blocks were allocated, before an asynchronous load
                     request._otel_vllm_kv_admitted = generation  # ADMITTED_GENERATION_ATTRIBUTE
+                if acquire is not None and (num_hits or generation):
+                    acquire(request, num_hits)
+                headers = request.trace_headers
+                if headers is None or not (type(headers) in traced_types or TRACED_HEADER_KEY in headers):
+                    return result  # no frontend traces it: no record (``traced``, inline)
                 now = time()
                 # Since the preemption, when we saw it; else since arrival (as for a first admission).
                 queued = now - (
@@ -211,8 +233,6 @@ class AdmissionRecorder:
                     0,
                 ).hex()
                 _carry(undelivered, request, record)
-                if acquire is not None and (num_hits or generation):
-                    acquire(request, num_hits)
             except Exception:  # noqa: BLE001 - the engine must never see our failure
                 give_up()
             return result
@@ -220,6 +240,8 @@ class AdmissionRecorder:
         return record_prefix_cache_stats
 
     def preemption(self, request: Any) -> None:
+        if not traced(request.trace_headers):
+            return
         now = request._otel_vllm_kv_preempted = time()  # PREEMPTED_TIME_ATTRIBUTE
         record = _pack(
             _PREEMPTED,
@@ -237,9 +259,9 @@ class AdmissionRecorder:
         _carry(self.undelivered, request, record)
 
     def finisher(self) -> Callable[[Any, float, int, int], None]:
-        """``residency.OnRelease``: a finished request gave its blocks back; its last record carries what
-        it held, for the output vLLM builds right after (``Scheduler.update_from_output``). A closure over
-        the engine's fields, as the admission hook is."""
+        """``residency.OnRelease``: a finished request a frontend traces (``TRACED_TYPES``) gave its blocks
+        back; its last record carries what it held, for the output vLLM builds right after
+        (``Scheduler.update_from_output``). A closure over the engine's fields, as the admission hook is."""
         engine_index, num_blocks, limit_tokens = self._engine
         queue, undelivered = self._queue, self.undelivered
 
@@ -289,13 +311,31 @@ class AdmissionRecorder:
         self.undelivered.clear()
 
 
+class TracedHeaders(dict):
+    """The ``trace_headers`` of a request a frontend traces, from its first record on, without the
+    frontend's key: its type says the request is traced (one identity test at each later record), and
+    its outputs carry no key of ours. vLLM's msgpack encoder sends it as a plain mapping."""
+
+    __slots__ = ()
+
+
 class CarriedHeaders(dict):
-    """A request's ``trace_headers`` while it carries undelivered records: its type says so, which
+    """A traced request's ``trace_headers`` while it carries undelivered records: its type says so, which
     costs one identity test where a scan of the undelivered requests cost a generator (a second
     record before the request's next output: a preemption, or a finish, in the step of its admission).
     vLLM's msgpack encoder sends it as a plain mapping, which is what the frontend decodes."""
 
     __slots__ = ()
+
+
+#: The types of a traced request's ``trace_headers`` once it was admitted.
+TRACED_TYPES = (TracedHeaders, CarriedHeaders)
+
+
+def traced(headers: Any) -> bool:
+    """Whether a request with these ``trace_headers`` is one a frontend traces: asked for records, or
+    admitted after it was (the admission hook has this inline)."""
+    return headers is not None and (type(headers) in TRACED_TYPES or TRACED_HEADER_KEY in headers)
 
 
 def _carry(undelivered: list, request: Any, record: str) -> None:
@@ -307,21 +347,19 @@ def _carry(undelivered: list, request: Any, record: str) -> None:
         carried[TRACE_HEADER_KEY] += record
         request.trace_headers = carried
         return
-    if headers and TRACE_HEADER_KEY in headers:
-        headers = _without_foreign_records(headers)
+    if type(headers) is not TracedHeaders:
+        # Its first record: the frontend's key goes, and any records it arrived with (an application
+        # that builds its own ``trace_headers``, ``AsyncLLM``, could forge them). The request gets these
+        # headers back at delivery: from its admission on, its outputs carry the engine's records only.
+        headers = TracedHeaders(headers)
+        headers.pop(TRACED_HEADER_KEY, None)
+        headers.pop(TRACE_HEADER_KEY, None)
     # vLLM's ``num_output_tokens`` is a property (a Python frame) returning len(_output_token_ids).
     outputs = request._output_token_ids
     undelivered.append((request, headers, outputs, len(outputs)))
-    carried = CarriedHeaders(headers) if headers else CarriedHeaders()
+    carried = CarriedHeaders(headers)
     carried[TRACE_HEADER_KEY] = record
     request.trace_headers = carried
-
-
-def _without_foreign_records(headers: Any) -> dict:
-    """The request's headers without the key it arrived with: an application that builds its own
-    ``trace_headers`` (``AsyncLLM``) could forge records. These become the headers the request gets back
-    at delivery: from its admission on, the request's outputs carry the engine's records only."""
-    return {name: value for name, value in headers.items() if name != TRACE_HEADER_KEY}
 
 
 #: What the recorder reads of the scheduler and of each vLLM ``Request`` (``internals``).

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from otel_vllm_kv.admission_records import TENANT_HEADER_KEY as tenant_key
+from otel_vllm_kv.engine.admission import traced
 from otel_vllm_kv.internals import attribute, method
 
 BLOCK_POOL_MODULE = "vllm.v1.core.block_pool"
@@ -219,8 +220,8 @@ class ResidencyLedger:
                     past = preempted.pop(request_id, None) if preempted else None
                     if request.status in finished:
                         on_release = ledger.on_release
-                        if on_release is None:
-                            pass
+                        if on_release is None or not traced(request.trace_headers):
+                            pass  # no frontend traces it: no finished record
                         elif past is None:
                             if held:
                                 on_release(request, released, held, 0)

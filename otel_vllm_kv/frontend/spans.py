@@ -8,6 +8,9 @@ it submitted several (a batch ``LLM.generate``). vLLM's own ``llm_request`` span
 created at finish by ``do_tracing`` through ``instrument_manual``, gets the admission
 attributes, and is parented on the remembered span when there is one, so a trace shows
 one tree. Only recording spans are touched; with nothing recording, no request is tracked.
+A tracked request is submitted with ``TRACED_HEADER_KEY`` in its ``trace_headers``: the engine
+writes records only for those (and for every request while ``unprobed_engines`` still has to see
+whether an engine runs a probe).
 
 Each ``OutputProcessor`` keeps its own tracked requests, on itself (as OpenTelemetry's
 instrumentations keep state on the object they trace): a process can hold several (several
@@ -28,8 +31,18 @@ from typing import Any
 from opentelemetry import trace
 
 from otel_vllm_kv import names
-from otel_vllm_kv.admission_records import ADMITTED, FINISHED, PREEMPTED, TRACE_HEADER_KEY, AdmissionRecord, decode
+from otel_vllm_kv.admission_records import (
+    ADMITTED,
+    FINISHED,
+    PREEMPTED,
+    TRACE_HEADER_KEY,
+    TRACED_HEADER_KEY,
+    AdmissionRecord,
+    decode,
+    with_header,
+)
 from otel_vllm_kv.diagnostics import WarnOnce
+from otel_vllm_kv.frontend import unprobed_engines
 from otel_vllm_kv.frontend.admission_attributes import record_attributes
 from otel_vllm_kv.internals import method
 from otel_vllm_kv.patching import apply_patches, hook_methods, remove_patches, unhook_methods
@@ -67,11 +80,12 @@ class _Annotator:
         self.tracing: _TrackedRequest | None = None
         self.warn_once = WarnOnce(_logger, "otel-vllm-kv could not annotate a request span; requests are unaffected")
 
-    def track(self, output_processor: Any, request: Any) -> None:
+    def track(self, output_processor: Any, request: Any) -> bool:
+        """Track ``request`` if a span will show its records: whether it does."""
         span = trace.get_current_span()
         recording = span.is_recording()
         if not recording and not output_processor.tracing_enabled:
-            return
+            return False
         submitted = None
         if recording:
             submitted = self.submissions.get(span)
@@ -86,6 +100,7 @@ class _Annotator:
             hook_methods(output_processor, {"process_outputs": _annotating(output_processor, requests)})
             self.processors.add(output_processor)
         requests[request.request_id] = _TrackedRequest(span if recording else None, submitted, external_id)
+        return True
 
     @property
     def requests(self) -> dict[str, _TrackedRequest]:
@@ -187,7 +202,10 @@ def _after_add_request(wrapped: Callable, instance: Any, args: tuple, kwargs: di
     result = wrapped(*args, **kwargs)
     if is_new:
         try:
-            annotator.track(instance, request)
+            # Before vLLM sends it to its engine core (``LLMEngine`` and ``AsyncLLM`` call this first): ask
+            # the engine for its records, which it writes only for requests asked (``engine.admission``).
+            if annotator.track(instance, request) or unprobed_engines.reporter.undecided:
+                request.trace_headers = with_header(request.trace_headers, TRACED_HEADER_KEY, "1")
         except Exception:  # noqa: BLE001
             annotator.warn_once()
     return result

@@ -17,7 +17,7 @@ from typing import Any
 
 from opentelemetry import baggage
 
-from otel_vllm_kv.admission_records import TENANT_HEADER_KEY
+from otel_vllm_kv.admission_records import TENANT_HEADER_KEY, with_header
 from otel_vllm_kv.diagnostics import WarnOnce
 from otel_vllm_kv.holdings import MAX_NAME_LENGTH, valid_name
 from otel_vllm_kv.patching import apply_patches, remove_patches
@@ -42,11 +42,7 @@ def _before_add_request(wrapped: Callable, instance: Any, args: tuple, kwargs: d
         if valid_name(tenant):
             try:
                 request = args[0] if args else kwargs["request"]
-                headers = request.trace_headers
-                # A new mapping: a child request of ``n > 1`` shares its parent's (``copy``).
-                request.trace_headers = (
-                    {**headers, TENANT_HEADER_KEY: tenant} if headers else {TENANT_HEADER_KEY: tenant}
-                )
+                request.trace_headers = with_header(request.trace_headers, TENANT_HEADER_KEY, tenant)
             except Exception:  # noqa: BLE001 - vLLM must never see our failure
                 _warn_failed()
         else:

@@ -82,6 +82,9 @@ class _Reporter:
     def __init__(self) -> None:
         self.relay_directory: str | None = None
         self.clients: weakref.WeakKeyDictionary[Any, dict[int, _KnownEngine]] = weakref.WeakKeyDictionary()
+        #: Engines not seen end a prefill yet: while there are any, every request asks for records (``spans``),
+        #: which is how a probe shows itself.
+        self.undecided = 0
         self.warn_once = WarnOnce(_logger, "otel-vllm-kv could not read vLLM's engine outputs; engines are unaffected")
 
     def add_engine(self, client: Any, payload: bytes) -> None:
@@ -94,13 +97,21 @@ class _Reporter:
         model_config = client.vllm_config.model_config
         served = model_config.served_model_name
         model_name = str(served[0] if isinstance(served, (list, tuple)) else served)
-        engines = self.clients.setdefault(client, {})
+        engines = self.clients.get(client)
+        if engines is None:
+            engines = self.clients[client] = {}
+            weakref.finalize(client, self._forget, engines)
         replaced = engines.get(response.data_parallel_rank)
         engines[response.data_parallel_rank] = _KnownEngine(
             response.data_parallel_rank, model_name, layout_from_ready_response(response, model_config)
         )
+        self.undecided += 1 if replaced is None or replaced.probed is not None else 0
         if replaced is not None and replaced.writer is not None:
             replaced.writer.close()  # the rank's engine was replaced (elastic scaling): its file goes with it
+
+    def _forget(self, engines: dict[int, _KnownEngine]) -> None:
+        """A client went: its engines are undecided no more (0 at least: ``clear`` may have counted them out)."""
+        self.undecided = max(self.undecided - sum(engine.probed is None for engine in engines.values()), 0)
 
     def observe(self, client: Any, outputs: Any) -> None:
         engines = self.clients.get(client)
@@ -111,6 +122,7 @@ class _Reporter:
             for output in outputs.outputs:
                 if output.prefill_stats is not None:
                     engine.probed = engine.admitted_by_probe(output.trace_headers)
+                    self.undecided -= 1
                     if not engine.probed:
                         self._report_from_stats(client, engine)
                     break
@@ -143,6 +155,7 @@ class _Reporter:
                 if engine.writer is not None:
                     engine.writer.close()
         self.clients = weakref.WeakKeyDictionary()
+        self.undecided = 0
 
 
 reporter = _Reporter()

@@ -31,6 +31,8 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
+from otel_vllm_kv.admission_records import TRACED_HEADER_KEY, with_header
+
 _request_ids = itertools.count()
 #: The tiny model's context length: prompt + output of one request must fit.
 MAX_MODEL_LEN = 2048
@@ -140,13 +142,17 @@ def make_request(
     max_tokens: int = 8,
     first_token: int = 0,
     prompt_token_ids: list[int] | None = None,
+    traced: bool = True,
     **request_fields: Any,
 ) -> Request:
     """A request of consecutive token ids from ``first_token``, or of ``prompt_token_ids``; ``request_fields``
-    go to vLLM's ``Request`` (``lora_request``, ``trace_headers``)."""
+    go to vLLM's ``Request`` (``lora_request``, ``trace_headers``). ``traced``: as a frontend that annotates
+    its span submits it (``TRACED_HEADER_KEY`` in its ``trace_headers``), so the engine records it."""
     init_none_hash(sha256)
     if prompt_token_ids is None:
         prompt_token_ids = list(range(first_token, first_token + num_prompt_tokens))
+    if traced:
+        request_fields["trace_headers"] = with_header(request_fields.get("trace_headers"), TRACED_HEADER_KEY, "1")
     return Request(
         f"req-{next(_request_ids)}",
         prompt_token_ids,
