@@ -12,6 +12,7 @@ the attributes it sets.
 * ``frontend decode 16``: 16 requests decoding, one step's 16 outputs per unit (no records);
 * ``frontend request``: 4 requests per unit, each submitted, admitted and finished in one step (one
   output token), their outputs carrying the admission and the finished records;
+* ``frontend request untraced``: the same, submitted with no span recording (nothing to annotate);
 * ``frontend request 128``: 16 requests per unit, submitted together and decoded to 128 output tokens
   each (the output length of ``vllm bench serve``'s random dataset): a request's whole life in the
   frontend, its per-output work included.
@@ -36,6 +37,8 @@ class FrontendWorkload:
     """A scheduler's outputs recorded first (``record``), then replayed through an ``OutputProcessor``."""
 
     name = ""
+    #: Each request submitted under a recording span of its own (else none: nothing records, nothing is tracked).
+    traced = True
 
     def __init__(self, model_dir: str, max_units: int) -> None:
         from vllm.tokenizers import get_tokenizer
@@ -66,8 +69,8 @@ class FrontendWorkload:
         self.serial += 1
         prompt = [self.serial, *range(1, PROMPT_TOKENS)]
         request = engine_core_request(f"req-{self.serial}-int", f"req-{self.serial}", prompt, max_tokens)
-        # Submitted to the engine first here: asked for records as the processor's ``add_request`` asks later.
-        request.trace_headers = with_header(request.trace_headers, TRACED_HEADER_KEY, "1")
+        if self.traced:  # submitted to the engine first here: asked for records as ``add_request`` asks later
+            request.trace_headers = with_header(request.trace_headers, TRACED_HEADER_KEY, "1")
         init_none_hash(sha256)
         hasher = get_request_block_hasher(BLOCK_SIZE, sha256)
         self.scheduler.add_request(Request.from_engine_core_request(request, hasher))
@@ -93,6 +96,9 @@ class FrontendWorkload:
         raise NotImplementedError
 
     def submit(self, request) -> None:
+        if not self.traced:
+            self.processor.add_request(request, None)
+            return
         span = self.tracer.start_span("POST /v1/completions")
         with trace.use_span(span):
             self.processor.add_request(request, None)
@@ -106,7 +112,7 @@ class FrontendWorkload:
                 engine_outputs.outputs, engine_core_timestamp=engine_outputs.timestamp, iteration_stats=IterationStats()
             )
             for output in processed.request_outputs:
-                if output.finished:
+                if output.finished and self.traced:
                     span = self.spans.pop(output.request_id)
                     span.end()
                     self.finished += 1
@@ -140,8 +146,9 @@ class FrontendDecode(FrontendWorkload):
 
 
 class FrontendRequest(FrontendWorkload):
-    def __init__(self, model_dir: str, max_units: int) -> None:
-        self.name = "frontend request"
+    def __init__(self, model_dir: str, max_units: int, traced: bool = True) -> None:
+        self.traced = traced
+        self.name = "frontend request" + ("" if traced else " untraced")
         super().__init__(model_dir, max_units)
 
     def record_unit(self) -> tuple[list, list]:

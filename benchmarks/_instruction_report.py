@@ -21,11 +21,12 @@ ROWS = (
     ("decode 16 (stats on)", "decode step, 16 running, vLLM's statistics on", "harness 16", 1),
     ("admission", "admitted request (4 per step, 1 output token), traced", None, 4),
     ("admission with prefix hits", "admitted request, 48 of 64 prompt tokens cached, traced", None, 4),
-    ("admission, untraced", "admitted request (4 per step, 1 output token), untraced", None, 4),
-    ("admission with prefix hits, untraced", "admitted request, 48 of 64 prompt tokens cached, untraced", None, 4),
+    ("admission untraced", "admitted request (4 per step, 1 output token), untraced", None, 4),
+    ("admission with prefix hits untraced", "admitted request, 48 of 64 prompt tokens cached, untraced", None, 4),
     ("preemption + resumption", "preemption with its resumption", "decode 16", 1),
     ("frontend decode 16", "frontend: one step's outputs of 16 decoding requests", None, 1),
-    ("frontend request", "frontend: a request submitted, admitted, finished (4 per step)", None, 4),
+    ("frontend request", "frontend: a request submitted, admitted, finished (4 per step), traced", None, 4),
+    ("frontend request untraced", "frontend: the same, untraced", None, 4),
     ("frontend request 128", "frontend: a request of 128 output tokens, whole (16 at a time)", None, 16),
 )
 #: The cost budget: at most this much added, in percent of vLLM's own instructions.
@@ -34,10 +35,11 @@ BUDGETS = {
     "decode 16 (stats on)": 1.0,
     "admission": 3.0,
     "admission with prefix hits": 3.0,
-    "admission, untraced": 3.0,
-    "admission with prefix hits, untraced": 3.0,
+    "admission untraced": 3.0,
+    "admission with prefix hits untraced": 3.0,
     "frontend decode 16": 1.0,
     "frontend request": 3.0,
+    "frontend request untraced": 3.0,
     "frontend request 128": 3.0,
 }
 #: Held to less than the decode step at 16 running.

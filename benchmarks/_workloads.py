@@ -154,7 +154,7 @@ class Admission(Workload):
     def __init__(self, model_dir: str, prefix_hits: bool, traced: bool = True) -> None:
         self.prefix = SHARED_PREFIX if prefix_hits else ()
         self.traced = traced
-        self.name = ("admission with prefix hits" if prefix_hits else "admission") + ("" if traced else ", untraced")
+        self.name = ("admission with prefix hits" if prefix_hits else "admission") + ("" if traced else " untraced")
         super().__init__(model_dir)
 
     def num_blocks(self) -> int:
@@ -251,14 +251,15 @@ def build(name: str, model_dir: str, max_units: int, reader: object) -> Workload
         "decode 16 (stats on)": lambda: Decode(model_dir, 16, max_units, log_stats=True),
         "admission": lambda: Admission(model_dir, prefix_hits=False),
         "admission with prefix hits": lambda: Admission(model_dir, prefix_hits=True),
-        "admission, untraced": lambda: Admission(model_dir, prefix_hits=False, traced=False),
-        "admission with prefix hits, untraced": lambda: Admission(model_dir, prefix_hits=True, traced=False),
+        "admission untraced": lambda: Admission(model_dir, prefix_hits=False, traced=False),
+        "admission with prefix hits untraced": lambda: Admission(model_dir, prefix_hits=True, traced=False),
         "preemption + resumption": lambda: Preemption(model_dir, max_units),
         "collection": lambda: Collection(model_dir, reader),
         "holders pass 16": lambda: HoldersPass(model_dir, 16),
         "holders pass 256": lambda: HoldersPass(model_dir, 256),
         "frontend decode 16": lambda: FrontendDecode(model_dir, max_units),
         "frontend request": lambda: FrontendRequest(model_dir, max_units),
+        "frontend request untraced": lambda: FrontendRequest(model_dir, max_units, traced=False),
         "frontend request 128": lambda: FrontendLongRequest(model_dir, max_units),
         "harness 16": lambda: Harness(model_dir, 16),
         "harness 64": lambda: Harness(model_dir, 64),
