@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
+from otel_vllm_kv import admission_records
 from otel_vllm_kv.admission_records import (
     ADMITTED,
     FINISHED,
@@ -42,7 +43,6 @@ from otel_vllm_kv.admission_records import (
     AdmissionRecord,
     decode,
 )
-from otel_vllm_kv import admission_records
 from otel_vllm_kv.frontend import spans
 from otel_vllm_kv.frontend.admission_attributes import record_attributes
 from otel_vllm_kv.frontend.unprobed_engines import reporter

@@ -330,6 +330,9 @@ class CarriedHeaders(dict):
 
 #: The types of a traced request's ``trace_headers`` once it was admitted.
 TRACED_TYPES = (TracedHeaders, CarriedHeaders)
+#: What a traced request submitted with no headers of its own gets back: one mapping shared by all of them,
+#: never changed (vLLM reads ``trace_headers``, and every mapping this package gives a request is new).
+_NO_HEADERS = TracedHeaders()
 
 
 def traced(headers: Any) -> bool:
@@ -351,9 +354,12 @@ def _carry(undelivered: list, request: Any, record: str) -> None:
         # Its first record: the frontend's key goes, and any records it arrived with (an application
         # that builds its own ``trace_headers``, ``AsyncLLM``, could forge them). The request gets these
         # headers back at delivery: from its admission on, its outputs carry the engine's records only.
-        headers = TracedHeaders(headers)
-        headers.pop(TRACED_HEADER_KEY, None)
-        headers.pop(TRACE_HEADER_KEY, None)
+        if len(headers) == 1:  # the frontend's key alone (the request is traced): the one empty mapping
+            headers = _NO_HEADERS
+        else:
+            headers = TracedHeaders(headers)
+            headers.pop(TRACED_HEADER_KEY, None)
+            headers.pop(TRACE_HEADER_KEY, None)
     # vLLM's ``num_output_tokens`` is a property (a Python frame) returning len(_output_token_ids).
     outputs = request._output_token_ids
     undelivered.append((request, headers, outputs, len(outputs)))
