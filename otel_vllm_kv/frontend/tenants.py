@@ -39,7 +39,7 @@ def _before_add_request(wrapped: Callable, instance: Any, args: tuple, kwargs: d
     key = _baggage_key
     tenant = None if key is None else baggage.get_baggage(key)
     if tenant is not None:
-        if valid_name(tenant):
+        if isinstance(tenant, str) and valid_name(tenant):
             try:
                 request = args[0] if args else kwargs["request"]
                 request.trace_headers = with_header(request.trace_headers, TENANT_HEADER_KEY, tenant)
