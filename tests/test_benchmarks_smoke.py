@@ -89,7 +89,7 @@ def test_instruction_report_reads_counts():
     # A step: 10,150 - 10,100 added on vLLM's own 10,000 (the harness's 100 taken out); over the two
     # layouts, 55 added on 10,105 plain. An admitted request: a quarter of a unit, 600 on 12,000.
     assert rows["decode step, 16 running"] == ["10,000", "50", "+0.500%", "+0.544% ± 0.111%", "at most +1%: met"]
-    admission = rows["admitted request (4 per step, 1 output token)"]
+    admission = rows["admitted request (4 per step, 1 output token), traced"]
     assert admission == ["12,000", "600", "+5.000%", "+5.000% ± 0.000%", "at most +3%: EXCEEDED"]
     assert rows["instructions"] == ["1,000", "1,005", "5", "1.00500", "at most 1.01: met"]
     assert "| over 2 memory layouts: added / plain |" in text, text
