@@ -24,7 +24,9 @@ and ``--layouts`` more times with objects allocated first (other memory layouts)
 
 Reported (``_instruction_report``): per decode step at 16 / 64 / 256 running (stats off, as
 ``LLM`` runs; and 16 with stats on, as ``vllm serve`` runs), per admitted request (with and
-without prefix-cache hits), per preemption with its resumption, per metric collection:
+without prefix-cache hits; traced, as a frontend that annotates its span submits it, and
+untraced), per preemption with its resumption, per metric collection, and in the frontend per
+step of outputs, per one-token request (traced and untraced) and per 128-token request whole:
 vLLM's own figure (the synthetic model output taken out), the added one, the ratio and the
 cost budget; a whole in-process ``LLM`` run; the toggled scheduler. ``--keep`` keeps the
 callgrind dumps, where ``callgrind_annotate`` shows where the instructions go.
@@ -32,7 +34,8 @@ callgrind dumps, where ``callgrind_annotate`` shows where the instructions go.
 Sanity checks (any failure exits non-zero, in smoke mode too): every variant schedules
 the same tokens, admits the same requests with the same prefix hits and preempts the same;
 the instrumented runs deliver exactly one record-carrying output per admission and
-resumption and report gauges; plain runs carry none. Counts are never checked in smoke mode.
+resumption and report gauges (untraced workloads: none); plain runs carry none. Counts are never
+checked in smoke mode.
 """
 
 from __future__ import annotations
