@@ -259,7 +259,7 @@ class AdmissionRecorder:
         _carry(self.undelivered, request, record)
 
     def finisher(self) -> Callable[[Any, float, int, int], None]:
-        """``residency.OnRelease``: a finished request a frontend traces (``TRACED_TYPES``) gave its blocks
+        """``residency.OnRelease``: a finished request a frontend traces (``traced``) gave its blocks
         back; its last record carries what it held, for the output vLLM builds right after
         (``Scheduler.update_from_output``). A closure over the engine's fields, as the admission hook is."""
         engine_index, num_blocks, limit_tokens = self._engine
