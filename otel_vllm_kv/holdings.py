@@ -20,6 +20,8 @@ MAX_KEYS = 1000
 HolderKey = tuple  # (adapter name | None, tenant | None), or OVERFLOW
 #: The key of every request past the limit (not a pair of names: no request can have it).
 OVERFLOW: HolderKey = (None, None, "overflow")
+#: The key of a request with neither an adapter nor a tenant.
+NO_HOLDER_NAMES: HolderKey = (None, None)
 
 #: A year of every block held: far beyond any real figure, so a double stays exact enough and finite.
 _MAX_BLOCK_SECONDS_PER_BLOCK = 366 * 86400.0

@@ -177,6 +177,8 @@ class AdmissionRecorder:
         group_blocks = self._group_blocks
         single_group = group_blocks[0] if len(group_blocks) == 1 else None
         queues = self._waiting_queues
+        # Each queue's ``deque.__len__`` bound to it once: a call of the bound method costs half the unbound one's.
+        lengths = None if queues is None else tuple(_queue_length.__get__(queue) for queue in queues)
         scheduler = self._scheduler
         undelivered = self.undelivered
         once = not self._without_connector  # with a connector, two hooks can see one admission
@@ -213,10 +215,10 @@ class AdmissionRecorder:
                             1 for block in blocks.get(request_id, ()) if not block.is_null
                         )  # outside a window
                 # Still queued: the request itself is not waiting any more.
-                if queues is None:
+                if lengths is None:
                     waiting = scheduler().get_request_counts()[1] - 1
                 else:
-                    waiting = _queue_length(queues[0]) + _queue_length(queues[1]) + _queue_length(queues[2]) - 1
+                    waiting = lengths[0]() + lengths[1]() + lengths[2]() - 1
                 record = _pack(
                     _RESUMED if generation else _ADMITTED,
                     2 * generation + 1,
@@ -337,7 +339,7 @@ _NO_HEADERS = TracedHeaders()
 
 def traced(headers: Any) -> bool:
     """Whether a request with these ``trace_headers`` is one a frontend traces: asked for records, or
-    admitted after it was (the admission hook has this inline)."""
+    admitted after it was (the admission hook and the release hook have this inline)."""
     return headers is not None and (type(headers) in TRACED_TYPES or TRACED_HEADER_KEY in headers)
 
 
@@ -363,7 +365,8 @@ def _carry(undelivered: list, request: Any, record: str) -> None:
     # vLLM's ``num_output_tokens`` is a property (a Python frame) returning len(_output_token_ids).
     outputs = request._output_token_ids
     undelivered.append((request, headers, outputs, len(outputs)))
-    carried = CarriedHeaders(headers)
+    # A dict subclass built from a mapping, even an empty one, costs twice one built empty.
+    carried = CarriedHeaders(headers) if headers else CarriedHeaders()
     carried[TRACE_HEADER_KEY] = record
     request.trace_headers = carried
 

@@ -35,7 +35,9 @@ from collections.abc import Callable
 from typing import Any
 
 from otel_vllm_kv.admission_records import TENANT_HEADER_KEY as tenant_key
-from otel_vllm_kv.engine.admission import traced
+from otel_vllm_kv.admission_records import TRACED_HEADER_KEY
+from otel_vllm_kv.engine.admission import TRACED_TYPES
+from otel_vllm_kv.holdings import NO_HOLDER_NAMES
 from otel_vllm_kv.internals import attribute, method
 
 BLOCK_POOL_MODULE = "vllm.v1.core.block_pool"
@@ -181,6 +183,7 @@ class ResidencyLedger:
         group_blocks, finished = self._group_blocks, self._finished
         acquisitions, preempted = self.acquired, self.preempted
         ledger = self
+        traced_types = TRACED_TYPES
 
         def hook(original: Callable) -> Callable:
             def free(request: Any) -> Any:
@@ -206,11 +209,17 @@ class ResidencyLedger:
                     if acquisitions:
                         released -= acquisitions.pop(request_id, 0.0)
                     holders = ledger.holders
+                    headers = request.trace_headers
                     if held and holders is not None:
                         # ``Holders.key``'s lookup, inline: a call per release costs more than all of this.
                         lora = request.lora_request
-                        headers = request.trace_headers
-                        key = (None if lora is None else lora.lora_name, headers.get(tenant_key) if headers else None)
+                        if lora is None and (not headers or tenant_key not in headers):
+                            key = NO_HOLDER_NAMES  # most requests: no tuple to build
+                        else:
+                            key = (
+                                None if lora is None else lora.lora_name,
+                                headers.get(tenant_key) if headers else None,
+                            )
                         totals = holders.block_seconds
                         total = totals.get(key)
                         if total is None:
@@ -220,8 +229,12 @@ class ResidencyLedger:
                     past = preempted.pop(request_id, None) if preempted else None
                     if request.status in finished:
                         on_release = ledger.on_release
-                        if on_release is None or not traced(request.trace_headers):
-                            pass  # no frontend traces it: no finished record
+                        if (
+                            on_release is None
+                            or headers is None
+                            or not (type(headers) in traced_types or TRACED_HEADER_KEY in headers)
+                        ):
+                            pass  # no frontend traces it: no finished record (``traced``, inline)
                         elif past is None:
                             if held:
                                 on_release(request, released, held, 0)
