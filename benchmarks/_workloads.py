@@ -142,7 +142,8 @@ class Decode(Workload):
 
 
 class Admission(Workload):
-    """Each unit: ``ADMISSIONS_PER_STEP`` new 64-token requests, admitted and finished in one step.
+    """Each unit: ``ADMISSIONS_PER_STEP`` new requests (64 prompt tokens unless ``prompt_tokens`` says
+    otherwise), admitted and finished in one step.
 
     With ``prefix_hits`` every prompt starts with ``SHARED_PREFIX``, found in the prefix
     cache. The pool is small enough that the warm-up wraps its free queue: from then on
@@ -151,10 +152,15 @@ class Admission(Workload):
 
     warmup_units = 40
 
-    def __init__(self, model_dir: str, prefix_hits: bool, traced: bool = True) -> None:
+    def __init__(self, model_dir: str, prefix_hits: bool, traced: bool = True, prompt_tokens: int = 64) -> None:
         self.prefix = SHARED_PREFIX if prefix_hits else ()
         self.traced = traced
-        self.name = ("admission with prefix hits" if prefix_hits else "admission") + ("" if traced else " untraced")
+        self.prompt_tokens = prompt_tokens
+        self.name = (
+            ("admission with prefix hits" if prefix_hits else "admission")
+            + ("" if prompt_tokens == 64 else f" {prompt_tokens}")
+            + ("" if traced else " untraced")
+        )
         super().__init__(model_dir)
 
     def num_blocks(self) -> int:
@@ -162,7 +168,7 @@ class Admission(Workload):
 
     def unit(self) -> None:
         for _ in range(ADMISSIONS_PER_STEP):
-            self.add(64, 1, self.prefix)
+            self.add(self.prompt_tokens, 1, self.prefix)
         self.step()
         if self.scheduler.running or self.scheduler.waiting:
             self.tally.problems.append(f"{self.name}: requests left after the step")
@@ -253,6 +259,7 @@ def build(name: str, model_dir: str, max_units: int, reader: object) -> Workload
         "admission with prefix hits": lambda: Admission(model_dir, prefix_hits=True),
         "admission untraced": lambda: Admission(model_dir, prefix_hits=False, traced=False),
         "admission with prefix hits untraced": lambda: Admission(model_dir, prefix_hits=True, traced=False),
+        "admission 512 untraced": lambda: Admission(model_dir, prefix_hits=False, traced=False, prompt_tokens=512),
         "preemption + resumption": lambda: Preemption(model_dir, max_units),
         "collection": lambda: Collection(model_dir, reader),
         "holders pass 16": lambda: HoldersPass(model_dir, 16),

@@ -76,6 +76,7 @@ UNITS = {
     "admission with prefix hits": (100, 300),
     "admission untraced": (100, 300),
     "admission with prefix hits untraced": (100, 300),
+    "admission 512 untraced": (50, 150),
     "preemption + resumption": (100, 300),
     "collection": (100, 300),
     "frontend decode 16": (200, 600),
