@@ -23,14 +23,11 @@ from __future__ import annotations
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from benchmarks._workloads import ADMISSIONS_PER_STEP, BLOCK_SIZE, Tally
+from benchmarks._workloads import ADMISSIONS_PER_STEP, BLOCK_SIZE, DECODE_RUNNING, LONG_OUTPUT_TOKENS, Tally
 from otel_vllm_kv.admission_records import TRACED_HEADER_KEY, with_header
 from otel_vllm_kv.names import REQUEST_KV_TOKENS
 
-DECODE_RUNNING = 16
 PROMPT_TOKENS = 64
-#: ``vllm bench serve --dataset-name random``'s default output length.
-LONG_OUTPUT_TOKENS = 128
 
 
 class FrontendWorkload:

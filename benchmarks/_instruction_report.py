@@ -12,8 +12,9 @@ import statistics
 from benchmarks._common import markdown_table
 
 #: Rows of the main table: (workload, unit, baseline, units per figure). A ``harness`` baseline
-#: (the synthetic model output) is taken out of vLLM's figure only; a workload baseline (the
-#: decode step inside a preemption unit) out of both vLLM's figure and the added one.
+#: (the synthetic model output) is taken out of vLLM's figure only, as often as ``HARNESS_STEPS``
+#: says a unit has steps (once unless it says); a workload baseline (the decode step inside a
+#: preemption unit) out of both vLLM's figure and the added one.
 ROWS = (
     ("decode 16", "decode step, 16 running", "harness 16", 1),
     ("decode 64", "decode step, 64 running", "harness 64", 1),
@@ -24,6 +25,13 @@ ROWS = (
     ("admission untraced", "admitted request (4 per step, 1 output token), untraced", None, 4),
     ("admission with prefix hits untraced", "admitted request, 48 of 64 prompt tokens cached, untraced", None, 4),
     ("admission 512 untraced", "admitted request of 512 prompt tokens (4 per step, 1 output token), untraced", None, 4),
+    ("request 128", "a request of 128 output tokens, whole (16 at a time), traced", "harness 16", 16),
+    (
+        "request 128 with prefix hits",
+        "a request of 128 output tokens, whole, 48 of 64 prompt tokens cached, traced",
+        "harness 16",
+        16,
+    ),
     ("preemption + resumption", "preemption with its resumption", "decode 16", 1),
     ("frontend decode 16", "frontend: one step's outputs of 16 decoding requests", None, 1),
     ("frontend request", "frontend: a request submitted, admitted, finished (4 per step), traced", None, 4),
@@ -39,11 +47,15 @@ BUDGETS = {
     "admission untraced": 3.0,
     "admission with prefix hits untraced": 3.0,
     "admission 512 untraced": 3.0,
+    "request 128": 3.0,
+    "request 128 with prefix hits": 3.0,
     "frontend decode 16": 1.0,
     "frontend request": 3.0,
     "frontend request untraced": 3.0,
     "frontend request 128": 3.0,
 }
+#: Steps in one unit of a workload whose ``harness`` baseline is one step's synthetic output.
+HARNESS_STEPS = {"request 128": 128, "request 128 with prefix hits": 128}
 #: Held to less than the decode step at 16 running.
 BELOW_DECODE_16 = ("decode 64", "decode 256")
 
@@ -101,7 +113,9 @@ def cost_table(results: list[dict], units: dict, ours_variant: str = "ours") -> 
         plain, ours = _marginals(repeats, "plain", name, units), _marginals(repeats, ours_variant, name, units)
         if not plain or not ours:
             continue
-        base_plain = _mean(_marginals(repeats, "plain", baseline, units)) if baseline else 0.0
+        base_plain = (
+            _mean(_marginals(repeats, "plain", baseline, units)) * HARNESS_STEPS.get(name, 1) if baseline else 0.0
+        )
         base_ours_added = 0.0  # the harness is the same code in both variants
         if baseline and not baseline.startswith("harness"):
             base_ours_added = _mean(_marginals(repeats, ours_variant, baseline, units)) - base_plain

@@ -22,6 +22,10 @@ from benchmarks._common import check
 
 BLOCK_SIZE = 16
 ADMISSIONS_PER_STEP = 4
+#: Requests decoding together in the decode workloads and in a whole-request unit.
+DECODE_RUNNING = 16
+#: ``vllm bench serve --dataset-name random``'s default output length: a whole request's.
+LONG_OUTPUT_TOKENS = 128
 #: Prompt tokens shared by every request of the prefix-hit workload: three full blocks.
 SHARED_PREFIX = tuple(range(1000, 1000 + 3 * BLOCK_SIZE))
 PROMPT_MIN, PROMPT_MAX = 16, 80
@@ -174,6 +178,33 @@ class Admission(Workload):
             self.tally.problems.append(f"{self.name}: requests left after the step")
 
 
+class WholeRequest(Workload):
+    """Each unit: ``DECODE_RUNNING`` requests of 64 prompt tokens, admitted together and decoded to
+    ``LONG_OUTPUT_TOKENS`` output tokens each (``LONG_OUTPUT_TOKENS`` steps): a request's whole life in the
+    engine, its admission, every decode step it runs in, and its finish.
+
+    With ``prefix_hits`` every prompt starts with ``SHARED_PREFIX``, shared by the 16 running at once.
+    """
+
+    warmup_units = 2
+
+    def __init__(self, model_dir: str, prefix_hits: bool) -> None:
+        self.prefix = SHARED_PREFIX if prefix_hits else ()
+        self.name = f"request {LONG_OUTPUT_TOKENS}" + (" with prefix hits" if prefix_hits else "")
+        super().__init__(model_dir)
+
+    def num_blocks(self) -> int:
+        return DECODE_RUNNING * -(-(64 + LONG_OUTPUT_TOKENS) // BLOCK_SIZE) + 32
+
+    def unit(self) -> None:
+        for _ in range(DECODE_RUNNING):
+            self.add(64, LONG_OUTPUT_TOKENS, self.prefix)
+        for _ in range(LONG_OUTPUT_TOKENS):
+            self.step()
+        if self.scheduler.running or self.scheduler.waiting:
+            self.tally.problems.append(f"{self.name}: requests left after {LONG_OUTPUT_TOKENS} steps")
+
+
 class Preemption(Decode):
     """16 running; each unit preempts the oldest running request, then a step resumes it.
 
@@ -260,6 +291,8 @@ def build(name: str, model_dir: str, max_units: int, reader: object) -> Workload
         "admission untraced": lambda: Admission(model_dir, prefix_hits=False, traced=False),
         "admission with prefix hits untraced": lambda: Admission(model_dir, prefix_hits=True, traced=False),
         "admission 512 untraced": lambda: Admission(model_dir, prefix_hits=False, traced=False, prompt_tokens=512),
+        f"request {LONG_OUTPUT_TOKENS}": lambda: WholeRequest(model_dir, prefix_hits=False),
+        f"request {LONG_OUTPUT_TOKENS} with prefix hits": lambda: WholeRequest(model_dir, prefix_hits=True),
         "preemption + resumption": lambda: Preemption(model_dir, max_units),
         "collection": lambda: Collection(model_dir, reader),
         "holders pass 16": lambda: HoldersPass(model_dir, 16),

@@ -60,9 +60,9 @@ def test_instruction_report_reads_counts():
     """The tables of instructions.py from counts made up for the purpose: marginals, budgets, layouts."""
     from benchmarks._instruction_report import report
 
-    units = {"decode 16": (1, 3), "harness 16": (1, 3), "admission": (1, 3), "engine": (1, 3)}
+    units = {"decode 16": (1, 3), "harness 16": (1, 3), "admission": (1, 3), "request 128": (1, 3), "engine": (1, 3)}
 
-    def result(variant: str, ballast: int, step: int, admission: int) -> dict:
+    def result(variant: str, ballast: int, step: int, admission: int, whole: int) -> dict:
         counts = {
             "decode 16|small": step,
             "decode 16|large": 3 * step,
@@ -70,13 +70,14 @@ def test_instruction_report_reads_counts():
             "harness 16|large": 300,
         }
         counts |= {"admission|small": admission, "admission|large": 3 * admission}
+        counts |= {"request 128|small": whole, "request 128|large": 3 * whole}
         return {"variant": variant, "ballast": ballast, "counts": counts}
 
     results = [
-        result("plain", 0, 10_100, 48_000),
-        result("ours", 0, 10_150, 50_400),
-        result("plain", 30_000, 10_110, 48_000),
-        result("ours", 30_000, 10_170, 50_400),
+        result("plain", 0, 10_100, 48_000, 812_800),
+        result("ours", 0, 10_150, 50_400, 822_400),
+        result("plain", 30_000, 10_110, 48_000, 812_800),
+        result("ours", 30_000, 10_170, 50_400, 822_400),
         {"variant": "plain", "counts": {"engine|small": 1000, "engine|large": 3000}, "tokens": [[[1]]]},
         {"variant": "ours", "counts": {"engine|small": 1005, "engine|large": 3015}, "tokens": [[[1]]]},
     ]
@@ -91,6 +92,10 @@ def test_instruction_report_reads_counts():
     assert rows["decode step, 16 running"] == ["10,000", "50", "+0.500%", "+0.544% ± 0.111%", "at most +1%: met"]
     admission = rows["admitted request (4 per step, 1 output token), traced"]
     assert admission == ["12,000", "600", "+5.000%", "+5.000% ± 0.000%", "at most +3%: EXCEEDED"]
+    # A whole request: a unit is 16 requests over 128 steps, so 128 harness steps (12,800) come out of
+    # vLLM's 812,800 before it is divided: 50,000 each, 600 added.
+    whole = rows["a request of 128 output tokens, whole (16 at a time), traced"]
+    assert whole == ["50,000", "600", "+1.200%", "+1.181% ± 0.000%", "at most +3%: met"]
     assert rows["instructions"] == ["1,000", "1,005", "5", "1.00500", "at most 1.01: met"]
     assert "| over 2 memory layouts: added / plain |" in text, text
 
