@@ -11,9 +11,9 @@ holder that acquired block b when its clock read c_a and released it when it rea
 
 * a fresh block (``BlockPool.get_new_blocks``: k 0 -> 1) starts its clock at 0, and its
   holder's acquisition reads 0: nothing is kept per request;
-* a prefix hit (``BlockPool.touch``: k -> k + 1) settles the clock at the old k first; the
-  admission that follows (``acquire``) adds up the clocks of the request's blocks, as its
-  acquisition (kept only when not 0);
+* a prefix hit (``BlockPool.touch``: k -> k + 1) settles the clock at the old k first and adds
+  it up; the admission that follows (``acquire``) keeps that sum as the request's acquisition
+  (only when not 0): its other blocks are fresh;
 * ``KVCacheManager.free(request)`` (finish, abort, preemption) settles the clocks of the
   request's blocks at their k before vLLM lowers it, and adds them up as its release. A block
   whose last holder this is keeps its clock unsettled: a prefix hit that revives it later
@@ -86,6 +86,7 @@ class ResidencyLedger:
         "on_release",
         "holders",
         "acquired",
+        "touched",
         "preempted",
         "_finished",
         "_group_blocks",
@@ -106,6 +107,8 @@ class ResidencyLedger:
         self.holders: Any = None
         #: The share clocks of a running request's blocks at its last admission, where not 0 (prefix hits).
         self.acquired: dict[str, float] = {}
+        #: The clocks of the blocks ``touch`` revived or shared since the last admission: the next one's acquisition.
+        self.touched = 0.0
         #: Every preempted request not finished yet, by vLLM's request id.
         self.preempted: dict[str, PreemptedResidency] = {}
         self._finished = frozenset(status for status in RequestStatus if RequestStatus.is_finished(status))
@@ -140,18 +143,27 @@ class ResidencyLedger:
         return hook
 
     def _touched(self, give_up: Callable[[], None]) -> Callable[[Callable], Callable]:
-        share, since, clock = self.share, self.since, self.clock
+        share, since, clock, null_block = self.share, self.since, self.clock, self._null_block
+        ledger = self
 
         def hook(original: Callable) -> Callable:
             def touch(blocks: Any) -> Any:
                 try:
                     now = clock()
+                    acquired = 0.0
                     for block in blocks:
+                        if block is null_block:
+                            continue
                         index = block.block_id
                         holders = block.ref_cnt
                         if holders > 0:
-                            share[index] += (now - since[index]) / holders
+                            settled = share[index] + (now - since[index]) / holders
+                            share[index] = settled
+                        else:  # revived from the cache: its clock reads on from where its last holder left it
+                            settled = share[index]
                         since[index] = now
+                        acquired += settled
+                    ledger.touched += acquired
                 except Exception:  # noqa: BLE001
                     give_up()
                 return original(blocks)
@@ -162,16 +174,14 @@ class ResidencyLedger:
 
     def acquire(self, request: Any, num_hits: int) -> None:
         """At an admission with prefix hits or a resumption, after vLLM allocated the request's
-        blocks: their clocks are its acquisition. Without either, there is nothing to keep."""
+        blocks: their clocks are its acquisition. Its fresh blocks' clocks read 0, so that is what
+        ``touch`` added up for its prefix hits (``touched``): vLLM's ``allocate_slots`` touches a
+        request's hits and nothing else before this admission hook, and only when it admits it."""
         request_id = request.request_id
-        if num_hits:
-            share, null_block = self.share, self._null_block
-            acquired = 0.0
-            for group in self._group_blocks:
-                for block in group.get(request_id, ()):
-                    if block is not null_block:
-                        acquired += share[block.block_id]
-            if acquired:
+        acquired = self.touched
+        if acquired:
+            self.touched = 0.0
+            if num_hits:
                 self.acquired[request_id] = acquired
         past = self.preempted.get(request_id)
         if past is not None and past.computed_tokens:
