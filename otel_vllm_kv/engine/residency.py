@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from operator import attrgetter
 from typing import Any
 
 from otel_vllm_kv.admission_records import TENANT_HEADER_KEY as tenant_key
@@ -47,8 +46,6 @@ POOL_METHODS = ("get_new_blocks", "touch")
 MANAGER_METHODS = ("free",)
 #: The parameters of the hooked methods, checked against the installed vLLM at attach.
 HOOKED_PARAMETERS = {"get_new_blocks": ("num_blocks",), "touch": ("blocks",), "free": ("request",)}
-
-_block_index, _ref_count = attrgetter("block_id"), attrgetter("ref_cnt")
 
 #: ``on_release(request, block_seconds, peak_blocks, recomputed_tokens)``: a finished request gave its
 #: blocks back; ``block_seconds`` times the pool's tokens per block are its token-seconds.
@@ -93,7 +90,6 @@ class ResidencyLedger:
         "preempted",
         "_finished",
         "_group_blocks",
-        "_full_attention",
         "_null_block",
     )
 
@@ -119,9 +115,7 @@ class ResidencyLedger:
         managers = manager.coordinator.single_type_managers
         self._group_blocks = tuple(group.req_to_blocks for group in managers)
         self._null_block = pool.null_block
-        #: Per group: whether it is full attention, whose lists of a request's blocks never hold the null block.
-        self._full_attention = tuple(type(group).__name__ == "FullAttentionManager" for group in managers)
-        self.exact = all(self._full_attention)
+        self.exact = all(type(group).__name__ == "FullAttentionManager" for group in managers)
 
     def hooks(self, give_up: Callable[[], None]) -> tuple[dict, dict]:
         """The hooks of the pool's and of the manager's own methods."""
@@ -196,8 +190,7 @@ class ResidencyLedger:
 
     def _freed(self, give_up: Callable[[], None]) -> Callable[[Callable], Callable]:
         share, since, clock, null_block = self.share, self.since, self.clock, self._null_block
-        share_at, since_at = share.__getitem__, since.__getitem__
-        group_blocks, finished = tuple(zip(self._group_blocks, self._full_attention)), self._finished
+        group_blocks, finished = self._group_blocks, self._finished
         acquisitions, preempted = self.acquired, self.preempted
         ledger = self
         traced_types = TRACED_TYPES
@@ -209,18 +202,8 @@ class ResidencyLedger:
                     request_id = request.request_id
                     released = 0.0
                     held = 0
-                    for group, full_attention in group_blocks:
-                        blocks = group.get(request_id)
-                        if not blocks:
-                            continue
-                        if full_attention and max(map(_ref_count, blocks)) == 1:
-                            # The last holder of each (most releases): the walk below, by C-level passes over
-                            # the list. n * now less the n clocks' starts rounds as the n differences would.
-                            indexes = list(map(_block_index, blocks))
-                            released += len(indexes) * now + sum(map(share_at, indexes)) - sum(map(since_at, indexes))
-                            held += len(indexes)
-                            continue
-                        for block in blocks:
+                    for group in group_blocks:
+                        for block in group.get(request_id, ()):
                             if block is null_block:
                                 continue
                             index = block.block_id
