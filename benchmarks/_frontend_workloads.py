@@ -23,11 +23,16 @@ from __future__ import annotations
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from benchmarks._workloads import ADMISSIONS_PER_STEP, BLOCK_SIZE, DECODE_RUNNING, LONG_OUTPUT_TOKENS, Tally
+from benchmarks._workloads import (
+    ADMISSIONS_PER_STEP,
+    BLOCK_SIZE,
+    DECODE_RUNNING,
+    LONG_OUTPUT_TOKENS,
+    PROMPT_TOKENS,
+    Tally,
+)
 from otel_vllm_kv.admission_records import TRACED_HEADER_KEY, with_header
 from otel_vllm_kv.names import REQUEST_KV_TOKENS
-
-PROMPT_TOKENS = 64
 
 
 class FrontendWorkload:

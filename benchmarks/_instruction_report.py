@@ -59,7 +59,7 @@ WORST_CASES = (
     "frontend request",
     "frontend request untraced",
 )
-REQUEST_BUDGET = 3.0
+REQUEST_BUDGET = BUDGETS["request 128"]
 #: Steps in one unit of a workload whose ``harness`` baseline is one step's synthetic output.
 HARNESS_STEPS = {"request 128": 128, "request 128 with prefix hits": 128}
 #: Held to less than the decode step at 16 running.

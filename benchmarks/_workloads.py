@@ -22,6 +22,8 @@ from benchmarks._common import check
 
 BLOCK_SIZE = 16
 ADMISSIONS_PER_STEP = 4
+#: A request's prompt in the admission, whole-request and frontend workloads.
+PROMPT_TOKENS = 64
 #: Requests decoding together in the decode workloads and in a whole-request unit.
 DECODE_RUNNING = 16
 #: ``vllm bench serve --dataset-name random``'s default output length: a whole request's.
@@ -146,7 +148,7 @@ class Decode(Workload):
 
 
 class Admission(Workload):
-    """Each unit: ``ADMISSIONS_PER_STEP`` new requests (64 prompt tokens unless ``prompt_tokens`` says
+    """Each unit: ``ADMISSIONS_PER_STEP`` new requests (``PROMPT_TOKENS`` prompt tokens unless ``prompt_tokens`` says
     otherwise), admitted and finished in one step.
 
     With ``prefix_hits`` every prompt starts with ``SHARED_PREFIX``, found in the prefix
@@ -156,13 +158,15 @@ class Admission(Workload):
 
     warmup_units = 40
 
-    def __init__(self, model_dir: str, prefix_hits: bool, traced: bool = True, prompt_tokens: int = 64) -> None:
+    def __init__(
+        self, model_dir: str, prefix_hits: bool, traced: bool = True, prompt_tokens: int = PROMPT_TOKENS
+    ) -> None:
         self.prefix = SHARED_PREFIX if prefix_hits else ()
         self.traced = traced
         self.prompt_tokens = prompt_tokens
         self.name = (
             ("admission with prefix hits" if prefix_hits else "admission")
-            + ("" if prompt_tokens == 64 else f" {prompt_tokens}")
+            + ("" if prompt_tokens == PROMPT_TOKENS else f" {prompt_tokens}")
             + ("" if traced else " untraced")
         )
         super().__init__(model_dir)
@@ -179,7 +183,7 @@ class Admission(Workload):
 
 
 class WholeRequest(Workload):
-    """Each unit: ``DECODE_RUNNING`` requests of 64 prompt tokens, admitted together and decoded to
+    """Each unit: ``DECODE_RUNNING`` requests of ``PROMPT_TOKENS`` prompt tokens, admitted together and decoded to
     ``LONG_OUTPUT_TOKENS`` output tokens each (``LONG_OUTPUT_TOKENS`` steps): a request's whole life in the
     engine, its admission, every decode step it runs in, and its finish.
 
@@ -194,11 +198,11 @@ class WholeRequest(Workload):
         super().__init__(model_dir)
 
     def num_blocks(self) -> int:
-        return DECODE_RUNNING * -(-(64 + LONG_OUTPUT_TOKENS) // BLOCK_SIZE) + 32
+        return DECODE_RUNNING * -(-(PROMPT_TOKENS + LONG_OUTPUT_TOKENS) // BLOCK_SIZE) + 32
 
     def unit(self) -> None:
         for _ in range(DECODE_RUNNING):
-            self.add(64, LONG_OUTPUT_TOKENS, self.prefix)
+            self.add(PROMPT_TOKENS, LONG_OUTPUT_TOKENS, self.prefix)
         for _ in range(LONG_OUTPUT_TOKENS):
             self.step()
         if self.scheduler.running or self.scheduler.waiting:
